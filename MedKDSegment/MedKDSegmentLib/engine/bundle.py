@@ -1,0 +1,352 @@
+"""Model bundles: MONAI's bundle layout plus a ``medkdsegment`` section.
+
+    <name>/configs/metadata.json   MONAI metadata (network_data_format, channel_def) + medkdsegment
+    <name>/models/model.pt         state dict, loaded with ``weights_only=True``, sha256-checked
+
+Bundles are written to a temporary folder and renamed into place, and never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import monai
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import BundleError
+from .labels import Structure
+from .networks import build_network, count_macs, count_parameters
+from .profiles import Profile
+
+FORMAT_VERSION = 1
+METADATA = Path("configs") / "metadata.json"
+WEIGHTS = Path("models") / "model.pt"
+ROLES = ("teacher", "student", "assistant")
+BUNDLED_MODELS = Path(__file__).resolve().parents[3] / "Resources" / "Models"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    path: Path
+    metadata: dict
+
+    @property
+    def info(self) -> dict:
+        return self.metadata["medkdsegment"]
+
+    @property
+    def name(self) -> str:
+        return self.metadata["name"]
+
+    @property
+    def role(self) -> str:
+        return self.info["role"]
+
+    @property
+    def modality(self) -> str:
+        return self.profile.modality
+
+    @property
+    def profile(self) -> Profile:
+        return Profile.from_dict(self.info["preprocessing"])
+
+    @property
+    def channel_def(self) -> dict[str, str]:
+        return self.metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+
+    @property
+    def labels(self) -> dict[int, str]:
+        """Foreground label value -> name."""
+        return {int(k): v for k, v in self.channel_def.items() if int(k) != 0}
+
+    @property
+    def colors(self) -> dict[int, tuple[float, float, float]]:
+        return {int(k): tuple(v) for k, v in self.info.get("label_colors", {}).items()}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.channel_def)
+
+    @property
+    def parameters(self) -> int:
+        return int(self.info["parameters"])
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.info["weights_sha256"]
+
+    def summary(self) -> dict:
+        """What a user wants to see in a model list."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "modality": self.modality,
+            "labels": list(self.labels.values()),
+            "parameters": self.parameters,
+            "gmacs_96": self.info.get("gmacs_96"),
+            "method": self.info.get("method"),
+            "teacher": (self.info.get("teacher") or {}).get("name"),
+            "version": self.metadata.get("version"),
+            "size_mb": round((self.path / WEIGHTS).stat().st_size / 1e6, 2),
+            "path": str(self.path),
+        }
+
+    def load_network(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The network in eval mode with the bundle's weights (checksum verified first)."""
+        weights = self.path / WEIGHTS
+        if sha256_of(weights) != self.weights_sha256:
+            raise BundleError(
+                f"The weights of bundle '{self.name}' do not match their recorded sha256 "
+                "(the file was changed or damaged).",
+                f"Restore '{weights}' from its source or re-create the bundle.",
+            )
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for corrupt files
+            raise BundleError(
+                f"The weights of bundle '{self.name}' could not be read ({error}).",
+                "Re-create or re-download the bundle.",
+            ) from error
+        network = build_network(self.info["architecture"], self.num_classes)
+        try:
+            network.load_state_dict(state)  # copies and converts float16 storage to float32
+        except RuntimeError as error:
+            raise BundleError(
+                f"The weights of bundle '{self.name}' do not fit its architecture.",
+                "The bundle is inconsistent; re-create it.",
+            ) from error
+        return network.to(device).eval()
+
+
+def _require(condition: bool, path: Path, problem: str) -> None:
+    if not condition:
+        raise BundleError(
+            f"'{path}' is not a valid MedKDSegment bundle: {problem}.",
+            "Use a bundle made by MedKDSegment (see README, 'Model bundle format').",
+        )
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Open and validate a bundle folder (the weights are checked when loaded)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(
+            f"Model bundle '{path}' does not exist.", "Check the name or path ('medkd info' lists models)."
+        )
+    meta_file = path / METADATA
+    _require(meta_file.is_file(), path, f"{METADATA} is missing")
+    _require((path / WEIGHTS).is_file(), path, f"{WEIGHTS} is missing")
+    try:
+        metadata = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"'{meta_file}' is not valid JSON ({error}).", "Re-create the bundle.") from error
+    _require(isinstance(metadata, dict), path, "metadata.json is not an object")
+    try:
+        channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+        info = metadata["medkdsegment"]
+    except (KeyError, TypeError):
+        _require(False, path, "network_data_format.outputs.pred.channel_def or the medkdsegment section is missing")
+    _require(
+        isinstance(channel_def, dict) and sorted(int(k) for k in channel_def) == list(range(len(channel_def))),
+        path,
+        "channel_def must name every output channel 0..N-1",
+    )
+    for key in ("role", "architecture", "preprocessing", "weights_sha256", "parameters", "format_version"):
+        _require(key in info, path, f"medkdsegment.{key} is missing")
+    _require(info["role"] in ROLES, path, f"role '{info['role']}' is not one of {ROLES}")
+    _require(info["format_version"] <= FORMAT_VERSION, path, "it was made by a newer MedKDSegment")
+    _require("name" in metadata, path, "name is missing")
+    bundle = Bundle(path, metadata)
+    try:
+        bundle.profile  # noqa: B018 (validates the profile)
+    except Exception as error:
+        _require(False, path, str(error))
+    return bundle
+
+
+def find_bundles(*folders: str | os.PathLike) -> list[Bundle]:
+    """Every valid bundle directly inside ``folders`` (the bundled models by default)."""
+    bundles = []
+    for folder in folders or (BUNDLED_MODELS,):
+        for candidate in sorted(Path(folder).glob(f"*/{METADATA}")):
+            bundles.append(load_bundle(candidate.parents[1]))
+    return bundles
+
+
+def resolve_bundle(name_or_path: str | os.PathLike, *folders: str | os.PathLike) -> Bundle:
+    """A bundle given by path, or by name among ``folders`` (the bundled models by default)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return load_bundle(path)
+    for folder in folders or (BUNDLED_MODELS,):
+        if (Path(folder) / str(name_or_path)).is_dir():
+            return load_bundle(Path(folder) / str(name_or_path))
+    known = [b.name for b in find_bundles(*folders)]
+    raise BundleError(f"No model bundle named '{name_or_path}'.", f"Known models: {', '.join(known) or 'none'}.")
+
+
+def save_bundle(
+    folder: str | os.PathLike,
+    network: nn.Module,
+    *,
+    name: str,
+    role: str,
+    architecture: dict,
+    profile: Profile,
+    structures: tuple[Structure, ...],
+    method: dict,
+    teacher: Bundle | None = None,
+    parent: Bundle | None = None,
+    metrics: dict | None = None,
+    description: str = "",
+    version: str = "1.0.0",
+    half_precision: bool = False,
+) -> Bundle:
+    """Write a new bundle atomically; refuse to overwrite an existing one.
+
+    ``half_precision`` stores float weights as float16 (half the file size; they are
+    converted back to float32 on load).
+    """
+    folder = Path(folder)
+    if folder.exists():
+        raise BundleError(f"'{folder}' already exists; bundles are never overwritten.", "Choose a new name.")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".partial-{folder.name}-", dir=folder.parent))
+    try:
+        (staging / WEIGHTS).parent.mkdir(parents=True)
+        (staging / METADATA).parent.mkdir(parents=True)
+        state = {
+            k: (v.half() if half_precision and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in network.state_dict().items()
+        }
+        torch.save(state, staging / WEIGHTS)
+        num_classes = len(structures) + 1
+        channel_def = {"0": "background", **{str(s.value): s.name for s in structures}}
+        modality_format = {"CT": "hounsfield", "MR": "magnitude"}[profile.modality]
+        metadata = {
+            "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
+            "name": name,
+            "version": version,
+            "changelog": {version: description or "created"},
+            "monai_version": monai.__version__,
+            "pytorch_version": torch.__version__.split("+")[0],
+            "numpy_version": np.__version__,
+            "required_packages_version": {"SimpleITK": "2.5"},
+            "task": f"{profile.modality} abdominal segmentation",
+            "description": description,
+            "authors": "MedKDSegment",
+            "copyright": "MedKDSegment contributors",
+            "network_data_format": {
+                "inputs": {
+                    "image": {
+                        "type": "image",
+                        "format": modality_format,
+                        "modality": profile.modality,
+                        "num_channels": 1,
+                        "spatial_shape": ["8*n", "8*n", "8*n"],
+                        "dtype": "float32",
+                        "value_range": [],
+                        "is_patch_data": True,
+                        "channel_def": {"0": "image"},
+                    }
+                },
+                "outputs": {
+                    "pred": {
+                        "type": "image",
+                        "format": "segmentation",
+                        "num_channels": num_classes,
+                        "spatial_shape": ["8*n", "8*n", "8*n"],
+                        "dtype": "float32",
+                        "value_range": [],
+                        "is_patch_data": True,
+                        "channel_def": channel_def,
+                    }
+                },
+            },
+            "medkdsegment": {
+                "format_version": FORMAT_VERSION,
+                "role": role,
+                "architecture": architecture,
+                "output_stride": getattr(network, "output_stride", 1),
+                "preprocessing": profile.to_dict(),
+                "label_colors": {str(s.value): list(s.color) for s in structures},
+                "method": method,
+                "teacher": _reference(teacher),
+                "parent": _reference(parent),
+                "parameters": count_parameters(network),
+                "gmacs_96": round(count_macs(network, (96, 96, 96)) / 1e9, 3),
+                "weights_dtype": "float16" if half_precision else "float32",
+                "weights_sha256": sha256_of(staging / WEIGHTS),
+                "metrics": metrics or {},
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        }
+        (staging / METADATA).write_text(json.dumps(metadata, indent=2))
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_bundle(folder)
+
+
+def _reference(bundle: Bundle | None) -> dict | None:
+    if bundle is None:
+        return None
+    return {"name": bundle.name, "version": bundle.metadata.get("version"), "weights_sha256": bundle.weights_sha256}
+
+
+def extract_bundle_archive(archive: str | os.PathLike, destination: str | os.PathLike) -> Bundle:
+    """Import a zipped bundle; members that would land outside its folder are rejected."""
+    archive, destination = Path(archive), Path(destination)
+    try:
+        with zipfile.ZipFile(archive) as handle:
+            members = handle.infolist()
+            roots = {Path(m.filename).parts[0] for m in members if m.filename.strip("/")}
+            if len(roots) != 1:
+                raise BundleError(f"'{archive}' must hold exactly one bundle folder.", "Zip the bundle folder itself.")
+            target = destination / roots.pop()
+            if target.exists():
+                raise BundleError(f"'{target}' already exists; bundles are never overwritten.", "Remove it first.")
+            base = destination.resolve()
+            for member in members:
+                resolved = (destination / member.filename).resolve()
+                if (
+                    not resolved.is_relative_to(base)
+                    or member.filename.startswith("/")
+                    or (member.external_attr >> 28) == 0xA
+                ):
+                    raise BundleError(
+                        f"'{archive}' holds a member that escapes its folder ('{member.filename}').",
+                        "Refusing to extract it; ask the bundle's author for a clean archive.",
+                    )
+            staging = Path(tempfile.mkdtemp(prefix=".partial-import-", dir=destination))
+            try:
+                handle.extractall(staging)
+                bundle = load_bundle(staging / target.name)
+                bundle.load_network()  # verifies the checksum and that the weights fit
+                os.rename(staging / target.name, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except zipfile.BadZipFile as error:
+        raise BundleError(f"'{archive}' is not a zip archive.", "Give a .zip of a bundle folder.") from error
+    return load_bundle(target)

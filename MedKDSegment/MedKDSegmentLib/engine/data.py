@@ -1,0 +1,121 @@
+"""Training data: a folder of image/label pairs prepared on the model grid, and patch sampling.
+
+Layout: ``DIR/images/<case>`` and, for labelled cases, ``DIR/labels/<case>`` with the same
+file name (the layout ``medkd phantom`` writes). Images without labels are unlabelled
+cases (teacher soft targets only when distilling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError
+from .profiles import Profile, labels_to_model_grid, to_model_grid
+from .volume import VOLUME_SUFFIXES, check_image, check_labels_match, read_volume
+
+
+@dataclass
+class Case:
+    name: str
+    image: np.ndarray  # normalised, on the model grid (z, y, x)
+    labels: np.ndarray | None  # uint8 on the same grid, or None when unlabelled
+
+
+def _is_volume(path: Path) -> bool:
+    return path.is_dir() or any(path.name.endswith(s) for s in VOLUME_SUFFIXES)
+
+
+def find_pairs(folder: str | Path) -> list[tuple[Path, Path | None]]:
+    folder = Path(folder)
+    images = folder / "images"
+    if not images.is_dir():
+        raise InvalidInputError(
+            f"'{folder}' has no 'images' folder.",
+            "Put images in DIR/images and labels with the same file names in DIR/labels "
+            "(as 'medkd phantom' writes them).",
+        )
+    pairs = []
+    for image in sorted(p for p in images.iterdir() if _is_volume(p) and not p.name.startswith(".")):
+        label = folder / "labels" / image.name
+        pairs.append((image, label if label.exists() else None))
+    if not pairs:
+        raise InvalidInputError(f"'{images}' holds no volumes.", "Add NIfTI/NRRD/MHA files or DICOM folders.")
+    return pairs
+
+
+def load_cases(
+    folder: str | Path,
+    profile: Profile,
+    num_classes: int,
+    progress: Callable[[float, str], None] | None = None,
+) -> list[Case]:
+    """Read, check and prepare every case; bad cases are reported by name, not skipped silently."""
+    pairs = find_pairs(folder)
+    cases = []
+    for index, (image_path, label_path) in enumerate(pairs):
+        image = read_volume(image_path, profile.modality)
+        check_image(image, f"'{image_path}'")
+        array, grid = to_model_grid(image, profile)
+        labels = None
+        if label_path is not None:
+            label_volume = read_volume(label_path)
+            label_volume = check_labels_match(image, label_volume, f"'{label_path}'")
+            values = np.unique(label_volume.array)
+            if values.min() < 0 or values.max() >= num_classes or not np.all(values == values.astype(int)):
+                raise InvalidInputError(
+                    f"'{label_path}' holds label values {values.tolist()[:12]}, outside 0..{num_classes - 1}.",
+                    "Map the labels to the model's label table (see 'medkd info').",
+                )
+            labels = labels_to_model_grid(label_volume, grid)
+        cases.append(Case(image_path.name.split(".")[0], array, labels))
+        if progress:
+            progress((index + 1) / len(pairs), f"loaded {image_path.name}")
+    return cases
+
+
+def sample_batch(
+    cases: list[Case],
+    batch_size: int,
+    patch: tuple[int, int, int],
+    rng: np.random.Generator,
+    foreground_fraction: float = 0.67,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random patches (N, 1, *patch), labels (N, 1, *patch) and a labelled flag per item.
+
+    Cropping straight from in-memory arrays (padded where a patch leaves the volume)
+    keeps a training step cheap; centres favour a random present structure so small
+    structures are seen often.
+    """
+    images, labels, labelled = [], [], []
+    for _ in range(batch_size):
+        case = cases[rng.integers(len(cases))]
+        shape = np.array(case.image.shape)
+        centre = rng.integers(0, shape)
+        if case.labels is not None and rng.random() < foreground_fraction:
+            present = [v for v in np.unique(case.labels[::4, ::4, ::4]) if v != 0]
+            if present:
+                candidates = np.argwhere(case.labels == rng.choice(present))
+                centre = candidates[rng.integers(len(candidates))]
+        start = centre - np.array(patch) // 2
+        images.append(_crop(case.image, start, patch, float(case.image.min())))
+        label = case.labels if case.labels is not None else np.zeros(case.image.shape, np.uint8)
+        labels.append(_crop(label, start, patch, 0))
+        labelled.append(case.labels is not None)
+    return (
+        torch.from_numpy(np.stack(images)[:, None]).float(),
+        torch.from_numpy(np.stack(labels)[:, None].astype(np.int64)),
+        torch.tensor(labelled),
+    )
+
+
+def _crop(array: np.ndarray, start: np.ndarray, patch: tuple[int, int, int], fill: float) -> np.ndarray:
+    out = np.full(patch, fill, dtype=array.dtype)
+    source = tuple(slice(max(s, 0), min(s + p, n)) for s, p, n in zip(start, patch, array.shape))
+    target = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(source, start))
+    out[target] = array[source]
+    return out

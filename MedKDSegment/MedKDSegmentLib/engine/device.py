@@ -1,0 +1,42 @@
+"""Device choice: the one place that decides where networks run."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InvalidInputError
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def available_devices() -> list[str]:
+    devices = []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices + ["cpu"]
+
+
+def select_device(choice: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit choice must be available."""
+    choice = (choice or "auto").lower()
+    if choice not in DEVICE_CHOICES:
+        raise InvalidInputError(f"Unknown device '{choice}'.", f"Use one of {', '.join(DEVICE_CHOICES)}.")
+    found = available_devices()
+    if choice == "auto":
+        return torch.device(found[0])
+    if choice not in found:
+        raise InvalidInputError(
+            f"Device '{choice}' was asked for but is not available (found: {', '.join(found)}).",
+            "Use --device auto or cpu, or install a torch build for that device.",
+        )
+    return torch.device(choice)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type

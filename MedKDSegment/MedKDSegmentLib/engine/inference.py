@@ -1,0 +1,173 @@
+"""Segmentation of a volume with a bundle: preprocess, sliding window, back to the input grid.
+
+Progress is the real fraction of windows done; a ``cancel`` callable stops between
+windows. On CUDA the network runs under autocast (float16); if the GPU runs out of
+memory the volume is stitched on the CPU, and as a last resort the whole job moves to
+the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import SlidingWindowInferer
+from monai.inferers.utils import _get_scan_interval
+
+from .bundle import Bundle
+from .device import describe_device, select_device
+from .errors import CancelledError, InvalidInputError
+from .networks import output_stride
+from .profiles import model_grid, resample_to_input, to_model_grid
+from .volume import Volume, check_image
+
+Progress = Callable[[float, str], None]
+ROI_SIZE = (96, 96, 96)
+OVERLAP = 0.25
+
+
+@dataclass
+class Segmentation:
+    labels: Volume  # uint8 label values on the input's grid
+    bundle_name: str
+    device: str
+    seconds: dict[str, float]  # per stage: preprocess, inference, postprocess, total
+    windows: int
+
+
+def count_windows(shape: tuple[int, ...], roi: tuple[int, ...] = ROI_SIZE, overlap: float = OVERLAP) -> int:
+    """How many windows MONAI's sliding window visits for an image of ``shape``."""
+    roi = tuple(min(r, s) for r, s in zip(roi, shape))
+    interval = _get_scan_interval(shape, roi, len(shape), (overlap,) * len(shape))
+    return len(dense_patch_slices(shape, roi, interval))
+
+
+def segment(
+    volume: Volume,
+    bundle: Bundle,
+    device: str = "auto",
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    network: torch.nn.Module | None = None,
+) -> Segmentation:
+    """Segment ``volume`` with ``bundle``; labels lie exactly on the input's grid."""
+    check_image(volume, "the input volume")
+    if volume.modality and volume.modality != bundle.modality:
+        raise InvalidInputError(
+            f"The volume is {volume.modality} but model '{bundle.name}' is for {bundle.modality}.",
+            f"Pick a {volume.modality} model, or override the modality if it was detected wrongly.",
+        )
+    report = progress or (lambda fraction, stage: None)
+    started = time.perf_counter()
+    seconds = {}
+    torch_device = select_device(device)
+
+    report(0.0, "preprocessing")
+    image, grid = to_model_grid(volume, bundle.profile)
+    seconds["preprocess"] = time.perf_counter() - started
+
+    network = network if network is not None else bundle.load_network(torch_device)
+    step = time.perf_counter()
+    scores, used, padded_shape = predict_scores(network, image, torch_device, report, cancel)
+    windows = count_windows(padded_shape)
+    stride = output_stride(network)
+    seconds["inference"] = time.perf_counter() - step
+
+    step = time.perf_counter()
+    report(1.0, "resampling to the input grid")
+    labels = resample_to_input(scores, _output_grid(grid, padded_shape, stride), volume)
+    seconds["postprocess"] = time.perf_counter() - step
+    seconds["total"] = time.perf_counter() - started
+    return Segmentation(
+        labels=volume.with_array(labels),
+        bundle_name=bundle.name,
+        device=describe_device(used),
+        seconds=seconds,
+        windows=windows,
+    )
+
+
+def _output_grid(grid: sitk.Image, padded_shape: tuple[int, ...], stride: int) -> sitk.Image:
+    """The physical grid of the network's output: the padded model grid, ``stride`` times coarser."""
+    padded = sitk.Image([int(s) for s in padded_shape[::-1]], sitk.sitkFloat32)
+    padded.SetSpacing(grid.GetSpacing())
+    padded.SetOrigin(grid.GetOrigin())
+    padded.SetDirection(grid.GetDirection())
+    if stride == 1:
+        return padded
+    return model_grid(padded, tuple(s * stride for s in grid.GetSpacing()))
+
+
+def predict_scores(
+    network: torch.nn.Module,
+    image: np.ndarray,
+    device: torch.device,
+    report: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, torch.device, tuple[int, ...]]:
+    """Softmax scores (C, z, y, x) of a prepared image at the network's output resolution.
+
+    The image is padded at its far end to a multiple of 8 so every stride-2 stage halves
+    exactly; returns the scores of the padded image, the device used and the padded shape.
+    Falls back to CPU stitching, then CPU compute, when CUDA runs out of memory.
+    """
+    report = report or (lambda fraction, stage: None)
+    padded_shape = tuple(int(np.ceil(max(s, 8) / 8) * 8) for s in image.shape)
+    padded = np.full(padded_shape, float(image.min()), dtype=np.float32)
+    padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
+    windows = count_windows(padded_shape)
+    attempts = [(device, device)]
+    if device.type == "cuda":
+        attempts += [(device, torch.device("cpu")), (torch.device("cpu"), torch.device("cpu"))]
+    for index, (compute, stitch) in enumerate(attempts):
+        try:
+            scores = _sliding_window(network.to(compute), padded, compute, stitch, windows, report, cancel)
+            return scores, compute, padded_shape
+        except torch.OutOfMemoryError:
+            if index == len(attempts) - 1:
+                raise
+            torch.cuda.empty_cache()
+            report(0.0, f"out of memory on {compute.type}; retrying with results kept on the CPU")
+    raise AssertionError("unreachable")
+
+
+def _sliding_window(
+    network: torch.nn.Module,
+    image: np.ndarray,
+    compute: torch.device,
+    stitch: torch.device,
+    windows: int,
+    report: Progress,
+    cancel: Callable[[], bool] | None,
+) -> np.ndarray:
+    done = 0
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        if cancel is not None and cancel():
+            raise CancelledError()
+        with torch.autocast(compute.type, dtype=torch.float16, enabled=compute.type == "cuda"):
+            logits = network(batch)
+        done += batch.shape[0]
+        report(done / windows, "inference")
+        return torch.softmax(logits.float(), dim=1)
+
+    # Windows never exceed the (padded) image: MONAI would pad them with zeros, which are not
+    # background after normalisation and skew instance-normalised networks.
+    inferer = SlidingWindowInferer(
+        roi_size=tuple(min(r, s) for r, s in zip(ROI_SIZE, image.shape)),
+        sw_batch_size=1,
+        overlap=OVERLAP,
+        mode="gaussian",
+        sw_device=compute,
+        device=stitch,
+    )
+    tensor = torch.from_numpy(image)[None, None]
+    with torch.inference_mode():
+        scores = inferer(tensor, predictor)
+    return scores[0].float().cpu().numpy()

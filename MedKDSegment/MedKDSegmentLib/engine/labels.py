@@ -1,0 +1,33 @@
+"""The phantom abdomen label table: the one place that names structures and colours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Structure:
+    value: int
+    name: str
+    color: tuple[float, float, float]  # RGB in 0..1, Slicer's GenericAnatomyColors where one exists
+
+
+ABDOMEN_STRUCTURES: tuple[Structure, ...] = (
+    Structure(1, "liver", (0.867, 0.510, 0.396)),
+    Structure(2, "spleen", (0.616, 0.424, 0.635)),
+    Structure(3, "right kidney", (0.722, 0.478, 0.345)),
+    Structure(4, "left kidney", (0.804, 0.557, 0.412)),
+    Structure(5, "aorta", (0.882, 0.290, 0.263)),
+    Structure(6, "vertebral bodies", (0.945, 0.839, 0.569)),
+    Structure(7, "pancreas", (0.980, 0.859, 0.541)),
+    Structure(8, "inferior vena cava", (0.000, 0.592, 0.808)),
+)
+
+
+def channel_def(structures: tuple[Structure, ...] = ABDOMEN_STRUCTURES) -> dict[str, str]:
+    """MONAI bundle ``channel_def``: output channel index (as a string) to label name."""
+    return {"0": "background", **{str(s.value): s.name for s in structures}}
+
+
+def label_names(structures: tuple[Structure, ...] = ABDOMEN_STRUCTURES) -> dict[int, str]:
+    return {s.value: s.name for s in structures}

@@ -1,0 +1,192 @@
+"""Volumes: a voxel array with its physical geometry, read and written through SimpleITK.
+
+Arrays are (z, y, x) as SimpleITK returns them; spacing, origin and direction are
+in SimpleITK's (x, y, z) LPS convention, so a volume round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InvalidInputError
+
+MODALITIES = ("CT", "MR")
+# Suffixes SimpleITK writes; a folder is read as a DICOM series.
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (z, y, x)
+    spacing: tuple[float, float, float]  # (x, y, z) mm
+    origin: tuple[float, float, float]  # (x, y, z) mm, LPS
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # row-major 3x3
+    modality: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """The same grid holding another array (for example labels on an image's grid)."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"array shape {array.shape} does not match the grid {self.array.shape}")
+        return replace(self, array=array, metadata={})
+
+    def same_grid(self, other: Volume, tolerance: float = 1e-4) -> bool:
+        return (
+            self.shape == other.shape
+            and np.allclose(self.spacing, other.spacing, atol=tolerance)
+            and np.allclose(self.origin, other.origin, atol=tolerance)
+            and np.allclose(self.direction, other.direction, atol=tolerance)
+        )
+
+    def to_sitk(self) -> sitk.Image:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        image.SetSpacing([float(v) for v in self.spacing])
+        image.SetOrigin([float(v) for v in self.origin])
+        image.SetDirection([float(v) for v in self.direction])
+        return image
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, modality: str | None = None) -> Volume:
+        return cls(
+            array=sitk.GetArrayFromImage(image),
+            spacing=tuple(image.GetSpacing()),
+            origin=tuple(image.GetOrigin()),
+            direction=tuple(image.GetDirection()),
+            modality=modality,
+        )
+
+
+def normalize_modality(modality: str | None) -> str | None:
+    """'ct', 'CT' -> 'CT'; 'MRI', 'mr' -> 'MR'; None stays None."""
+    if modality is None:
+        return None
+    key = modality.strip().upper()
+    key = {"MRI": "MR"}.get(key, key)
+    if key not in MODALITIES:
+        raise InvalidInputError(f"Unknown modality '{modality}'.", f"Use one of {', '.join(MODALITIES)} (or 'auto').")
+    return key
+
+
+def read_volume(path: str | os.PathLike, modality: str | None = None) -> Volume:
+    """Read a NIfTI, NRRD or MHA file, or a DICOM series folder, as a 3D volume."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError(f"'{path}' does not exist.", "Check the path.")
+    dicom_modality = None
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InvalidInputError(
+                    f"'{path}' is a folder without a DICOM series.",
+                    "Give a NIfTI/NRRD/MHA file or a folder holding one DICOM series.",
+                )
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            reader.SetFileNames(files)
+            reader.MetaDataDictionaryArrayUpdateOn()
+            image = reader.Execute()
+            if reader.HasMetaDataKey(0, "0008|0060"):
+                dicom_modality = reader.GetMetaData(0, "0008|0060").strip()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise InvalidInputError(
+            f"'{path}' could not be read as an image ({str(error).splitlines()[0][:200]}).",
+            "Use a NIfTI, NRRD or MHA file or a DICOM series folder.",
+        ) from error
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InvalidInputError(
+            f"'{path}' has {image.GetNumberOfComponentsPerPixel()} components per voxel.",
+            "Give a single-channel (grey-scale) volume.",
+        )
+    check_dimension(image.GetDimension(), image.GetSize(), str(path))
+    volume = Volume.from_sitk(image)
+    if modality is None and dicom_modality in MODALITIES:
+        modality = dicom_modality
+    volume.modality = normalize_modality(modality)
+    return volume
+
+
+def check_dimension(dimension: int, size: tuple[int, ...], name: str) -> None:
+    if dimension != 3 or min(size) < 2:
+        raise InvalidInputError(
+            f"'{name}' is {dimension}D with size {tuple(size)}; a 3D volume is needed.",
+            "Give a 3D volume with at least 2 voxels along each axis (split 4D series first).",
+        )
+
+
+def check_image(volume: Volume, name: str = "the image") -> None:
+    """Reject what no model can segment: NaNs, infinities, empty or constant volumes."""
+    check_dimension(volume.array.ndim, volume.array.shape, name)
+    if not np.all(np.isfinite(volume.array)):
+        raise InvalidInputError(
+            f"{name} contains NaN or infinite values.", "Fix or mask those voxels before segmenting."
+        )
+    if volume.array.min() == volume.array.max():
+        raise InvalidInputError(
+            f"{name} is constant (every voxel is {volume.array.flat[0]}).",
+            "Check that the right file was given; an empty or blank scan cannot be segmented.",
+        )
+
+
+def check_labels_match(image: Volume, labels: Volume, name: str = "the label volume") -> Volume:
+    """``labels`` on ``image``'s grid. Labels stored in another axis order or flip of the same
+    voxels (common between DICOM and NIfTI tools) are reoriented; any other grid is an error."""
+    if not image.same_grid(labels):
+        orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.direction)
+        reoriented = Volume.from_sitk(sitk.DICOMOrient(labels.to_sitk(), orientation), labels.modality)
+        if image.same_grid(reoriented):
+            return reoriented
+        raise InvalidInputError(
+            f"{name} does not lie on its image's grid (image {image.shape} spacing "
+            f"{np.round(image.spacing, 3).tolist()}, labels {labels.shape} spacing "
+            f"{np.round(labels.spacing, 3).tolist()}).",
+            "Resample the labels onto the image (same size, spacing, origin and direction).",
+        )
+    return labels
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write atomically: a failed write leaves no partial file behind."""
+    with atomic_path(path) as temporary:
+        sitk.WriteImage(volume.to_sitk(), str(temporary), compress)
+    return Path(path)
+
+
+def detect_modality(volume: Volume) -> str:
+    """The DICOM modality when known; otherwise CT if intensities look like Hounsfield units
+    (air near -1000 and soft tissue around 0-100), else MR."""
+    if volume.modality:
+        return volume.modality
+    sample = volume.array[:: max(1, volume.array.shape[0] // 16)].astype(np.float32)
+    low, median = np.percentile(sample, (1, 50))
+    return "CT" if low < -500 and -1100 < median < 1500 else "MR"

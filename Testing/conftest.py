@@ -1,0 +1,19 @@
+"""Shared test set-up: the module folder on sys.path (as Slicer does), shared data, tiny bundles."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "MedKDSegment"))
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real cases not found at {SHARED_DATA} (../shared/data beside the repository)")
+    return SHARED_DATA

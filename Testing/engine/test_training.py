@@ -1,0 +1,146 @@
+"""Training on tiny phantoms: teachers and students learn, runs resume exactly, cancel writes nothing."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tiny import TINY_CT, TINY_STUDENT, TINY_TEACHER
+
+from MedKDSegmentLib.engine.data import load_cases
+from MedKDSegmentLib.engine.errors import CancelledError, InvalidInputError
+from MedKDSegmentLib.engine.inference import segment
+from MedKDSegmentLib.engine.metrics import dice_per_label
+from MedKDSegmentLib.engine.networks import build_network
+from MedKDSegmentLib.engine.phantom import generate_phantom, write_phantom_dataset
+from MedKDSegmentLib.engine.training import TrainingConfig, checkpoint_dir_for, distill_student, fit, train_teacher
+
+SIZE, SPACING = (64, 56, 40), (6.0, 6.0, 6.0)
+FAST = dict(batch_size=2, patch_size=(32, 32, 32), device="cpu", validation_fraction=0.25)
+
+
+def chance_dice(labels: np.ndarray) -> float:
+    """Mean foreground Dice of a prediction drawn at random with the true class frequencies."""
+    rng = np.random.default_rng(0)
+    random = rng.permutation(labels.ravel()).reshape(labels.shape)
+    return float(np.nanmean(list(dice_per_label(random, labels, list(range(1, 9))).values())))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom-ct")
+    write_phantom_dataset(folder, "CT", 4, seed=7, size=SIZE, spacing=SPACING)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return generate_phantom("CT", seed=424242, size=SIZE, spacing=SPACING)
+
+
+@pytest.fixture(scope="module")
+def teacher(dataset, tmp_path_factory):
+    config = TrainingConfig(epochs=8, steps_per_epoch=25, learning_rate=1e-2, **FAST)
+    output = tmp_path_factory.mktemp("models") / "teacher"
+    return train_teacher(dataset, output, "CT", config, TINY_TEACHER, TINY_CT)
+
+
+def test_teacher_learns(teacher, held_out):
+    losses = teacher.info["metrics"]["train_loss"]
+    assert losses[-1] < 0.7 * losses[0]
+    image, truth = held_out
+    labels = segment(image, teacher, "cpu").labels.array
+    dice = dice_per_label(labels, truth.array, list(range(1, 9)))
+    mean = float(np.nanmean(list(dice.values())))
+    assert mean > chance_dice(truth.array) + 0.15
+    assert dice[1] > 0.7  # the liver, the largest structure
+    assert set(teacher.info["metrics"]["validation_dice"]) >= {"liver", "spleen"}
+
+
+def test_student_distils_from_unlabelled_volumes(dataset, teacher, held_out, tmp_path):
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(dataset / "images", unlabelled / "images")
+    config = TrainingConfig(epochs=8, steps_per_epoch=25, learning_rate=1e-2, **FAST)
+    student = distill_student(unlabelled, teacher, tmp_path / "student", config, TINY_STUDENT)
+    assert student.role == "student"
+    assert student.info["teacher"]["weights_sha256"] == teacher.weights_sha256
+    assert student.info["method"]["name"] == "pixel_kd"
+    assert student.info["metrics"]["train_loss"][-1] < student.info["metrics"]["train_loss"][0]
+    image, truth = held_out
+    labels = segment(image, student, "cpu").labels.array
+    mean = float(np.nanmean(list(dice_per_label(labels, truth.array, list(range(1, 9))).values())))
+    assert mean > chance_dice(truth.array) + 0.1  # learned from the teacher's soft targets alone
+
+
+def test_training_needs_labels_without_a_teacher(dataset, tmp_path):
+    shutil.copytree(dataset / "images", tmp_path / "data" / "images")
+    with pytest.raises(InvalidInputError, match="No labelled cases"):
+        train_teacher(tmp_path / "data", tmp_path / "t", "CT", TrainingConfig(epochs=1, **FAST), TINY_TEACHER, TINY_CT)
+    assert not (tmp_path / "t").exists()
+
+
+def test_bad_labels_are_rejected_before_training(dataset, tmp_path):
+    import SimpleITK as sitk
+
+    shutil.copytree(dataset, tmp_path / "data")
+    label_file = sorted((tmp_path / "data" / "labels").iterdir())[0]
+    image = sitk.ReadImage(str(label_file))
+    image.SetOrigin((1.0, 2.0, 3.0))
+    sitk.WriteImage(image, str(label_file))
+    with pytest.raises(InvalidInputError, match="does not lie on its image's grid"):
+        train_teacher(tmp_path / "data", tmp_path / "t", "CT", TrainingConfig(epochs=1, **FAST), TINY_TEACHER, TINY_CT)
+    assert not (tmp_path / "t").exists() and not checkpoint_dir_for(tmp_path / "t").exists()
+
+
+def test_resumed_run_equals_an_uninterrupted_one(dataset, tmp_path):
+    cases = load_cases(dataset, TINY_CT, 9)
+    config = TrainingConfig(epochs=4, steps_per_epoch=3, learning_rate=5e-3, **FAST)
+
+    torch.manual_seed(0)
+    reference = build_network(TINY_STUDENT, 9)
+    start = {k: v.clone() for k, v in reference.state_dict().items()}
+    fit(reference, 9, cases, config, tmp_path / "full")
+
+    interrupted = build_network(TINY_STUDENT, 9)
+    interrupted.load_state_dict(start)
+    steps = []
+
+    def cancel_in_epoch_three():
+        steps.append(1)
+        return len(steps) > 2 * config.steps_per_epoch + 1
+
+    with pytest.raises(CancelledError):
+        fit(interrupted, 9, cases, config, tmp_path / "run", cancel=cancel_in_epoch_three)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+
+    with pytest.raises(InvalidInputError, match="--resume"):
+        fit(build_network(TINY_STUDENT, 9), 9, cases, config, tmp_path / "run")
+
+    resumed = build_network(TINY_STUDENT, 9)
+    history = fit(resumed, 9, cases, config, tmp_path / "run", resume=True)
+    assert len(history.epoch_loss) == 4
+    for key, value in reference.state_dict().items():
+        assert torch.allclose(value.float(), resumed.state_dict()[key].float(), atol=1e-5), key
+
+
+def test_cancelled_training_leaves_no_bundle(dataset, tmp_path):
+    config = TrainingConfig(epochs=2, steps_per_epoch=3, **FAST)
+    calls = []
+    with pytest.raises(CancelledError):
+        train_teacher(
+            dataset,
+            tmp_path / "never",
+            "CT",
+            config,
+            TINY_TEACHER,
+            TINY_CT,
+            cancel=lambda: calls.append(1) or len(calls) > 4,
+        )
+    assert not (tmp_path / "never").exists()
+    assert not list(tmp_path.glob(".partial-*"))
+    assert checkpoint_dir_for(tmp_path / "never").exists()  # so that --resume can continue
+    assert not math.isnan(len(calls))

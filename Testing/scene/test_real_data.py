@@ -1,0 +1,58 @@
+"""The real abdominal CT (NIfTI and its DICOM series) through Slicer's storage nodes, segmented by a student."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import slicer
+import vtk
+
+from MedKDSegmentLib import catalog
+from MedKDSegmentLib.engine.volume import read_volume
+from MedKDSegmentLib.scene import volumes
+
+STRUCTURES = ["liver", "spleen", "right kidney", "left kidney", "aorta", "vertebral bodies", "pancreas",
+              "inferior vena cava"]
+
+
+def assert_result_on_grid(node, volume_node, names):
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == names
+    labelmap = segmentation.GetNthSegment(0).GetRepresentation("Binary labelmap")
+    assert labelmap.GetDimensions() == volume_node.GetImageData().GetDimensions()
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix), volumes.ijk_to_ras(volume_node), atol=1e-6)
+    assert node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) \
+        is volume_node
+
+
+@pytest.mark.parametrize("source", ["ct.nii.gz", "ct_dicom"])
+def test_real_ct_loads_through_storage_nodes_and_is_segmented_on_its_grid(source, real_ct_dir, scene, logic):
+    path = real_ct_dir / source
+    node = volumes.load_volume_node(path)
+    loaded = volumes.volume_from_node(node)
+    reference = read_volume(path)  # SimpleITK's reading of the same file or series
+    np.testing.assert_array_equal(loaded.array, reference.array)
+    assert loaded.same_grid(reference, tolerance=1e-4)
+    modality, how = logic.detectModality(node)
+    assert modality == "CT"
+    assert how == ("DICOM" if source == "ct_dicom" else "intensities")
+    result = logic.segment(node, model="selftest-ct-student", device="cpu")
+    assert result.GetName() == f"{node.GetName()} – selftest-ct-student"
+    assert_result_on_grid(result, node, STRUCTURES)
+
+
+def test_bundled_student_on_the_real_ct(real_ct_dir, scene):
+    """With the bundled models installed, the real student segments the real CT (validity, not accuracy)."""
+    from MedKDSegmentLib.scene.logic import SceneLogic
+
+    logic = SceneLogic()
+    students = logic.listModels(modality="CT", role="student")
+    bundled = [m for m in students if m.source == "bundled"]
+    if not bundled:
+        pytest.skip(f"no bundled CT student in {catalog.bundled_models_dir()} yet")
+    node = volumes.load_volume_node(real_ct_dir / "ct.nii.gz")
+    result = logic.segment(node, model=bundled[0].name, device="cpu")
+    assert_result_on_grid(result, node, list(bundled[0].labels.values()))
+    assert result.GetAttribute("MedKDSegment.Model") == bundled[0].name
