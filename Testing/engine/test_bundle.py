@@ -44,30 +44,29 @@ def test_loaded_network_reproduces_saved_weights(tmp_path):
         assert not torch.equal(first.load_network()(x), third.load_network()(x))
 
 
-def test_half_precision_storage_loads_as_float32(tmp_path):
+def test_half_precision_halves_weights_but_keeps_batch_norm_statistics(tmp_path):
     from tiny import TINY_CT
 
     from MedKDSegmentLib.engine.bundle import save_bundle
     from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES
     from MedKDSegmentLib.engine.networks import build_network
 
-    network = build_network(TINY_TEACHER, 9)
-    bundle = save_bundle(
-        tmp_path / "half",
-        network,
-        name="half",
-        role="teacher",
-        architecture=TINY_TEACHER,
-        profile=TINY_CT,
-        structures=ABDOMEN_STRUCTURES,
-        method={},
-        half_precision=True,
-    )
+    architecture = {"name": "UNet", "kwargs": {**TINY_TEACHER["kwargs"], "norm": "batch"}}
+    network = build_network(architecture, 9)
+    norm = next(m for m in network.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    norm.running_var.fill_(1e6)  # beyond float16's range
+    bundle = save_bundle(tmp_path / "half", network, name="half", role="teacher", architecture=architecture,
+                         profile=TINY_CT, structures=ABDOMEN_STRUCTURES, method={}, half_precision=True)
+    state = torch.load(bundle.path / WEIGHTS, weights_only=True)
+    assert state["model.0.conv.unit0.conv.weight"].dtype == torch.float16
     loaded = bundle.load_network()
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
-    original = dict(network.named_parameters())
-    for name, parameter in loaded.named_parameters():
-        assert torch.allclose(parameter, original[name], atol=1e-3, rtol=1e-3)
+    original = network.state_dict()
+    for name, value in loaded.state_dict().items():
+        if name in dict(network.named_parameters()):
+            assert torch.allclose(value, original[name], atol=1e-3, rtol=1e-3), name
+        else:
+            assert torch.equal(value, original[name]), name  # buffers exactly, no overflow
 
 
 def test_tampered_weights_are_refused(tiny_bundle):

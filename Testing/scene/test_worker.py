@@ -120,7 +120,10 @@ def test_background_job_reports_progress_then_creates_the_node(logic, scene, ct_
     node = job.result
     assert node.GetName() == "phantom CT – selftest-ct-student"
     assert node.GetSegmentation().GetNumberOfSegments() == 8
-    assert any(stage == "inference" for _, stage in seen)
+    stages = [stage for _, stage in job.history]
+    assert "preprocessing" in stages and "inference" in stages and stages[-1].startswith("resampling")
+    assert [f for f, _ in job.history] == sorted(f for f, _ in job.history)
+    assert seen and all(0.0 <= fraction <= 1.0 for fraction, _ in seen)
     assert not folder.exists()  # the temporary NRRD files are gone
     assert node_content(ct_node) == before
     second = logic.startSegment(ct_node, model="selftest-ct-student", device="cpu")

@@ -222,8 +222,8 @@ def save_bundle(
 ) -> Bundle:
     """Write a new bundle atomically; refuse to overwrite an existing one.
 
-    ``half_precision`` stores float weights as float16 (half the file size; they are
-    converted back to float32 on load).
+    ``half_precision`` stores learned weights as float16 (half the file size; they are
+    converted back to float32 on load); buffers such as batch-norm statistics stay float32.
     """
     folder = Path(folder)
     if folder.exists():
@@ -235,9 +235,10 @@ def save_bundle(
     try:
         (staging / WEIGHTS).parent.mkdir(parents=True)
         (staging / METADATA).parent.mkdir(parents=True)
+        # Only learned parameters are halved: batch-norm running variances can exceed float16's range.
+        halve = {name for name, _ in network.named_parameters()} if half_precision else set()
         state = {
-            k: (v.half() if half_precision and v.is_floating_point() else v).detach().cpu().contiguous()
-            for k, v in network.state_dict().items()
+            k: (v.half() if k in halve else v).detach().cpu().contiguous() for k, v in network.state_dict().items()
         }
         torch.save(state, staging / WEIGHTS)
         num_classes = len(structures) + 1

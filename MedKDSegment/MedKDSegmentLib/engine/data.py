@@ -24,6 +24,7 @@ class Case:
     name: str
     image: np.ndarray  # normalised, on the model grid (z, y, x)
     labels: np.ndarray | None  # uint8 on the same grid, or None when unlabelled
+    teacher: np.ndarray | None = None  # cached teacher log-probabilities (C, z, y, x), float16
 
 
 def _is_volume(path: Path) -> bool:
@@ -84,14 +85,16 @@ def sample_batch(
     patch: tuple[int, int, int],
     rng: np.random.Generator,
     foreground_fraction: float = 0.67,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random patches (N, 1, *patch), labels (N, 1, *patch) and a labelled flag per item.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random patches (N, 1, *patch), labels (N, 1, *patch), a labelled flag per item and,
+    when every case has them, the cached teacher log-probabilities (N, C, *patch).
 
     Cropping straight from in-memory arrays (padded where a patch leaves the volume)
     keeps a training step cheap; centres favour a random present structure so small
     structures are seen often.
     """
-    images, labels, labelled = [], [], []
+    images, labels, labelled, teacher = [], [], [], []
+    with_teacher = all(case.teacher is not None for case in cases)
     for _ in range(batch_size):
         case = cases[rng.integers(len(cases))]
         shape = np.array(case.image.shape)
@@ -106,10 +109,13 @@ def sample_batch(
         label = case.labels if case.labels is not None else np.zeros(case.image.shape, np.uint8)
         labels.append(_crop(label, start, patch, 0))
         labelled.append(case.labels is not None)
+        if with_teacher:
+            teacher.append(np.stack([_crop(channel, start, patch, 0.0) for channel in case.teacher]))
     return (
         torch.from_numpy(np.stack(images)[:, None]).float(),
         torch.from_numpy(np.stack(labels)[:, None].astype(np.int64)),
         torch.tensor(labelled),
+        torch.from_numpy(np.stack(teacher)).float() if with_teacher else None,
     )
 
 

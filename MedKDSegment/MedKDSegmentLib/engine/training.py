@@ -26,7 +26,7 @@ from .inference import predict_scores
 from .labels import ABDOMEN_STRUCTURES
 from .losses import PixelKD, SupervisedLoss
 from .metrics import dice_per_label
-from .networks import STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution
+from .networks import STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution, output_stride
 from .profiles import DEFAULT_PROFILES, Profile
 from .volume import normalize_modality
 
@@ -132,6 +132,8 @@ def fit(
         start_epoch = int(state["epoch"])
         report(start_epoch / config.epochs, f"resumed after epoch {start_epoch}")
 
+    if teacher is not None:
+        cache_teacher_outputs(teacher, cases, device, report)
     for epoch in range(start_epoch, config.epochs):
         # Seeding each epoch from (seed, epoch) makes a resumed run identical to an uninterrupted one.
         rng = seed_everything(config.seed * 100_003 + epoch)
@@ -140,7 +142,7 @@ def fit(
         for step in range(config.steps_per_epoch):
             if cancel is not None and cancel():
                 raise CancelledError()
-            images, labels, labelled = sample_batch(cases, config.batch_size, config.patch_size, rng)
+            images, labels, labelled, cached = sample_batch(cases, config.batch_size, config.patch_size, rng)
             images, labels = images.to(device), labels.to(device)
             images = _augment(images, rng)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -149,8 +151,11 @@ def fit(
                 if labelled.any():
                     loss = loss + supervised(logits[labelled], labels[labelled])
                 if teacher is not None:
-                    with torch.no_grad():
-                        target = full_resolution(teacher(images), images.shape[2:]).float()
+                    if cached is not None:
+                        target = cached.to(device)
+                    else:
+                        with torch.no_grad():
+                            target = full_resolution(teacher(images), images.shape[2:]).float()
                     loss = loss + config.kd_weight * distill(logits, target)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -169,6 +174,43 @@ def fit(
         _save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1)
     network.eval()
     return history
+
+
+def cache_teacher_outputs(teacher: nn.Module, cases: list[Case], device: torch.device, report: Progress) -> None:
+    """Teacher log-probabilities on every whole case, computed once.
+
+    Offline distillation: a training step then costs only the student, several times
+    cheaper on a CPU than running the teacher on every patch. Log-probabilities differ
+    from logits by a per-voxel constant, which the temperature softmax ignores.
+    """
+    if output_stride(teacher) != 1:
+        return  # coarse teacher outputs would need upsampling per patch; distil on the fly
+    teacher.eval()
+    for index, case in enumerate(cases):
+        if case.teacher is None:
+            scores, _, _ = predict_scores(teacher, case.image, device)
+            z, y, x = case.image.shape
+            case.teacher = np.log(np.clip(scores[:, :z, :y, :x], 1e-6, 1.0)).astype(np.float16)
+        report(0.0, f"teacher outputs cached for {index + 1}/{len(cases)} cases")
+
+
+def recalibrate_batch_norm(network: nn.Module, cases: list[Case], device: torch.device, limit: int = 8) -> None:
+    """Re-estimate batch-norm statistics over whole volumes (torch's ``update_bn``).
+
+    Training patches are cropped around structures, so their running statistics differ
+    from those of the whole volumes seen at inference; a pass over whole volumes fixes that.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
+        return
+    volumes = []
+    for case in cases[:limit]:
+        padded = [int(np.ceil(s / 8) * 8) for s in case.image.shape]
+        array = np.full(padded, float(case.image.min()), dtype=np.float32)
+        array[: case.image.shape[0], : case.image.shape[1], : case.image.shape[2]] = case.image
+        volumes.append(torch.from_numpy(array)[None, None])
+    with torch.no_grad():
+        torch.optim.swa_utils.update_bn(volumes, network, device)
+    network.eval()
 
 
 def _augment(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -291,6 +333,8 @@ def _train_bundle(
         cancel,
     )
     device = select_device(config.device)
+    report(0.96, "recalibrating batch-norm statistics on whole volumes")
+    recalibrate_batch_norm(network, train_cases, device)
     metrics = {"train_loss": history.epoch_loss, "validation_mean_dice": history.validation_dice}
     if validation:
         dice = evaluate(network, validation, num_classes, device)

@@ -8,6 +8,7 @@ failed or cancelled job leaves it exactly as it was, and the user's nodes are on
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
@@ -84,6 +85,7 @@ class BackgroundJob:
         self.result = None
         self.error: dict | None = None
         self.outputs: dict | None = None
+        self.history: collections.deque = collections.deque(maxlen=500)  # (fraction, stage) as reported
         self.started = time.perf_counter()
         self.seconds = 0.0
         self.id = client.submit(spec)
@@ -108,6 +110,7 @@ class BackgroundJob:
             self.stage = "worker ready"
         elif kind == "progress" and event.get("id") == self.id:
             self.fraction, self.stage = float(event.get("fraction", 0.0)), str(event.get("stage", ""))
+            self.history.append((self.fraction, self.stage))
         elif kind == "done" and event.get("id") == self.id:
             self.outputs = event.get("outputs", {})
             try:
