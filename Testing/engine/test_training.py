@@ -14,7 +14,7 @@ from MedKDSegmentLib.engine.data import load_cases
 from MedKDSegmentLib.engine.errors import CancelledError, InvalidInputError
 from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.metrics import dice_per_label
-from MedKDSegmentLib.engine.networks import build_network
+from MedKDSegmentLib.engine.networks import STUDENT_CONFIG, build_network
 from MedKDSegmentLib.engine.phantom import generate_phantom, write_phantom_dataset
 from MedKDSegmentLib.engine.training import TrainingConfig, checkpoint_dir_for, distill_student, fit, train_teacher
 
@@ -63,16 +63,22 @@ def test_teacher_learns(teacher, held_out):
 def test_student_distils_from_unlabelled_volumes(dataset, teacher, held_out, tmp_path):
     unlabelled = tmp_path / "unlabelled"
     shutil.copytree(dataset / "images", unlabelled / "images")
-    config = TrainingConfig(epochs=8, steps_per_epoch=25, learning_rate=1e-2, **FAST)
-    student = distill_student(unlabelled, teacher, tmp_path / "student", config, TINY_STUDENT)
+    # Distillation steps are cheap (cached teacher outputs): the real student architecture, more steps.
+    config = TrainingConfig(epochs=12, steps_per_epoch=25, learning_rate=1e-2, **FAST)
+    student = distill_student(unlabelled, teacher, tmp_path / "student", config, STUDENT_CONFIG)
     assert student.role == "student"
     assert student.info["teacher"]["weights_sha256"] == teacher.weights_sha256
     assert student.info["method"]["name"] == "pixel_kd"
     assert student.info["metrics"]["train_loss"][-1] < student.info["metrics"]["train_loss"][0]
     image, truth = held_out
     labels = segment(image, student, "cpu").labels.array
-    mean = float(np.nanmean(list(dice_per_label(labels, truth.array, list(range(1, 9))).values())))
-    assert mean > chance_dice(truth.array) + 0.1  # learned from the teacher's soft targets alone
+    taught = segment(image, teacher, "cpu").labels.array
+    structures = list(range(1, 9))
+    versus_truth = float(np.nanmean(list(dice_per_label(labels, truth.array, structures).values())))
+    versus_teacher = float(np.nanmean(list(dice_per_label(labels, taught, structures).values())))
+    # Learned from the teacher's soft targets alone: it agrees with its teacher, and beats chance on the truth.
+    assert versus_teacher > chance_dice(taught) + 0.05
+    assert versus_truth > chance_dice(truth.array) + 0.05
 
 
 def test_training_needs_labels_without_a_teacher(dataset, tmp_path):
