@@ -103,6 +103,14 @@ def _output_grid(grid: sitk.Image, padded_shape: tuple[int, ...], stride: int) -
     return model_grid(padded, tuple(s * stride for s in grid.GetSpacing()))
 
 
+def pad_to_multiple_of_8(image: np.ndarray) -> np.ndarray:
+    """Pad at the far end with the image minimum so every stride-2 stage halves exactly."""
+    shape = tuple(int(np.ceil(max(s, 8) / 8) * 8) for s in image.shape)
+    padded = np.full(shape, float(image.min()), dtype=np.float32)
+    padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
+    return padded
+
+
 def predict_scores(
     network: torch.nn.Module,
     image: np.ndarray,
@@ -117,9 +125,8 @@ def predict_scores(
     Falls back to CPU stitching, then CPU compute, when CUDA runs out of memory.
     """
     report = report or (lambda fraction, stage: None)
-    padded_shape = tuple(int(np.ceil(max(s, 8) / 8) * 8) for s in image.shape)
-    padded = np.full(padded_shape, float(image.min()), dtype=np.float32)
-    padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
+    padded = pad_to_multiple_of_8(image)
+    padded_shape = padded.shape
     windows = count_windows(padded_shape)
     attempts = [(device, device)]
     if device.type == "cuda":

@@ -22,7 +22,7 @@ from .bundle import Bundle, resolve_bundle, save_bundle
 from .data import Case, load_cases, sample_batch
 from .device import select_device
 from .errors import CancelledError, InvalidInputError
-from .inference import predict_scores
+from .inference import pad_to_multiple_of_8, predict_scores
 from .labels import ABDOMEN_STRUCTURES
 from .losses import PixelKD, SupervisedLoss
 from .metrics import dice_per_label
@@ -202,12 +202,7 @@ def recalibrate_batch_norm(network: nn.Module, cases: list[Case], device: torch.
     """
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
         return
-    volumes = []
-    for case in cases[:limit]:
-        padded = [int(np.ceil(s / 8) * 8) for s in case.image.shape]
-        array = np.full(padded, float(case.image.min()), dtype=np.float32)
-        array[: case.image.shape[0], : case.image.shape[1], : case.image.shape[2]] = case.image
-        volumes.append(torch.from_numpy(array)[None, None])
+    volumes = [torch.from_numpy(pad_to_multiple_of_8(case.image))[None, None] for case in cases[:limit]]
     with torch.no_grad():
         torch.optim.swa_utils.update_bn(volumes, network, device)
     network.eval()
