@@ -10,6 +10,7 @@ import math
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class TrainingConfig:
     validation_fraction: float = 0.2
     validate_every: int = 0  # epochs between validation passes (0: only at the end)
     device: str = "auto"
+    time_budget_s: float | None = None  # stop cleanly (checkpoint kept) once this much wall time has passed
 
 
 @dataclass
@@ -53,6 +55,7 @@ class History:
     epoch_loss: list[float] = field(default_factory=list)
     validation_dice: list[float] = field(default_factory=list)
     first_step_loss: float = math.nan
+    stopped_by_budget: bool = False
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -134,7 +137,12 @@ def fit(
 
     if teacher is not None:
         cache_teacher_outputs(teacher, cases, device, report)
+    started = time.monotonic()
     for epoch in range(start_epoch, config.epochs):
+        if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
+            history.stopped_by_budget = True
+            report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
+            break
         # Seeding each epoch from (seed, epoch) makes a resumed run identical to an uninterrupted one.
         rng = seed_everything(config.seed * 100_003 + epoch)
         network.train()
