@@ -1,4 +1,6 @@
-"""MedKDSegment: segment CT and MR volumes with knowledge-distilled students, compare them with their teachers.
+"""MedKDSegment: segment CT and MR volumes with knowledge-distilled students, compare them with their teachers,
+fine-tune them on segmentations drawn in Slicer (new model versions with a parent link), and train teachers
+and distil new students from folders of data (combinable distillation methods, several teachers, an assistant).
 
 A thin shell, as Slicer's scripted modules should be: the Module holds metadata, the Widget maps
 the GUI to the parameter node and buttons to the Logic, the Logic delegates to
@@ -13,7 +15,7 @@ import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -23,11 +25,18 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MedKDSegmentLib.catalog import resources_dir
+from MedKDSegmentLib.engine.errors import MedKDError
+from MedKDSegmentLib.scene.finetune import FineTuneReport
 from MedKDSegmentLib.scene.logic import ComparisonResult, SceneLogic
+from MedKDSegmentLib.scene.training import METHOD_NAMES, TASKS, TrainingReport, method_string, method_widget_name
 
 MODALITY_CHOICES = ["auto", "CT", "MR"]
 DEVICE_CHOICES = ["auto", "cuda", "mps", "cpu"]
 POLL_INTERVAL_MS = 100
+# The Train / distil section's task list (parameter node values) -> the Logic's task.
+TRAIN_TASK_CHOICES = {"distil student": "student", "train teacher": "teacher", "distil CT+MR student": "unpaired"}
+TRAIN_MODALITY_CHOICES = ["CT", "MR"]
+TRAINING_JOBS = tuple(TASKS.values())
 
 
 def moduleResourcePath(filename: str) -> str:
@@ -49,8 +58,11 @@ class MedKDSegment(ScriptedLoadableModule):
         self.parent.contributors = ["MedKDSegment contributors"]
         self.parent.helpText = _(
             "Segment abdominal CT and MR volumes with compact, knowledge-distilled student networks, run their "
-            "teachers, and compare the two side by side (Dice, HD95, volumes, run time). Results are new "
-            "segmentation nodes; your own nodes are never changed. See docs/slicer-module.md."
+            "teachers, and compare the two side by side (Dice, HD95, volumes, run time). Fine-tune a student on "
+            "segmentations you drew: the result is a new model version you can keep, roll back or delete. Train "
+            "teachers and distil students (distillation methods, several teachers, a teacher-assistant chain, one "
+            "CT+MR student) from folders of images and labels. Results are new nodes and new models; your own "
+            "nodes are never changed. See docs/slicer-module.md."
         )
         self.parent.acknowledgementText = _("Built on 3D Slicer, PyTorch, MONAI and SimpleITK.")
         # Slicer looks for the icon inside the module folder; ours lives in the shared Resources/ beside it.
@@ -72,6 +84,11 @@ class MedKDSegmentParameterNode:
     device - where networks run: auto (cuda, then mps, then cpu), or one of them.
     studentModel, teacherModel - model names picked in the lists.
     keepWorkerWarm - keep the worker process (torch already imported) between jobs.
+    fineTuneEpochs, fineTuneMinutes - the fine-tuning budget (minutes: 0 = no time limit).
+    skipUnknownSegments - fine-tuning leaves out segments whose names match no structure.
+    trainTask, trainModality - Train / distil: what to train, and a teacher's modality.
+    trainEpochs, trainMinutes - the training budget (minutes: 0 = no time limit).
+    trainTemperature, trainAssistantChain - KD temperature; teacher -> assistant -> student.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -81,6 +98,16 @@ class MedKDSegmentParameterNode:
     studentModel: str = ""
     teacherModel: str = ""
     keepWorkerWarm: bool = True
+    fineTuneEpochs: int = 15
+    fineTuneMinutes: int = 0
+    skipUnknownSegments: bool = False
+    trainTask: Annotated[str, Choice(list(TRAIN_TASK_CHOICES))] = "distil student"
+    trainModality: Annotated[str, Choice(TRAIN_MODALITY_CHOICES)] = "CT"
+    # Bounded: the parameter node's spin-box connectors replace the .ui's range with the annotated one.
+    trainEpochs: Annotated[int, WithinRange(1, 10000)] = 20
+    trainMinutes: Annotated[int, WithinRange(0, 10080)] = 0
+    trainTemperature: Annotated[float, WithinRange(0.1, 50.0)] = 4.0
+    trainAssistantChain: bool = False
 
 
 #
@@ -99,7 +126,12 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._students = []
         self._teachers = []
+        self._models = []
         self._detected = ("", "")
+        self._pairs = []  # (volume node ID, segmentation node ID) to fine-tune on
+        self._mappingChoices = {}  # segment name -> the structure chosen in the mapping table ("" = skip)
+        self._trainTeachers = []  # the rows of the Train / distil teachers table
+        self._methodDescriptions = {}  # method -> the engine's description (tooltips), once read
 
     def resourcePath(self, filename):
         return moduleResourcePath(filename)
@@ -129,13 +161,35 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentTeacherButton.connect("clicked(bool)", self.onSegmentTeacher)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.modelsTableWidget.connect("itemSelectionChanged()", self._updateButtons)
+        self.ui.useModelButton.connect("clicked(bool)", self.onUseModel)
+        self.ui.deleteModelButton.connect("clicked(bool)", self.onDeleteModel)
+        self.ui.addPairButton.connect("clicked(bool)", self.onAddPair)
+        self.ui.removePairButton.connect("clicked(bool)", self.onRemovePairs)
+        self.ui.startFineTuneButton.connect("clicked(bool)", self.onStartFineTune)
+        self.ui.resumeFineTuneButton.connect("clicked(bool)", self.onResumeFineTune)
+        self.ui.fineTuneCancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.trainTaskComboBox.connect("currentIndexChanged(int)", self.onTrainTaskChanged)
+        self.ui.trainDataPathLineEdit.connect("currentPathChanged(QString)", self._updateTrainButtons)
+        self.ui.trainMrDataPathLineEdit.connect("currentPathChanged(QString)", self._updateTrainButtons)
+        self.ui.trainTeachersTableWidget.connect("itemChanged(QTableWidgetItem*)", self._updateTrainButtons)
+        self.ui.trainAdvancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onTrainAdvancedCollapsed)
+        self.ui.trainAssistantCheckBox.connect("toggled(bool)", self._updateMethodsLabel)
+        for name in METHOD_NAMES:
+            self._methodCheckBox(name).connect("toggled(bool)", self._updateMethodsLabel)
+            self._methodWeightSpinBox(name).connect("valueChanged(double)", self._updateMethodsLabel)
+        self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
+        self.ui.resumeTrainingButton.connect("clicked(bool)", self.onResumeTraining)
+        self.ui.trainCancelButton.connect("clicked(bool)", self.onCancel)
 
         self.ui.cancelButton.enabled = False
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.format = _("idle")
+        for progressBar in (self.ui.progressBar, self.ui.fineTuneProgressBar, self.ui.trainProgressBar):
+            progressBar.value = 0
+            progressBar.format = _("idle")
         self.logic.setUserModelFolders([self.ui.userModelsPathLineEdit.currentPath])
         self.initializeParameterNode()
         self.refreshModels()
+        self.onTrainTaskChanged()
 
     def cleanup(self) -> None:
         if self._timer:
@@ -163,6 +217,9 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        self._pairs = []  # their nodes went with the scene
+        self._mappingChoices = {}
+        self._refreshPairs()
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -212,20 +269,26 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic:
             return
         models = self.logic.listModels()
+        self._models = models
         table = self.ui.modelsTableWidget
-        headers = [_("Name"), _("Role"), _("Modality"), _("Labels"), _("Parameters"), _("Size (MB)"), _("Source")]
+        headers = [_("Name"), _("Version"), _("Parent"), _("Role"), _("Modality"), _("Labels"), _("Parameters"),
+                   _("Size (MB)"), _("Source")]
         table.clear()
         table.setColumnCount(len(headers))
         table.setHorizontalHeaderLabels(headers)
         table.setRowCount(len(models))
         for row, model in enumerate(models):
-            cells = [model.name, model.role, model.modality, str(len(model.labels)), f"{model.parameters:,}",
-                     f"{model.size_mb:.1f}", model.source]
+            cells = [model.name, model.version or "", model.parent or "", model.role, model.modality,
+                     str(len(model.labels)), f"{model.parameters:,}", f"{model.size_mb:.1f}", model.source]
             for column, text in enumerate(cells):
                 item = qt.QTableWidgetItem(text)
-                item.setToolTip(", ".join(model.labels.values()) if column == 3 else str(model.path))
+                item.setToolTip(", ".join(model.labels.values()) if column == 5 else str(model.path))
                 table.setItem(row, column, item)
         table.resizeColumnsToContents()
+        self.ui.fineTuneOutputLabel.text = _("New versions are saved in: {folder}").format(
+            folder=self.logic.modelsFolder())
+        self.ui.trainOutputFolderLabel.text = _("New models are saved in: {folder}").format(
+            folder=self.logic.modelsFolder())
 
         modality = self.effectiveModality()
         self._students = [m for m in models if m.modality == modality and m.role == "student"]
@@ -240,6 +303,7 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             names = [m.name for m in choices]
             comboBox.currentIndex = names.index(wanted) if wanted in names else (0 if names else -1)
             comboBox.blockSignals(wasBlocked)
+        self._refreshTrainTeachers()
         self.onModelChoiceChanged()
 
     def onModelChoiceChanged(self, index=None) -> None:
@@ -247,6 +311,7 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.studentModel = student or ""
             self._parameterNode.teacherModel = teacher or ""
+        self._refreshMapping()
         self._updateButtons()
 
     def _selectedModel(self, role: str):
@@ -262,7 +327,24 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentStudentButton.enabled = idle and hasInput and student is not None
         self.ui.segmentTeacherButton.enabled = idle and hasInput and teacher is not None
         self.ui.compareButton.enabled = idle and hasInput and student is not None and teacher is not None
-        self.ui.cancelButton.enabled = not idle
+        fineTuning = not idle and self._job.kind == "finetune"
+        training = not idle and self._job.kind in TRAINING_JOBS
+        self.ui.cancelButton.enabled = not idle and not fineTuning and not training
+        self.ui.fineTuneCancelButton.enabled = fineTuning
+        self._updateTrainButtons()
+        hasPairs = bool(self._pairNodes())
+        self.ui.startFineTuneButton.enabled = idle and hasPairs and student is not None
+        interrupted = self._interruptedRun(student)
+        self.ui.resumeFineTuneButton.enabled = idle and hasPairs and interrupted is not None
+        self.ui.resumeFineTuneButton.toolTip = (
+            _("Continue the interrupted run that writes {name} (same pairs and settings).").format(
+                name=interrupted.name) if interrupted is not None else _("No interrupted run of this student."))
+        selected = self._selectedTableModel()
+        self.ui.useModelButton.enabled = selected is not None and selected.role in ("student", "teacher")
+        bundled = selected is not None and self.logic.isBundled(selected)
+        self.ui.deleteModelButton.enabled = idle and selected is not None and not bundled
+        self.ui.deleteModelButton.toolTip = (_("Bundled models cannot be deleted.") if bundled else
+                                             _("Delete the selected model version (your own models only)."))
 
     def _updateDeviceLabel(self) -> None:
         info = self.logic.workerInfo() if self.logic else None
@@ -307,8 +389,9 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._timer.stop()  # only the warm-up was being watched
             return
         running = job.poll()
-        self.ui.progressBar.value = round(100 * job.fraction)
-        self.ui.progressBar.format = f"%p% – {job.stage}"
+        progressBar, statusLabel = self._jobWidgets(job)
+        progressBar.value = round(100 * job.fraction)
+        progressBar.format = f"%p% – {job.stage}"
         if running:
             return
         self._timer.stop()
@@ -317,11 +400,13 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.state == "done":
             self._showResult(job)
         elif job.state == "cancelled":
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Cancelled; the scene was not changed.")
+            progressBar.value = 0
+            statusLabel.text = _("Cancelled; no model was written and the scene was not changed.") \
+                if job.kind == "finetune" or job.kind in TRAINING_JOBS else _("Cancelled; the scene was not changed.")
+            self._updateButtons()  # an interrupted fine-tuning run can now be resumed
         else:
             error = job.error or {}
-            self.ui.statusLabel.text = _("{job} failed.").format(job=job.description)
+            statusLabel.text = _("{job} failed.").format(job=job.description)
             slicer.util.errorDisplay(
                 _("{job} failed:\n\n{problem}\n\n{fix}").format(
                     job=job.description, problem=error.get("problem") or error.get("message", ""),
@@ -330,7 +415,24 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and not self._parameterNode.keepWorkerWarm:
             self.logic.shutdownWorker()
 
+    def _jobWidgets(self, job):
+        """The progress bar and status line of a job's section."""
+        if job.kind == "finetune":
+            return self.ui.fineTuneProgressBar, self.ui.fineTuneStatusLabel
+        if job.kind in TRAINING_JOBS:
+            return self.ui.trainProgressBar, self.ui.trainStatusLabel
+        return self.ui.progressBar, self.ui.statusLabel
+
     def _showResult(self, job) -> None:
+        if isinstance(job.result, FineTuneReport):
+            self._showFineTuneResult(job.result)
+            return
+        if isinstance(job.result, TrainingReport):
+            self.ui.trainStatusLabel.text = _("{summary}\nDone in {seconds:.0f} s.").format(
+                summary=job.result.summary(), seconds=job.seconds)
+            self.ui.trainOutputLineEdit.text = ""  # the next run gets a new name
+            self.refreshModels()  # the new model is in the list
+            return
         outputs = job.outputs or {}
         run = outputs.get("student", outputs)
         self.ui.statusLabel.text = _("{job}: done in {seconds:.1f} s (network {network:.1f} s on {device})").format(
@@ -345,6 +447,333 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None and self._job.running:
             self._job.cancel()
             self.onPollJob()
+
+    # model versions ----------------------------------------------------------------------------------
+
+    def _selectedTableModel(self):
+        rows = {item.row() for item in self.ui.modelsTableWidget.selectedItems()}
+        if len(rows) != 1:
+            return None
+        row = rows.pop()
+        return self._models[row] if 0 <= row < len(self._models) else None
+
+    def _interruptedRun(self, student):
+        try:
+            return self.logic.interruptedFineTune(student) if student is not None else None
+        except MedKDError:  # the model disappeared from its folder: nothing to resume
+            return None
+
+    def onUseModel(self) -> None:
+        """Make the selected version the active student (or teacher): switching back is a roll-back."""
+        model = self._selectedTableModel()
+        if model is None:
+            return
+        if model.modality != self.effectiveModality():
+            self.ui.modalityComboBox.currentText = model.modality
+        if self._parameterNode:
+            setattr(self._parameterNode, model.role + "Model", model.name)
+        self.refreshModels()
+
+    def onDeleteModel(self) -> None:
+        model = self._selectedTableModel()
+        if model is None or not slicer.util.confirmOkCancelDisplay(
+                _("Delete model {name} (version {version})?\n\n{path}").format(
+                    name=model.name, version=model.version or "?", path=model.path),
+                _("MedKDSegment: delete model")):
+            return
+        with slicer.util.tryWithErrorDisplay(_("The model could not be deleted."), waitCursor=True):
+            warnings = self.logic.deleteModel(model)
+            self.refreshModels()
+            self.ui.fineTuneStatusLabel.text = "\n".join(
+                [_("Deleted {name}.").format(name=model.name), *warnings])
+
+    # fine-tuning -------------------------------------------------------------------------------------
+
+    def _pairNodes(self) -> list:
+        """The pairs whose nodes are still in the scene."""
+        nodes = [(slicer.mrmlScene.GetNodeByID(v), slicer.mrmlScene.GetNodeByID(s)) for v, s in self._pairs]
+        return [(volume, segmentation) for volume, segmentation in nodes if volume and segmentation]
+
+    def onAddPair(self) -> None:
+        volume = self.ui.fineTuneVolumeSelector.currentNode()
+        segmentation = self.ui.fineTuneSegmentationSelector.currentNode()
+        if volume is None or segmentation is None:
+            slicer.util.errorDisplay(_("Pick a volume and the segmentation drawn on it, then click Add pair."))
+            return
+        pair = (volume.GetID(), segmentation.GetID())
+        if pair not in self._pairs:
+            self._pairs.append(pair)
+        self._refreshPairs()
+
+    def onRemovePairs(self) -> None:
+        rows = {item.row() for item in self.ui.pairsTableWidget.selectedItems()}
+        pairs = self._pairNodes()
+        keep = [pairs[row] for row in range(len(pairs)) if row not in rows]
+        self._pairs = [(volume.GetID(), segmentation.GetID()) for volume, segmentation in keep]
+        self._refreshPairs()
+
+    def _refreshPairs(self) -> None:
+        table = self.ui.pairsTableWidget
+        pairs = self._pairNodes()
+        table.clear()
+        table.setColumnCount(2)
+        table.setHorizontalHeaderLabels([_("Volume"), _("Segmentation")])
+        table.setRowCount(len(pairs))
+        for row, (volume, segmentation) in enumerate(pairs):
+            table.setItem(row, 0, qt.QTableWidgetItem(volume.GetName()))
+            table.setItem(row, 1, qt.QTableWidgetItem(segmentation.GetName()))
+        table.resizeColumnsToContents()
+        self._refreshMapping()
+        self._updateButtons()
+
+    def _studentInfo(self):
+        index = self.ui.studentModelComboBox.currentIndex
+        return self._students[index] if 0 <= index < len(self._students) else None
+
+    def _refreshMapping(self) -> None:
+        """One row per segment name of the pairs: the structure it is matched to (editable), or skip."""
+        self._rememberMapping()
+        table = self.ui.segmentMappingTableWidget
+        student = self._studentInfo()
+        table.clear()
+        table.setColumnCount(2)
+        table.setHorizontalHeaderLabels([_("Segment"), _("Structure of the model")])
+        names = []
+        for _volume, segmentation in self._pairNodes():
+            names += [n for n in self.logic.segmentNames(segmentation) if n not in names]
+        table.setRowCount(len(names) if student is not None else 0)
+        if student is None:
+            return
+        try:
+            matched = self.logic.matchSegmentNames(names, student)
+        except MedKDError as error:  # e.g. the dependencies are not installed yet: every name shows as unknown
+            matched = {}
+            self.ui.fineTuneStatusLabel.text = error.problem
+        structures = list(student.labels.values())
+        for row, name in enumerate(names):
+            table.setItem(row, 0, qt.QTableWidgetItem(name))
+            comboBox = qt.QComboBox()
+            automatic = matched.get(name)
+            if automatic is None:
+                comboBox.addItem(_("(unknown: choose or skip)"))
+            comboBox.addItem(_("(skip)"))
+            for structure in structures:
+                comboBox.addItem(structure)
+            chosen = self._mappingChoices.get(name, automatic)
+            if chosen == "":
+                comboBox.currentText = _("(skip)")
+            elif chosen in structures:
+                comboBox.currentText = chosen
+            table.setCellWidget(row, 1, comboBox)
+        table.resizeColumnsToContents()
+
+    def _rememberMapping(self) -> None:
+        table = self.ui.segmentMappingTableWidget
+        for row in range(table.rowCount):
+            item, comboBox = table.item(row, 0), table.cellWidget(row, 1)
+            if item is None or comboBox is None:
+                continue
+            text = comboBox.currentText
+            if text == _("(skip)"):
+                self._mappingChoices[item.text()] = ""
+            elif not text.startswith("("):
+                self._mappingChoices[item.text()] = text
+
+    def segmentMapping(self) -> dict:
+        """The mapping table as the Logic's ``mapping``: segment name -> structure name, or None to skip."""
+        self._rememberMapping()
+        return {name: (structure or None) for name, structure in self._mappingChoices.items()}
+
+    def onStartFineTune(self) -> None:
+        self._startFineTune(resume=False)
+
+    def onResumeFineTune(self) -> None:
+        self._startFineTune(resume=True)
+
+    def _startFineTune(self, resume: bool) -> None:
+        if self._job is not None and self._job.running:
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
+            self._job = self.logic.startFineTune(
+                self._pairNodes(), model=self._selectedModel("student"), epochs=p.fineTuneEpochs,
+                minutes=p.fineTuneMinutes or None, mapping=self.segmentMapping(), skip=p.skipUnknownSegments,
+                device=p.device, resume=resume, modality=self.effectiveModality())
+            self.ui.fineTuneStatusLabel.text = _("{job}: running").format(job=self._job.description)
+            self.ui.fineTuneStatusLabel.styleSheet = ""
+            self._updateButtons()
+            self._timer.start()
+
+    def _showFineTuneResult(self, report) -> None:
+        self.ui.fineTuneResultsTableView.setMRMLTableNode(report.diceTable)
+        self.refreshModels()
+        if report.warning:
+            # Worse than its parent: the parent stays the active student; the new version is listed.
+            self.ui.fineTuneStatusLabel.text = report.warning + "\n" + report.summary()
+            self.ui.fineTuneStatusLabel.styleSheet = "color: #c0392b; font-weight: bold"
+            slicer.util.warningDisplay(report.warning, windowTitle=_("MedKDSegment: fine-tuning"))
+            return
+        self.ui.fineTuneStatusLabel.text = report.summary()
+        self.ui.fineTuneStatusLabel.styleSheet = ""
+        if self._parameterNode:
+            self._parameterNode.studentModel = report.model.name  # roll back by selecting the parent again
+        self.refreshModels()
+
+
+    # training ----------------------------------------------------------------------------------------
+
+    def _methodCheckBox(self, name: str):
+        return getattr(self.ui, f"method{method_widget_name(name)}CheckBox")
+
+    def _methodWeightSpinBox(self, name: str):
+        return getattr(self.ui, f"method{method_widget_name(name)}WeightSpinBox")
+
+    def trainTask(self) -> str:
+        """'student', 'teacher' or 'unpaired': the Train / distil section's task."""
+        return TRAIN_TASK_CHOICES.get(self.ui.trainTaskComboBox.currentText, "student")
+
+    def trainingMethods(self) -> str:
+        """The ticked methods of *Advanced: distillation methods* and their weights as the engine's method
+        string, e.g. 'cwd:1.0+coteacher:0.5' (``scene.training.method_string``)."""
+        return method_string([(name, self._methodCheckBox(name).checked, self._methodWeightSpinBox(name).value)
+                              for name in METHOD_NAMES])
+
+    def _updateMethodsLabel(self, *args) -> None:
+        try:
+            text = _("methods: {methods}").format(methods=self.trainingMethods())
+        except MedKDError as error:  # nothing ticked: say so where the string would be
+            text = error.problem
+        if self.ui.trainAssistantCheckBox.checked:
+            text += " " + _("(teacher → assistant → student)")
+        self.ui.trainMethodsLabel.text = text
+
+    def onTrainAdvancedCollapsed(self, collapsed) -> None:
+        """When first opened, each method's tooltip comes from the engine's registry (if already installed)."""
+        if collapsed or self._methodDescriptions:
+            return
+        try:
+            methods = self.logic.distillationMethods(install=False)
+        except MedKDError:
+            methods = []
+        self._methodDescriptions = {m["name"]: m["description"] for m in methods if m["name"] in METHOD_NAMES}
+        for name, description in self._methodDescriptions.items():
+            self._methodCheckBox(name).toolTip = description
+
+    def onTrainTaskChanged(self, index=None) -> None:
+        task = self.trainTask()
+        self.ui.trainDataLabel.text = _("CT data folder:") if task == "unpaired" else _("Data folder:")
+        for widget in (self.ui.trainMrDataLabel, self.ui.trainMrDataPathLineEdit):
+            widget.visible = task == "unpaired"
+        for widget in (self.ui.trainModalityLabel, self.ui.trainModalityComboBox):
+            widget.visible = task == "teacher"
+        for widget in (self.ui.trainTeachersLabel, self.ui.trainTeachersTableWidget):
+            widget.visible = task != "teacher"
+        # A teacher learns from labels only; a CT+MR student uses pixel KD (its temperature) but no methods.
+        self.ui.trainAdvancedCollapsibleButton.enabled = task != "teacher"
+        for name in METHOD_NAMES:
+            self._methodCheckBox(name).enabled = task == "student"
+            self._methodWeightSpinBox(name).enabled = task == "student"
+        self.ui.trainAssistantCheckBox.enabled = task == "student"
+        self._updateMethodsLabel()
+        self._updateTrainButtons()
+
+    def _refreshTrainTeachers(self) -> None:
+        """Every teacher (and assistant) with a tick and a weight; ticks and weights survive a refresh."""
+        table = self.ui.trainTeachersTableWidget
+        chosen = {str(model.path): weight for model, weight in self._trainTeacherChoices()}
+        if not self._trainTeachers and not chosen and self._selectedModel("teacher"):
+            chosen = {str(m.path): 1.0 for m in self._teachers if m.name == self._selectedModel("teacher")}
+        self._trainTeachers = [m for m in self._models if m.role in ("teacher", "assistant")]
+        wasBlocked = table.blockSignals(True)
+        table.clear()
+        table.setColumnCount(3)
+        table.setHorizontalHeaderLabels([_("Teacher"), _("Modality"), _("Weight")])
+        table.setRowCount(len(self._trainTeachers))
+        for row, model in enumerate(self._trainTeachers):
+            item = qt.QTableWidgetItem(model.name)
+            item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
+            item.setCheckState(qt.Qt.Checked if str(model.path) in chosen else qt.Qt.Unchecked)
+            item.setToolTip(str(model.path))
+            table.setItem(row, 0, item)
+            table.setItem(row, 1, qt.QTableWidgetItem(model.modality))
+            spinBox = qt.QDoubleSpinBox()
+            spinBox.decimals = 2
+            spinBox.minimum = 0.0
+            spinBox.maximum = 100.0
+            spinBox.singleStep = 0.1
+            spinBox.value = chosen.get(str(model.path), 1.0)
+            spinBox.toolTip = _("Weight of this teacher when several are ticked (normalised to sum to 1).")
+            table.setCellWidget(row, 2, spinBox)
+        table.resizeColumnsToContents()
+        table.blockSignals(wasBlocked)
+
+    def _trainTeacherChoices(self) -> list:
+        """(ModelInfo, weight) of the ticked teachers, in table order."""
+        table = self.ui.trainTeachersTableWidget
+        chosen = []
+        for row in range(min(table.rowCount, len(self._trainTeachers))):
+            item, spinBox = table.item(row, 0), table.cellWidget(row, 2)
+            if item is not None and item.checkState() == qt.Qt.Checked:
+                chosen.append((self._trainTeachers[row], spinBox.value if spinBox is not None else 1.0))
+        return chosen
+
+    def _updateTrainButtons(self, *args) -> None:
+        idle = self._job is None or not self._job.running
+        task = self.trainTask()
+        hasData = bool(self.ui.trainDataPathLineEdit.currentPath) and (
+            task != "unpaired" or bool(self.ui.trainMrDataPathLineEdit.currentPath))
+        hasTeachers = task != "student" or bool(self._trainTeacherChoices())
+        self.ui.startTrainingButton.enabled = idle and hasData and hasTeachers
+        runs = self.logic.interruptedTrainings() if self.logic else []
+        self.ui.resumeTrainingButton.enabled = idle and bool(runs)
+        self.ui.resumeTrainingButton.toolTip = (
+            _("Continue the interrupted run that writes {name} (its own data and settings).").format(
+                name=runs[0].name) if runs else _("No interrupted training run."))
+        self.ui.trainCancelButton.enabled = not idle and self._job.kind in TRAINING_JOBS
+
+    def onStartTraining(self) -> None:
+        if self._job is not None and self._job.running:
+            return
+        p = self._parameterNode
+        task = self.trainTask()
+        data = self.ui.trainDataPathLineEdit.currentPath
+        common = {"output": self.ui.trainOutputLineEdit.text.strip() or None, "epochs": p.trainEpochs,
+                  "minutes": p.trainMinutes or None, "device": p.device}
+        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
+            chosen = self._trainTeacherChoices()
+            if task == "teacher":
+                self._job = self.logic.startTrainTeacher(data, modality=p.trainModality, **common)
+            elif task == "student":
+                self._job = self.logic.startDistillStudent(
+                    data, teachers=[model for model, weight in chosen],
+                    weights=[weight for model, weight in chosen] if len(chosen) > 1 else None,
+                    methods=self.trainingMethods(), assistant=p.trainAssistantChain, temperature=p.trainTemperature,
+                    **common)
+            else:
+                byModality = {}
+                for model in [model for model, weight in chosen]:
+                    for modality in model.modalities:
+                        if modality in byModality:
+                            raise MedKDError(_("More than one {modality} teacher is ticked.").format(modality=modality),
+                                             _("Tick at most one CT and one MR teacher for a CT+MR student."))
+                        byModality[modality] = model
+                self._job = self.logic.startDistillUnpaired(
+                    data, self.ui.trainMrDataPathLineEdit.currentPath, ctTeacher=byModality.get("CT"),
+                    mrTeacher=byModality.get("MR"), temperature=p.trainTemperature, **common)
+            self._trainingStarted()
+
+    def onResumeTraining(self) -> None:
+        if self._job is not None and self._job.running:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Training could not be resumed."), waitCursor=True):
+            self._job = self.logic.startResumeTraining()
+            self._trainingStarted()
+
+    def _trainingStarted(self) -> None:
+        self.ui.trainStatusLabel.text = _("{job}: running").format(job=self._job.description)
+        self.ui.trainStatusLabel.styleSheet = ""
+        self._updateButtons()
+        self._timer.start()
 
 
 #
@@ -395,6 +824,127 @@ class MedKDSegmentLogic(ScriptedLoadableModuleLogic):
         """Non-blocking ``compare`` in the worker process; poll the returned job."""
         return self.sceneLogic.startCompare(volumeNode, teacher, student, referenceSegmentationNode, device, modality)
 
+    def fineTune(self, pairs, model=None, output=None, epochs=None, minutes=None, mapping=None, skip=(),
+                 device="auto", useWorker=False, progress=None, resume=False, teacher=None, modality="auto",
+                 settings=None, showChart=True):
+        """Fine-tune a student on ``[(volumeNode, segmentationNode), ...]`` into a NEW model version (blocking).
+
+        Segments are matched to the model's structures by name; ``mapping`` ({segment name: structure
+        name, label value, or None to skip}) and ``skip`` (names, or True for every unknown name) handle
+        the others. Returns a ``FineTuneReport``: ``model`` (the new version, ``parent`` set), ``lossTable``
+        and ``lossChart`` (one row per epoch), ``diceTable`` (held-out Dice before/after) and ``warning``.
+        """
+        return self.sceneLogic.fineTune(pairs, model, output, epochs, minutes, mapping, skip, device, useWorker,
+                                        progress, resume=resume, teacher=teacher, modality=modality,
+                                        settings=settings, showChart=showChart)
+
+    def startFineTune(self, pairs, model=None, output=None, epochs=None, minutes=None, mapping=None, skip=(),
+                      device="auto", resume=False, teacher=None, modality="auto", settings=None, showChart=True):
+        """Non-blocking ``fineTune`` in the worker process; poll the returned job (its loss curve fills in)."""
+        return self.sceneLogic.startFineTune(pairs, model, output, epochs, minutes, mapping, skip, device, resume,
+                                             teacher, modality, settings, showChart)
+
+    def segmentNames(self, segmentationNode):
+        """The names of a segmentation's segments, in order."""
+        return self.sceneLogic.segmentNames(segmentationNode)
+
+    def matchSegmentNames(self, names, model):
+        """{segment name: structure name} for the names that match ``model``'s structures (no torch needed)."""
+        return self.sceneLogic.matchSegmentNames(names, model)
+
+    def matchSegments(self, segmentationNode, model=None, mapping=None, skip=(), modality="CT"):
+        """How a segmentation's segments map to a model's structures (matched, unknown, skipped names)."""
+        return self.sceneLogic.matchSegments(segmentationNode, model, mapping, skip, modality)
+
+    def listModelVersions(self, model):
+        """The versions of a model's family (first ancestor, then fine-tuned versions), each with its parent."""
+        return self.sceneLogic.listModelVersions(model)
+
+    def deleteModel(self, model):
+        """Delete one of your own model versions; bundled models are refused. Returns warnings."""
+        return self.sceneLogic.deleteModel(model)
+
+    def isBundled(self, model) -> bool:
+        return self.sceneLogic.isBundled(model)
+
+    def modelsFolder(self):
+        """Where new model versions are saved: the User models folder, else the default one."""
+        return self.sceneLogic.modelsFolder()
+
+    def newVersionPath(self, model):
+        """Where the next fine-tuned version of ``model`` will be written."""
+        return self.sceneLogic.newVersionPath(model)
+
+    def interruptedFineTune(self, model):
+        """The output of an interrupted fine-tuning run of ``model`` that can be resumed, or None."""
+        return self.sceneLogic.interruptedFineTune(model)
+
+    def discardInterruptedFineTune(self, model) -> bool:
+        """Delete the checkpoint of ``model``'s interrupted run."""
+        return self.sceneLogic.discardInterruptedFineTune(model)
+
+    def distillationMethods(self, install=True):
+        """The distillation methods (name, description, default weight, ...) from the engine's registry."""
+        return self.sceneLogic.distillationMethods(install)
+
+    def trainTeacher(self, dataFolder, modality="CT", output=None, epochs=None, minutes=None, device="auto",
+                     useWorker=False, progress=None, settings=None, showChart=True):
+        """Train a teacher on a folder of images/ and labels/ into a NEW model (blocking); a ``TrainingReport``."""
+        return self.sceneLogic.trainTeacher(dataFolder, modality, output, epochs, minutes, device, useWorker,
+                                            progress, settings=settings, showChart=showChart)
+
+    def startTrainTeacher(self, dataFolder, modality="CT", output=None, epochs=None, minutes=None, device="auto",
+                          settings=None, showChart=True):
+        """Non-blocking ``trainTeacher`` in the worker process; poll the returned job."""
+        return self.sceneLogic.startTrainTeacher(dataFolder, modality, output, epochs, minutes, device, settings,
+                                                 showChart)
+
+    def distillStudent(self, dataFolder, teachers=None, weights=None, methods="kd", assistant=False, output=None,
+                       epochs=None, minutes=None, temperature=None, device="auto", useWorker=False, progress=None,
+                       settings=None, showChart=True):
+        """Distil a NEW student from one or several teachers (``weights``) with distillation ``methods``
+        (e.g. "kd", "cwd:1+coteacher:0.5"), optionally through a teacher assistant (blocking)."""
+        return self.sceneLogic.distillStudent(dataFolder, teachers, weights, methods, assistant, output, epochs,
+                                              minutes, temperature, device, useWorker, progress, settings=settings,
+                                              showChart=showChart)
+
+    def startDistillStudent(self, dataFolder, teachers=None, weights=None, methods="kd", assistant=False,
+                            output=None, epochs=None, minutes=None, temperature=None, device="auto", settings=None,
+                            showChart=True):
+        """Non-blocking ``distillStudent`` in the worker process; poll the returned job."""
+        return self.sceneLogic.startDistillStudent(dataFolder, teachers, weights, methods, assistant, output, epochs,
+                                                   minutes, temperature, device, settings, showChart)
+
+    def distillUnpaired(self, ctFolder, mrFolder, ctTeacher=None, mrTeacher=None, output=None, epochs=None,
+                        minutes=None, temperature=None, device="auto", useWorker=False, progress=None, settings=None,
+                        showChart=True):
+        """One NEW student for CT and MR from unpaired CT and MR folders (blocking)."""
+        return self.sceneLogic.distillUnpaired(ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs, minutes,
+                                               temperature, device, useWorker, progress, settings=settings,
+                                               showChart=showChart)
+
+    def startDistillUnpaired(self, ctFolder, mrFolder, ctTeacher=None, mrTeacher=None, output=None, epochs=None,
+                             minutes=None, temperature=None, device="auto", settings=None, showChart=True):
+        """Non-blocking ``distillUnpaired`` in the worker process; poll the returned job."""
+        return self.sceneLogic.startDistillUnpaired(ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs,
+                                                    minutes, temperature, device, settings, showChart)
+
+    def interruptedTrainings(self):
+        """Outputs of interrupted training runs that can be resumed, newest first."""
+        return self.sceneLogic.interruptedTrainings()
+
+    def resumeTraining(self, output=None, useWorker=False, progress=None, showChart=True):
+        """Continue an interrupted training run (default: the newest) with its own data and settings."""
+        return self.sceneLogic.resumeTraining(output, useWorker, progress, showChart=showChart)
+
+    def startResumeTraining(self, output=None, showChart=True):
+        """Non-blocking ``resumeTraining`` in the worker process."""
+        return self.sceneLogic.startResumeTraining(output, showChart)
+
+    def discardInterruptedTraining(self, output=None) -> bool:
+        """Delete an interrupted training run's checkpoints (finished models are kept)."""
+        return self.sceneLogic.discardInterruptedTraining(output)
+
     def workerInfo(self):
         """The worker's start-up report (devices found, torch version), once it is running."""
         return self.sceneLogic.workerInfo()
@@ -425,6 +975,10 @@ class MedKDSegmentTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_SegmentCompareAndWorker()
+        self.setUp()
+        self.test_FineTune()
+        self.setUp()
+        self.test_TrainAndDistil()
 
     def test_SegmentCompareAndWorker(self):
         import shutil
@@ -474,3 +1028,77 @@ class MedKDSegmentTest(ScriptedLoadableModuleTest):
         job = logic.startSegment(volumeNode, model=models["student"], device="cpu")
         workerNode = job.wait(timeout=600)
         self.assertEqual(workerNode.GetSegmentation().GetNumberOfSegments(), 8)
+
+    def test_FineTune(self):
+        import shutil
+        import tempfile
+
+        self.delayDisplay("Fine-tuning a tiny student on a segmentation")
+        folder = tempfile.mkdtemp(prefix="MedKDSegmentTest-")
+        logic = MedKDSegmentLogic(userModelFolders=[folder], includeBundledModels=False)
+        try:
+            self._fineTune(logic, folder)
+        finally:
+            logic.shutdownWorker()
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Test passed")
+
+    def _fineTune(self, logic, folder):
+        import numpy as np
+
+        from MedKDSegmentLib.engine.phantom import generate_phantom
+        from MedKDSegmentLib.scene.comparison import table_rows
+        from MedKDSegmentLib.scene.segmentations import segmentation_from_labels
+        from MedKDSegmentLib.scene.volumes import add_volume_node
+        from MedKDSegmentLib.selftest import SEED, make_test_models
+
+        student = make_test_models(folder)["student"]
+        image, truth = generate_phantom("CT", SEED, size=(48, 40, 24), spacing=(6.0, 6.0, 6.0))
+        volumeNode = add_volume_node(image, "annotated CT")
+        labels = np.where(np.isin(truth.array, [1, 2]), truth.array, 0).astype(np.uint8)
+        segmentationNode = segmentation_from_labels(labels, volumeNode, "my annotations", {1: "Liver", 2: "Spleen"})
+        # Segment names are matched to the model's structures ignoring case; only these two are annotated.
+        self.assertEqual(logic.matchSegments(segmentationNode, model=student).matched, {"Liver": 1, "Spleen": 2})
+
+        report = logic.fineTune([(volumeNode, segmentationNode)], model=student, epochs=2, device="cpu",
+                                settings={"steps_per_epoch": 2, "batch_size": 1, "patch_size": (16, 24, 24)})
+        self.assertEqual(report.model.parent, student)
+        self.assertEqual(report.lossTable.GetNumberOfRows(), 2)  # one row per epoch
+        self.assertEqual(table_rows(report.diceTable)[-1]["Structure"], "mean")
+        self.assertEqual([m.name for m in logic.listModelVersions(student)], [student, report.model.name])
+
+        self.delayDisplay("Deleting the new version")
+        logic.deleteModel(report.model.name)
+        self.assertNotIn(report.model.name, [m.name for m in logic.listModels()])
+
+    def test_TrainAndDistil(self):
+        import shutil
+        import tempfile
+
+        self.delayDisplay("Distilling a tiny student with two methods from a folder of phantoms")
+        folder = tempfile.mkdtemp(prefix="MedKDSegmentTest-")
+        logic = MedKDSegmentLogic(userModelFolders=[folder], includeBundledModels=False)
+        try:
+            self._trainAndDistil(logic, folder)
+        finally:
+            logic.shutdownWorker()
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Test passed")
+
+    def _trainAndDistil(self, logic, folder):
+        from pathlib import Path
+
+        from MedKDSegmentLib.engine.phantom import write_phantom_dataset
+        from MedKDSegmentLib.selftest import SEED, SPACING, STUDENT, make_test_models
+
+        teacher = make_test_models(folder)["teacher"]
+        data = Path(folder) / "data" / "ct"  # not a bundle: the model list ignores it
+        write_phantom_dataset(data, "CT", 2, seed=SEED, size=(40, 40, 24), spacing=SPACING)
+        self.assertIn("cwd", [method["name"] for method in logic.distillationMethods()])
+        report = logic.distillStudent(data, teachers=[teacher], methods="kd+cwd:0.5", epochs=1, device="cpu",
+                                      settings={"steps_per_epoch": 2, "batch_size": 1, "patch_size": (16, 24, 24),
+                                                "architecture": STUDENT})
+        self.assertEqual(report.methods, "kd:1+cwd:0.5")  # recorded in the new bundle
+        self.assertEqual([t["name"] for t in report.teachers], [teacher])
+        self.assertIn(report.model.name, [m.name for m in logic.listModels(role="student")])
+        self.assertEqual(report.lossTable.GetNumberOfRows(), 1)  # one row per epoch

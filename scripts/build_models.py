@@ -35,7 +35,8 @@ PATCH = (32, 64, 80)
 TEACHER = TrainingConfig(epochs=40, steps_per_epoch=25, batch_size=2, patch_size=PATCH, learning_rate=5e-3)
 # Students learn from cached teacher outputs (offline KD), so their steps are cheap: take more of them.
 STUDENT = TrainingConfig(
-    epochs=100, steps_per_epoch=50, batch_size=2, patch_size=PATCH, learning_rate=1e-2, kd_temperature=4.0, kd_weight=1.0
+    epochs=100, steps_per_epoch=50, batch_size=2, patch_size=PATCH, learning_rate=1e-2,
+    kd_temperature=4.0, kd_weight=1.0,
 )
 
 

@@ -51,6 +51,20 @@ class ModelInfo:
     teacher: str | None = None
     version: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
+    parent: str | None = None  # the model this one was fine-tuned from (name)
+    parent_sha256: str | None = None  # ... and its weights' checksum: names alone can repeat across folders
+    sha256: str | None = None  # this model's weights checksum (as recorded in its metadata)
+    created: str | None = None
+    teachers: dict = field(default_factory=dict, compare=False)  # CT+MR student: modality -> teacher name
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """('CT',), ('MR',) or ('CT', 'MR') for a CT+MR model (one network, normalisation per modality)."""
+        return tuple(self.modality.split("+"))
+
+    def serves(self, modality: str | None) -> bool:
+        """Whether this model segments volumes of ``modality`` ('ct', 'MRI'... accepted)."""
+        return _modality_name(modality) in self.modalities
 
     def describe(self) -> str:
         """One line for a model list: name · role · modality · labels · parameters · size."""
@@ -61,7 +75,8 @@ class ModelInfo:
         return {
             "name": self.name, "role": self.role, "modality": self.modality,
             "labels": list(self.labels.values()), "parameters": self.parameters, "size_mb": self.size_mb,
-            "teacher": self.teacher, "version": self.version, "source": self.source, "path": str(self.path),
+            "teacher": self.teacher, "version": self.version, "parent": self.parent, "source": self.source,
+            "path": str(self.path),
         }
 
 
@@ -76,14 +91,20 @@ def read_model_info(path: str | os.PathLike, source: str = "bundled") -> ModelIn
         metadata = json.loads(meta_file.read_text())
         channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
         info = metadata["medkdsegment"]
-        modality = str(info["preprocessing"]["modality"]).upper().replace("MRI", "MR")
+        modality = _modality_name(info["preprocessing"]["modality"])
+        section = info.get("modalities") or {}  # a CT+MR model (engine.unpaired): modalities by norm index
+        if section:
+            modality = "+".join(_modality_name(m) for m in sorted(section, key=lambda m: section[m]["norm_index"]))
         labels = {int(k): str(v) for k, v in channel_def.items() if int(k) != 0}
         colors = {int(k): tuple(float(c) for c in v) for k, v in info.get("label_colors", {}).items()}
         return ModelInfo(
             name=str(metadata["name"]), role=str(info["role"]), modality=modality, labels=labels, colors=colors,
             parameters=int(info["parameters"]), size_mb=round((path / WEIGHTS).stat().st_size / 1e6, 2),
             path=path, source=source, teacher=(info.get("teacher") or {}).get("name"),
-            version=metadata.get("version"),
+            version=metadata.get("version"), parent=(info.get("parent") or {}).get("name"),
+            parent_sha256=(info.get("parent") or {}).get("weights_sha256"), sha256=info.get("weights_sha256"),
+            created=info.get("created"),
+            teachers={_modality_name(m): e["teacher"]["name"] for m, e in section.items() if e.get("teacher")},
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise BundleError(f"'{meta_file}' is not valid bundle metadata ({error}).",
@@ -124,17 +145,59 @@ def find_model(name_or_path: str | os.PathLike, user_folders: tuple | list = (),
     raise BundleError(f"No model named '{name_or_path}'.", f"Known models: {known}.")
 
 
+def _modality_name(modality: object) -> str:
+    return str(modality).strip().upper().replace("MRI", "MR")
+
+
+def models_for(modality: str, models: list[ModelInfo], role: str | None = None) -> list[ModelInfo]:
+    """The models that segment ``modality`` (CT+MR models included for CT and for MR), in order."""
+    return [m for m in models if m.serves(modality) and (role is None or m.role == role)]
+
+
 def default_model(modality: str, role: str, models: list[ModelInfo]) -> ModelInfo | None:
-    """The first model of ``role`` for ``modality``, bundled ones first."""
+    """The first model of ``role`` for ``modality`` (a CT+MR model counts for both), bundled ones first."""
+    found = models_for(modality, models, role)
+    return found[0] if found else None
+
+
+def teacher_of(student: ModelInfo, models: list[ModelInfo], modality: str | None = None) -> ModelInfo | None:
+    """The teacher a student was distilled from when it is installed, else any teacher of its modality.
+    A CT+MR student had one teacher per modality: ``modality`` picks which (else its first modality's)."""
+    modality = _modality_name(modality) if modality else student.modalities[0]
+    wanted = student.teachers.get(modality) or student.teacher
     for model in models:
-        if model.role == role and model.modality == modality:
+        if model.role == "teacher" and model.name == wanted:
             return model
+    return default_model(modality, "teacher", models)
+
+
+def parent_of(model: ModelInfo, models: list[ModelInfo]) -> ModelInfo | None:
+    """The installed model ``model`` was fine-tuned from (matched by name and, when recorded, checksum)."""
+    if not model.parent:
+        return None
+    for candidate in models:
+        if candidate.name == model.parent and (model.parent_sha256 is None or candidate.sha256 == model.parent_sha256):
+            return candidate
     return None
 
 
-def teacher_of(student: ModelInfo, models: list[ModelInfo]) -> ModelInfo | None:
-    """The teacher a student was distilled from when it is installed, else any teacher of its modality."""
-    for model in models:
-        if model.role == "teacher" and model.name == student.teacher:
-            return model
-    return default_model(student.modality, "teacher", models)
+def model_versions(model: ModelInfo, models: list[ModelInfo]) -> list[ModelInfo]:
+    """Every version of ``model``'s family: its first installed ancestor, then each model fine-tuned from it
+    (depth first, oldest first), ``model`` included. A version whose parent was deleted starts a family."""
+    root, seen = model, {model.path}
+    while (parent := parent_of(root, models)) is not None and parent.path not in seen:
+        root = parent
+        seen.add(root.path)
+    ordered: list[ModelInfo] = []
+
+    def visit(node: ModelInfo) -> None:
+        if any(node.path == m.path for m in ordered):
+            return  # a cycle (hand-edited metadata) must not loop
+        ordered.append(node)
+        children = [m for m in models if m.path != node.path and parent_of(m, models) is not None
+                    and parent_of(m, models).path == node.path]
+        for child in sorted(children, key=lambda m: (m.created or "", m.name)):
+            visit(child)
+
+    visit(root)
+    return ordered

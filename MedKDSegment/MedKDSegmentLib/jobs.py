@@ -168,6 +168,250 @@ def disagreement(teacher, student):
     return result
 
 
+# --- fine-tuning: a new model version from annotated cases -----------------------------------------------
+
+# FineTuneConfig fields a caller may set (JSON-ready; patch_size as a list).
+FINETUNE_SETTINGS = ("epochs", "steps_per_epoch", "batch_size", "patch_size", "learning_rate", "kd_temperature",
+                     "kd_weight", "seed", "time_budget_s", "device", "holdout_fraction", "freeze_batch_norm")
+
+
+def finetune_config(settings: dict | None = None):
+    """An engine ``FineTuneConfig`` from a settings dict; unknown keys are refused with their names."""
+    from .engine.finetune import FineTuneConfig
+
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(FINETUNE_SETTINGS))
+    if unknown:
+        raise InvalidInputError(f"Unknown fine-tuning setting(s): {', '.join(unknown)}.",
+                                f"Use: {', '.join(FINETUNE_SETTINGS)}.")
+    if settings.get("patch_size") is not None:
+        settings["patch_size"] = tuple(int(v) for v in settings["patch_size"])
+    return FineTuneConfig(**{k: v for k, v in settings.items() if v is not None})  # None: the default
+
+
+def finetune_summary(result) -> dict:
+    """An engine ``FineTuneResult`` as JSON-ready outputs (what the worker sends back)."""
+    bundle = result.bundle
+    parent = bundle.info.get("parent") or {}
+    return {
+        "bundle": str(bundle.path), "name": bundle.name, "version": bundle.metadata.get("version"),
+        "parent": parent.get("name"), "parent_version": parent.get("version"),
+        "before": result.before, "after": result.after, "worse": list(result.worse),
+        "mean_before": result.mean_before, "mean_after": result.mean_after, "held_out": result.held_out,
+        "epoch_loss": list(result.history.epoch_loss), "stopped_by_budget": result.history.stopped_by_budget,
+        "seconds_per_epoch": result.seconds_per_epoch,
+    }
+
+
+def finetune_model(
+    cases: list,
+    parent: str | os.PathLike,
+    output: str | os.PathLike,
+    settings: dict | None = None,
+    teacher: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    user_folders: tuple | list = (),
+) -> dict:
+    """Fine-tune ``parent`` (name or folder) on ``AnnotatedCase``s into a new bundle at ``output``."""
+    from .engine.finetune import fine_tune
+
+    parent_bundle = load_model(parent, user_folders)
+    teacher_bundle = load_model(teacher, user_folders) if teacher else None
+    result = fine_tune(parent_bundle, cases, Path(output), finetune_config(settings), teacher=teacher_bundle,
+                       resume=resume, progress=progress, cancel=cancel)
+    return finetune_summary(result)
+
+
+def _read_cases(spec: dict) -> list:
+    from .engine.finetune import AnnotatedCase
+
+    cases = []
+    for item in spec["cases"]:
+        image = read_volume(item["image"])
+        image.modality = normalize_modality(item["modality"]) if item.get("modality") else detect_modality(image)
+        cases.append(AnnotatedCase(name=item["name"], image=image, labels=read_volume(item["labels"]),
+                                   annotated=frozenset(int(v) for v in item["annotated"])))
+    return cases
+
+
+# --- training: teachers, distilled students, one CT+MR student from unpaired data ------------------------
+
+# Worker job kinds of the training jobs (``train_model`` runs all three).
+TRAINING_JOBS = ("train_teacher", "distill", "distill_unpaired")
+# Settings that are not ``TrainingConfig`` fields: networks, the teacher's preprocessing profile (a dict as
+# in a bundle), the CT+MR prototype-KL weight. JSON-ready like the rest, so a job spec travels as it is.
+TRAINING_EXTRAS = ("architecture", "assistant_architecture", "profile", "prototype_weight")
+# Written into ``<output>.checkpoint/`` when a run starts: what *Resume* needs to continue it exactly.
+TRAINING_RUN_FILE = "training.json"
+
+
+def training_config(settings: dict | None = None):
+    """(engine ``TrainingConfig``, extras) from a settings dict; unknown keys are refused with their names."""
+    from dataclasses import fields
+
+    from .engine.training import TrainingConfig
+
+    settings = dict(settings or {})
+    names = [f.name for f in fields(TrainingConfig)]
+    unknown = sorted(set(settings) - set(names) - set(TRAINING_EXTRAS))
+    if unknown:
+        raise InvalidInputError(f"Unknown training setting(s): {', '.join(unknown)}.",
+                                f"Use: {', '.join(names + list(TRAINING_EXTRAS))}.")
+    for key in ("patch_size", "teacher_weights"):
+        if settings.get(key) is not None:
+            settings[key] = tuple(settings[key])
+    extras = {key: settings.pop(key) for key in TRAINING_EXTRAS if key in settings}
+    return TrainingConfig(**{k: v for k, v in settings.items() if v is not None}), extras  # None: the default
+
+
+def check_training_spec(spec: dict) -> None:
+    """Refuse a bad spec before any data is read or anything is written: unknown settings, a typo in the
+    method string, teacher weights that do not fit the teachers."""
+    from .engine.distillation import parse_methods, validate_teacher_weights
+
+    config, _ = training_config(spec.get("settings"))
+    if spec.get("job") == "distill":
+        parse_methods(config.methods)
+        teachers = spec.get("teachers") or []
+        if not teachers:
+            raise InvalidInputError("No teacher was given.", "Pick at least one teacher model to distil from.")
+        validate_teacher_weights(spec.get("weights") or config.teacher_weights, len(teachers))
+    elif spec.get("job") not in TRAINING_JOBS:
+        raise InvalidInputError(f"Unknown training job '{spec.get('job')}'.",
+                                f"Use one of: {', '.join(TRAINING_JOBS)}.")
+
+
+def training_summary(bundle, assistant=None, epochs: int | None = None) -> dict:
+    """A trained bundle as JSON-ready outputs (what the worker sends back)."""
+    info = bundle.info
+    method = info.get("method") or {}
+    metrics = info.get("metrics") or {}
+    losses = [float(v) for v in metrics.get("train_loss") or []]
+    terms = method.get("methods") or []
+    teachers = [{"name": t.get("name"), "weight": t.get("weight")} for t in method.get("teachers") or []]
+    if not teachers:  # a CT+MR student records one teacher per modality
+        teachers = [{"name": entry["teacher"]["name"], "modality": modality}
+                    for modality, entry in (info.get("modalities") or {}).items() if entry.get("teacher")]
+    if not teachers and (info.get("teacher") or {}).get("name"):
+        teachers = [{"name": info["teacher"]["name"], "weight": 1.0}]
+    outputs = {
+        "bundle": str(bundle.path), "name": bundle.name, "role": bundle.role, "modality": bundle.modality,
+        "method": method.get("name"),
+        "methods": "+".join(f"{t['name']}:{t['weight']:g}" for t in terms) or method.get("name"),
+        "teachers": teachers, "chain": method.get("chain"), "epoch_loss": losses,
+        "validation_dice": metrics.get("validation_dice") or {},
+        "stopped_by_budget": bool(metrics.get("stopped_by_budget")) or (epochs is not None and len(losses) < epochs),
+        "assistant": None,
+    }
+    if assistant is not None:
+        outputs["assistant"] = {"bundle": str(assistant.path), "name": assistant.name,
+                                "epoch_loss": [float(v) for v in (assistant.info.get("metrics") or {}).get(
+                                    "train_loss") or []]}
+    return outputs
+
+
+def assistant_output(output: str | os.PathLike) -> Path:
+    """Where a teacher-assistant chain writes its assistant (the engine's default name)."""
+    return Path(output).with_name(f"{Path(output).name}-assistant")
+
+
+def _teacher_paths(names, user_folders) -> list[str]:
+    return [str(find_model(name, user_folders).path) for name in names]
+
+
+def train_model(spec: dict, progress: Progress | None = None, cancel: Cancel | None = None) -> dict:
+    """Run one training job spec (``train_teacher``, ``distill`` or ``distill_unpaired``; JSON-ready, the
+    same in-process and in the worker) and return ``training_summary`` of the new bundle.
+
+    Every job writes ``spec['output']`` (never overwritten) and checkpoints every epoch to
+    ``<output>.checkpoint/``, where ``training.json`` records the spec so that an interrupted run can be
+    resumed exactly (``resume``). A run that fails or is cancelled before its first epoch ends leaves nothing.
+    """
+    import json
+    import shutil
+
+    from .engine.training import checkpoint_dir_for
+
+    check_training_spec(spec)
+    job, output = spec["job"], Path(spec["output"])
+    user_folders = spec.get("user_folders") or ()
+    resume = bool(spec.get("resume"))
+    checkpoints = checkpoint_dir_for(output)
+    if output.exists():
+        raise InvalidInputError(f"'{output}' already exists; models are never overwritten.",
+                                "Choose a new output name.")
+    if not resume and started_training(output, bool(spec.get("assistant"))):
+        raise InvalidInputError(f"An interrupted training run of '{output.name}' exists (in '{checkpoints}').",
+                                "Resume it, discard it, or choose another output name.")
+    if not resume:
+        # Atomic, and before the engine's own checkpoint: Resume must never see half a record.
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        record = {k: v for k, v in spec.items() if k not in ("id", "resume")}
+        partial = checkpoints / f".{TRAINING_RUN_FILE}.partial"
+        partial.write_text(json.dumps(record, indent=1))
+        os.replace(partial, checkpoints / TRAINING_RUN_FILE)
+    try:
+        bundle, assistant, epochs = _train(job, spec, output, user_folders, resume, progress, cancel)
+    except BaseException:
+        # Nothing to resume (no finished epoch, no finished assistant): leave no trace of the run.
+        if not started_training(output, bool(spec.get("assistant"))):
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        raise
+    return training_summary(bundle, assistant, epochs)
+
+
+def started_training(output: str | os.PathLike, assistant: bool = False) -> bool:
+    """Whether an unfinished run at ``output`` has something to resume: a finished epoch (a checkpoint),
+    or, in a teacher-assistant chain, the assistant's checkpoint or the finished assistant."""
+    from .engine.training import checkpoint_dir_for
+
+    output = Path(output)
+    candidates = [checkpoint_dir_for(output) / "checkpoint.pt"]
+    if assistant:
+        helper = assistant_output(output)
+        candidates += [checkpoint_dir_for(helper) / "checkpoint.pt", helper]
+    return any(path.exists() for path in candidates)
+
+
+def _train(job, spec, output, user_folders, resume, progress, cancel):
+    from .engine.profiles import Profile
+
+    config, extras = training_config(spec.get("settings"))
+    if job == "train_teacher":
+        from .engine.training import train_teacher
+
+        profile = Profile.from_dict(extras["profile"]) if extras.get("profile") else None
+        bundle = train_teacher(spec["data"], output, spec["modality"], config, extras.get("architecture"), profile,
+                               resume, progress, cancel)
+        return bundle, None, config.epochs
+    if job == "distill":
+        from .engine.training import distill_chain, distill_student
+
+        teachers = _teacher_paths(spec["teachers"], user_folders)
+        weights = spec.get("weights") or None
+        if spec.get("assistant"):
+            from .engine.bundle import load_bundle
+
+            bundle = distill_chain(spec["data"], teachers, output, config, extras.get("architecture"),
+                                   extras.get("assistant_architecture"), assistant_output=assistant_output(output),
+                                   weights=weights, resume=resume, progress=progress, cancel=cancel)
+            return bundle, load_bundle(assistant_output(output)), config.epochs
+        bundle = distill_student(spec["data"], teachers, output, config, extras.get("architecture"), resume,
+                                 progress, cancel, weights=weights)
+        return bundle, None, config.epochs
+    from .engine.unpaired import PROTOTYPE_WEIGHT, distill_unpaired
+
+    ct_teacher, mr_teacher = (_teacher_paths([spec[key]], user_folders)[0] if spec.get(key) else None
+                              for key in ("ct_teacher", "mr_teacher"))
+    bundle = distill_unpaired(spec["ct_data"], spec["mr_data"], output, ct_teacher, mr_teacher, config,
+                              extras.get("architecture"), resume, progress, cancel,
+                              prototype_weight=extras.get("prototype_weight", PROTOTYPE_WEIGHT))
+    return bundle, None, config.epochs
+
+
+
 # --- the same jobs on files (the worker's side of the protocol) ------------------------------------------
 
 
@@ -200,8 +444,14 @@ def run_spec(spec: dict, progress: Progress | None = None, cancel: Cancel | None
             write_volume(result[role].labels, path, compress=False)
             outputs[role] = {"labels": str(path), **result[role].summary()}
         return outputs
+    if job == "finetune":
+        return finetune_model(_read_cases(spec), spec["parent"], spec["output"], spec.get("settings"),
+                              spec.get("teacher"), bool(spec.get("resume")), progress, cancel, user_folders)
+    if job in TRAINING_JOBS:
+        return train_model({**spec, "user_folders": user_folders}, progress, cancel)
     if job == "devices":
         from .engine.device import available_devices, describe_device, select_device
 
         return {"devices": available_devices(), "auto": describe_device(select_device("auto"))}
-    raise InvalidInputError(f"Unknown job '{job}'.", "Use one of: segment, compare, devices.")
+    raise InvalidInputError(f"Unknown job '{job}'.",
+                            f"Use one of: segment, compare, finetune, {', '.join(TRAINING_JOBS)}, devices.")

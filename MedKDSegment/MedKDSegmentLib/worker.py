@@ -6,7 +6,17 @@ Protocol (one JSON object per line, UTF-8):
   torch and MONAI once and answers ``{"event": "ready", "pid": ..., "devices": [...], "import_seconds": ...}``;
 * the parent writes one job spec per line on stdin, e.g. ``{"job": "segment", "id": "7", "input":
   "in.nrrd", "modality": "CT", "model": "phantom-abdomen-ct-student", "device": "auto", "output":
-  "out.nrrd"}`` (``compare`` and ``devices`` too; see ``jobs.run_spec``);
+  "out.nrrd"}`` (``compare``, ``finetune`` and ``devices`` too; see ``jobs.run_spec``);
+* a ``finetune`` job names ``parent`` and ``output`` bundle folders, ``cases`` (``name``, ``image`` and
+  ``labels`` NRRD files, the ``annotated`` label values, ``modality``), ``settings`` (``FineTuneConfig``
+  fields) and ``resume``; its progress stages read ``epoch E/N loss L`` (the live loss curve) and its
+  outputs are the new version's path, name and version with the before/after Dice and epoch losses;
+* ``train_teacher`` (``data``, ``modality``), ``distill`` (``data``, ``teachers``, ``weights``,
+  ``assistant``) and ``distill_unpaired`` (``ct_data``, ``mr_data``, ``ct_teacher``, ``mr_teacher``) name
+  an ``output`` bundle folder and ``settings`` (``TrainingConfig`` fields, e.g. ``methods``, plus
+  ``architecture``...), and ``resume``; they run ``jobs.train_model``, report ``epoch E/N loss L`` (a
+  chain prefixes ``assistant: `` / ``student: ``) and answer with the new bundle's path, name, the methods
+  and teachers its metadata records, and the epoch losses;
 * the worker answers ``{"event": "progress", "id": ..., "fraction": 0.42, "stage": "inference"}`` lines,
   then ``{"event": "done", "id": ..., "outputs": {...}, "seconds": ...}`` or ``{"event": "error", "id": ...,
   "message": ..., "problem": ..., "fix": ..., "type": ...}``, and waits for the next job (it stays warm:

@@ -37,11 +37,13 @@ class _Application:
         self.colors = self.app.GetColorLogic()
         self.volumes = slicer.vtkSlicerVolumesLogic()
         self.segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-        for logic in (self.volumes, self.segmentations):
+        self.plots = slicer.vtkSlicerPlotsLogic()
+        for logic in (self.volumes, self.segmentations, self.plots):
             logic.SetMRMLApplicationLogic(self.app)
         self.app.SetModuleLogic("Colors", self.colors)
         self.app.SetModuleLogic("Volumes", self.volumes)
         self.app.SetModuleLogic("Segmentations", self.segmentations)
+        self.app.SetModuleLogic("Plots", self.plots)
         self.app.SetSliceLogics(vtk.vtkCollection())
         self.app.SetViewLogics(vtk.vtkCollection())
         self.layouts = {}
@@ -61,16 +63,36 @@ class _Application:
         self.colors.SetMRMLScene(scene)
         self.volumes.SetMRMLScene(scene)
         self.segmentations.SetMRMLScene(scene)
+        self.plots.SetMRMLScene(scene)
         slicer.mrmlScene = scene
         slicer.modules = types.SimpleNamespace(
             volumes=types.SimpleNamespace(logic=lambda: self.volumes),
             segmentations=types.SimpleNamespace(logic=lambda: self.segmentations),
+            plots=types.SimpleNamespace(logic=lambda: self.plots),
         )
 
 
 @pytest.fixture(scope="session")
 def application() -> _Application:
     return _Application()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_models_folder(tmp_path_factory):
+    """The default user-models folder (used when none is set) is a temporary one: tests never write to,
+    or list, the models of the person running them."""
+    import os
+
+    from MedKDSegmentLib.scene.logic import MODELS_DIR_ENV
+
+    folder = tmp_path_factory.mktemp("default-models")
+    previous = os.environ.get(MODELS_DIR_ENV)
+    os.environ[MODELS_DIR_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(MODELS_DIR_ENV, None)
+    else:
+        os.environ[MODELS_DIR_ENV] = previous
 
 
 @pytest.fixture

@@ -32,8 +32,27 @@ def test_importing_the_module_does_not_import_torch():
 def test_self_test_runs_under_pytest_as_in_slicer(module, scene):
     """``MedKDSegmentTest`` is written for Slicer's Reload-and-Test; here it runs on the real MRML scene."""
     test = module.MedKDSegmentTest()
-    test.runTest()
+    test.setUp()  # what runTest does, one part at a time
+    test.test_SegmentCompareAndWorker()
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") >= 5  # segment, compare (3), worker
+    test.setUp()
+    test.test_FineTune()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1  # the annotations fine-tuned on
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1  # the loss curve
+
+
+def test_self_test_distils_a_student_from_a_data_folder(module, scene):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny network: one thread, no spinning on a busy machine
+    try:
+        test = module.MedKDSegmentTest()
+        test.setUp()
+        test.test_TrainAndDistil()
+    finally:
+        torch.set_num_threads(threads)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1  # the loss curve
 
 
 def test_parameter_node_is_saved_and_restored_with_the_scene(module, scene, ct_node):

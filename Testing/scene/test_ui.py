@@ -17,7 +17,8 @@ UI = REPO / "Resources" / "UI" / "MedKDSegment.ui"
 SCENE_LAYER = sorted((REPO / "MedKDSegment" / "MedKDSegmentLib" / "scene").glob("*.py"))
 # Qt's own widgets need no <customwidget> declaration; every other class does.
 QT_CLASSES = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QCheckBox", "QProgressBar", "QTableWidget",
-              "QVBoxLayout", "QHBoxLayout", "QFormLayout", "QGridLayout", "QLineEdit", "QSpinBox", "QGroupBox"}
+              "QVBoxLayout", "QHBoxLayout", "QFormLayout", "QGridLayout", "QLineEdit", "QSpinBox", "QGroupBox",
+              "QDoubleSpinBox"}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,9 @@ def test_parameter_names_in_the_ui_are_parameter_node_fields(ui):
     assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in wrapped.decorator_list)
     fields = {n.target.id for n in wrapped.body if isinstance(n, ast.AnnAssign)}
     bound = {p.findtext("string") for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
-    assert bound == {"inputVolume", "referenceSegmentation", "modality", "device", "keepWorkerWarm"}
+    assert bound == {"inputVolume", "referenceSegmentation", "modality", "device", "keepWorkerWarm",
+                     "fineTuneEpochs", "fineTuneMinutes", "skipUnknownSegments", "trainTask", "trainModality",
+                     "trainEpochs", "trainMinutes", "trainTemperature", "trainAssistantChain"}
     assert bound <= fields
 
 
@@ -80,6 +83,30 @@ def test_buttons_a_user_needs_are_there(ui):
     assert texts["segmentTeacherButton"] == "Segment with teacher"
     assert texts["compareButton"] == "Compare teacher and student"
     assert texts["cancelButton"] == "Cancel"
+    assert texts["fineTuneCollapsibleButton"] == "Fine-tune"
+    assert texts["addPairButton"] == "Add pair"
+    assert texts["startFineTuneButton"] == "Start fine-tuning"
+    assert texts["resumeFineTuneButton"] == "Resume"
+    assert texts["fineTuneCancelButton"] == "Cancel"
+    assert texts["deleteModelButton"] == "Delete selected model"
+    assert texts["trainCollapsibleButton"] == "Train / distil"
+    assert texts["trainAdvancedCollapsibleButton"] == "Advanced: distillation methods"
+    assert texts["startTrainingButton"] == "Start training"
+    assert texts["resumeTrainingButton"] == "Resume"
+    assert texts["trainCancelButton"] == "Cancel"
+
+
+def test_fine_tune_section_binds_its_budget_to_the_parameter_node(ui):
+    """The budget widgets follow the parameter node, with the defaults the Logic documents."""
+    widgets = {w.get("name"): w for w in ui.iter("widget")}
+    epochs, minutes = widgets["fineTuneEpochsSpinBox"], widgets["fineTuneMinutesSpinBox"]
+    assert epochs.findtext("property[@name='value']/number") == "15"
+    assert minutes.findtext("property[@name='specialValueText']/string") == "none"  # 0 minutes = no limit
+    tree = ast.parse(MODULE.read_text())
+    wrapped = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedKDSegmentParameterNode")
+    defaults = {n.target.id: ast.literal_eval(n.value) for n in wrapped.body if isinstance(n, ast.AnnAssign) and n.value
+                is not None and isinstance(n.value, ast.Constant)}
+    assert defaults["fineTuneEpochs"] == 15 and defaults["fineTuneMinutes"] == 0
 
 
 def test_slicer_api_checker_reports_nothing(shared_dir):

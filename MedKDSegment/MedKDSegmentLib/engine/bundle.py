@@ -23,12 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import BundleError
+from .errors import BundleError, InvalidInputError
 from .labels import Structure
 from .networks import build_network, count_macs, count_parameters
 from .profiles import Profile
+from .unpaired import make_modality_specific, network_modalities
+from .volume import MODALITIES, normalize_modality
 
-FORMAT_VERSION = 1
+# 2 added medkdsegment.modalities (CT+MR bundles). Only those are written as 2: older readers,
+# which would rebuild the network without per-modality norms, refuse them by version; others stay 1.
+FORMAT_VERSION = 2
 METADATA = Path("configs") / "metadata.json"
 WEIGHTS = Path("models") / "model.pt"
 ROLES = ("teacher", "student", "assistant")
@@ -62,11 +66,37 @@ class Bundle:
 
     @property
     def modality(self) -> str:
-        return self.profile.modality
+        """'CT', 'MR', or 'CT+MR' for a bundle that segments both (``modalities`` joined)."""
+        return "+".join(self.modalities)
 
     @property
     def profile(self) -> Profile:
+        """The primary profile (the only one of a single-modality bundle); see ``profile_for``."""
         return Profile.from_dict(self.info["preprocessing"])
+
+    @property
+    def modality_specific(self) -> bool:
+        """True when the network has normalisation layers per modality (``medkdsegment.modalities``)."""
+        return bool(self.info.get("modalities"))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this bundle segments, in norm-index order."""
+        section = self.info.get("modalities")
+        if not section:
+            return (self.profile.modality,)
+        return tuple(sorted(section, key=lambda name: section[name]["norm_index"]))
+
+    def profile_for(self, modality: str) -> Profile:
+        """The preprocessing profile for a volume of ``modality``; ``InvalidInputError`` if not served."""
+        name = normalize_modality(modality)
+        if name not in self.modalities:
+            raise InvalidInputError(
+                f"The volume is {name} but model '{self.name}' is for {self.modality}.",
+                f"Pick a {name} model, or override the modality if it was detected wrongly.",
+            )
+        section = self.info.get("modalities")
+        return Profile.from_dict(section[name]["preprocessing"]) if section else self.profile
 
     @property
     def channel_def(self) -> dict[str, str]:
@@ -126,6 +156,9 @@ class Bundle:
                 "Re-create or re-download the bundle.",
             ) from error
         network = build_network(self.info["architecture"], self.num_classes)
+        if self.modality_specific:  # per-modality normalisation layers, in the recorded norm-index order
+            _check_modalities(self.info, self.path)
+            network = make_modality_specific(network, self.modalities)
         try:
             network.load_state_dict(state)  # copies and converts float16 storage to float32
         except RuntimeError as error:
@@ -142,6 +175,42 @@ def _require(condition: bool, path: Path, problem: str) -> None:
             f"'{path}' is not a valid MedKDSegment bundle: {problem}.",
             "Use a bundle made by MedKDSegment (see README, 'Model bundle format').",
         )
+
+
+def _check_modalities(info: dict, path: Path) -> None:
+    """``medkdsegment.modalities`` (optional): known modality names, each with a valid profile of
+    that modality and a distinct ``norm_index`` 0..n-1; the primary profile is one of them."""
+    section = info.get("modalities")
+    if section is None:
+        return
+    _require(isinstance(section, dict) and len(section) > 0, path, "medkdsegment.modalities must be a non-empty object")
+    indices = []
+    for name, entry in section.items():
+        _require(
+            name in MODALITIES,
+            path,
+            f"medkdsegment.modalities names an unknown modality '{name}' (known: {', '.join(MODALITIES)})",
+        )
+        _require(isinstance(entry, dict), path, f"medkdsegment.modalities.{name} must be an object")
+        index = entry.get("norm_index")
+        _require(
+            isinstance(index, int) and not isinstance(index, bool),
+            path,
+            f"medkdsegment.modalities.{name}.norm_index must be an integer",
+        )
+        indices.append(index)
+        try:
+            profile = Profile.from_dict(entry.get("preprocessing") or {})
+        except Exception as error:
+            _require(False, path, f"medkdsegment.modalities.{name}.preprocessing: {error}")
+        _require(profile.modality == name, path, f"medkdsegment.modalities.{name} holds a {profile.modality} profile")
+    _require(
+        sorted(indices) == list(range(len(indices))),
+        path,
+        "medkdsegment.modalities norm_index values must be 0..n-1, each once",
+    )
+    primary = Profile.from_dict(info["preprocessing"]).modality  # validated by load_bundle before
+    _require(primary in section, path, "medkdsegment.preprocessing must be the profile of one of its modalities")
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -179,6 +248,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         bundle.profile  # noqa: B018 (validates the profile)
     except Exception as error:
         _require(False, path, str(error))
+    _check_modalities(info, path)
     return bundle
 
 
@@ -210,9 +280,11 @@ def save_bundle(
     name: str,
     role: str,
     architecture: dict,
-    profile: Profile,
+    profile: Profile | None = None,
     structures: tuple[Structure, ...],
     method: dict,
+    profiles: dict[str, Profile] | None = None,
+    teachers: dict[str, Bundle | None] | None = None,
     teacher: Bundle | None = None,
     parent: Bundle | None = None,
     metrics: dict | None = None,
@@ -224,12 +296,29 @@ def save_bundle(
 
     ``half_precision`` stores learned weights as float16 (half the file size; they are
     converted back to float32 on load); buffers such as batch-norm statistics stay float32.
+    A modality-specific network (``unpaired.make_modality_specific``) needs ``profiles``, one per
+    modality of its normalisation layers (and optionally ``teachers`` per modality); ``profile``,
+    the primary one kept in ``medkdsegment.preprocessing``, then defaults to the first modality's.
     """
     folder = Path(folder)
     if folder.exists():
         raise BundleError(f"'{folder}' already exists; bundles are never overwritten.", "Choose a new name.")
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
+    modalities = network_modalities(network)
+    if modalities:
+        profiles = {normalize_modality(k): v for k, v in (profiles or {}).items()}
+        if set(profiles) != set(modalities):
+            raise ValueError(f"a network with norm layers for {modalities} needs exactly those profiles")
+        profile = profile or profiles[modalities[0]]
+        if profiles.get(profile.modality) != profile:
+            raise ValueError("the primary profile must be one of the per-modality profiles")
+    elif profiles is not None and set(profiles) != {(profile or next(iter(profiles.values()))).modality}:
+        raise ValueError("several profiles need a modality-specific network (unpaired.make_modality_specific)")
+    profile = profile or next(iter((profiles or {}).values()), None)
+    if profile is None:
+        raise ValueError("a profile is needed")
+    modality_name = "+".join(modalities) if modalities else profile.modality
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".partial-{folder.name}-", dir=folder.parent))
     try:
@@ -243,7 +332,7 @@ def save_bundle(
         torch.save(state, staging / WEIGHTS)
         num_classes = len(structures) + 1
         channel_def = {"0": "background", **{str(s.value): s.name for s in structures}}
-        modality_format = {"CT": "hounsfield", "MR": "magnitude"}[profile.modality]
+        modality_format = "+".join({"CT": "hounsfield", "MR": "magnitude"}[m] for m in modality_name.split("+"))
         metadata = {
             "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
             "name": name,
@@ -253,7 +342,7 @@ def save_bundle(
             "pytorch_version": torch.__version__.split("+")[0],
             "numpy_version": np.__version__,
             "required_packages_version": {"SimpleITK": "2.5"},
-            "task": f"{profile.modality} abdominal segmentation",
+            "task": f"{modality_name} abdominal segmentation",
             "description": description,
             "authors": "MedKDSegment",
             "copyright": "MedKDSegment contributors",
@@ -262,7 +351,7 @@ def save_bundle(
                     "image": {
                         "type": "image",
                         "format": modality_format,
-                        "modality": profile.modality,
+                        "modality": modality_name,
                         "num_channels": 1,
                         "spatial_shape": ["8*n", "8*n", "8*n"],
                         "dtype": "float32",
@@ -285,7 +374,7 @@ def save_bundle(
                 },
             },
             "medkdsegment": {
-                "format_version": FORMAT_VERSION,
+                "format_version": 2 if modalities else 1,
                 "role": role,
                 "architecture": architecture,
                 "output_stride": getattr(network, "output_stride", 1),
@@ -302,6 +391,15 @@ def save_bundle(
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             },
         }
+        if modalities:  # which profile and which normalisation layers serve each modality
+            metadata["medkdsegment"]["modalities"] = {
+                m: {
+                    "preprocessing": profiles[m].to_dict(),
+                    "norm_index": index,
+                    "teacher": _reference((teachers or {}).get(m)),
+                }
+                for index, m in enumerate(modalities)
+            }
         (staging / METADATA).write_text(json.dumps(metadata, indent=2))
         os.rename(staging, folder)
     except BaseException:

@@ -46,7 +46,28 @@ def _training_config(args: argparse.Namespace):
         kd_temperature=getattr(args, "temperature", 4.0),
         kd_weight=getattr(args, "kd_weight", 1.0),
         device=args.device,
+        **_method_options(args),
     )
+
+
+# Distillation-method options (distill): argparse attribute -> TrainingConfig field.
+METHOD_OPTIONS = {
+    "method": "methods",
+    "cwd_temperature": "cwd_temperature",
+    "dist_temperature": "dist_temperature",
+    "ctkd_epochs": "ctkd_epochs",
+    "coteacher_alpha": "coteacher_alpha",
+    "coteacher_tau": "coteacher_tau",
+    "coteacher_noise": "coteacher_noise",
+    "coteacher_kd_weight": "coteacher_kd_weight",
+    "hint_student_layer": "hint_student_layer",
+    "hint_teacher_layer": "hint_teacher_layer",
+    "teacher_confidence": "teacher_confidence",
+}
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    return {field: getattr(args, name) for name, field in METHOD_OPTIONS.items() if hasattr(args, name)}
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -78,11 +99,53 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .training import distill_student
+    from .distillation import parse_methods
+    from .training import distill_chain, distill_student
 
+    parse_methods(args.method)  # a typo fails before any teacher or data is read
+    config = _training_config(args)
+    weights = args.teacher_weight or None
     with progress_bar("distil student", not args.quiet) as update:
-        bundle = distill_student(
-            args.data, args.teacher, args.output, _training_config(args), resume=args.resume, progress=update
+        if args.assistant:
+            bundle = distill_chain(
+                args.data, args.teacher, args.output, config, weights=weights, resume=args.resume, progress=update
+            )
+        else:
+            bundle = distill_student(
+                args.data, args.teacher, args.output, config, resume=args.resume, progress=update, weights=weights
+            )
+    print(json.dumps(bundle.summary(), indent=2))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .distillation import describe_methods
+    from .training import TrainingConfig
+
+    for row in describe_methods(TrainingConfig()):
+        teacher = "" if row["needs_teacher"] else " (no teacher needed)"
+        print(f"{row['name']:<14} {row['description']}{teacher}")
+        settings = ", ".join(f"{k}={v}" for k, v in {"weight": row["default_weight"], **row["defaults"]}.items())
+        print(f"{'':<14} defaults: {settings}")
+    print(f"{'none':<14} no distillation term: Dice + CE on labelled cases only (a from-scratch baseline)")
+    print("\nCombine with '+' and weight with ':', e.g. --method kd:1+cwd:0.5 or --method cwd+coteacher.")
+    return 0
+
+
+def cmd_distill_unpaired(args: argparse.Namespace) -> int:
+    from .unpaired import distill_unpaired
+
+    with progress_bar("distil CT+MR student", not args.quiet) as update:
+        bundle = distill_unpaired(
+            args.ct_data,
+            args.mr_data,
+            args.output,
+            args.ct_teacher,
+            args.mr_teacher,
+            _training_config(args),
+            resume=args.resume,
+            progress=update,
+            prototype_weight=args.prototype_weight,
         )
     print(json.dumps(bundle.summary(), indent=2))
     return 0
@@ -183,6 +246,68 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .bundle import resolve_bundle
+    from .finetune import FineTuneConfig, fine_tune, parse_mapping, read_annotated_case
+    from .report import text_table
+
+    images, labels = args.image or [], args.labels or []
+    if not images or len(images) != len(labels):
+        raise InvalidInputError(
+            f"{len(images)} --image and {len(labels)} --labels were given.",
+            "Give one --labels after each --image (a NIfTI label map or a Slicer .seg.nrrd).",
+        )
+    mapping = parse_mapping(args.map or [], args.skip or [])
+    parent = resolve_bundle(args.model)
+    annotated = [a.strip() for a in args.annotated.split(",") if a.strip()] if args.annotated else None
+    modality = None if args.modality == "auto" else args.modality
+    cases = [read_annotated_case(i, lab, parent.labels, modality, mapping, annotated) for i, lab in zip(images, labels)]
+    config = FineTuneConfig(
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        patch_size=tuple(args.patch_size),
+        learning_rate=args.learning_rate,
+        kd_weight=args.kd_weight,
+        seed=args.seed,
+        device=args.device,
+        time_budget_s=args.minutes * 60 if args.minutes else None,
+    )
+    with progress_bar("fine-tune", not args.quiet) as update:
+        result = fine_tune(
+            parent, cases, args.output, config, teacher=args.teacher, resume=args.resume, progress=update
+        )
+    version = result.bundle.metadata["version"]
+    print(f"new version: {result.bundle.name} {version} at {result.bundle.path} (parent {parent.name})")
+    print(f"held-out Dice on {result.held_out}:")
+    columns = {"structure": "structure", "before": "parent", "after": "new", "change": "change"}
+    print(text_table(result.table(), columns))
+    if result.history.stopped_by_budget:
+        print(f"note: the time budget stopped training after {len(result.history.epoch_loss)} epochs")
+    if result.worse:
+        print(f"WARNING: the new version is worse than its parent on: {', '.join(result.worse)}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .finetune import delete_user_model, model_versions
+    from .report import text_table
+
+    if args.action == "delete":
+        if not args.path:
+            raise InvalidInputError("'models delete' needs the folder of the model.", "medkd models delete PATH")
+        for warning in delete_user_model(args.path):
+            print(f"WARNING: {warning}")
+        print(f"deleted {args.path}")
+        return 0
+    rows = model_versions(*(args.folder or []))
+    for row in rows:
+        row["kind"] = "bundled" if row["bundled"] else "user"
+    columns = {"name": "name", "version": "version", "role": "role", "modality": "modality"}
+    columns |= {"method": "method", "parent": "parent", "kind": "kind", "path": "path"}
+    print(text_table(rows, columns))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -190,8 +315,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="folder with images/ and labels/ (see 'phantom')")
+def _add_training_arguments(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    if data:
+        parser.add_argument("--data", required=True, help="folder with images/ and labels/ (see 'phantom')")
     parser.add_argument("--output", required=True, help="new bundle folder (never overwritten)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--steps-per-epoch", type=int, default=25)
@@ -222,12 +348,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_arguments(p)
     p.set_defaults(run=cmd_train_teacher)
 
-    p = commands.add_parser("distill", help="distil a student from a teacher (Dice+CE where labelled, + T²·KL)")
-    p.add_argument("--teacher", required=True, help="teacher bundle name or folder")
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--kd-weight", type=float, default=1.0)
+    p = commands.add_parser("distill", help="distil a student from teacher(s) (Dice+CE where labelled, + methods)")
+    p.add_argument(
+        "--teacher", required=True, action="append", help="teacher bundle name or folder; repeat for several teachers"
+    )
+    p.add_argument("--teacher-weight", type=float, action="append", help="one per --teacher (default: equal)")
+    p.add_argument("--teacher-confidence", action="store_true", help="also weight teachers per patch by confidence")
+    p.add_argument("--method", default="kd", help="e.g. kd, cwd+coteacher, kd:1+cwd:0.5 (see 'medkd methods')")
+    p.add_argument(
+        "--assistant", action="store_true", help="teacher -> assistant (OUTPUT-assistant) -> student, in two stages"
+    )
+    p.add_argument("--temperature", type=float, default=4.0, help="kd temperature (CTKD: initial temperature)")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of kd when --method gives none")
+    p.add_argument("--cwd-temperature", type=float, default=4.0)
+    p.add_argument("--dist-temperature", type=float, default=1.0)
+    p.add_argument("--ctkd-epochs", type=int, default=10, help="CTKD: epochs for λ to rise from 0 to 1")
+    p.add_argument("--coteacher-alpha", type=float, default=0.99, help="co-teacher EMA decay")
+    p.add_argument("--coteacher-tau", type=float, default=20.0)
+    p.add_argument("--coteacher-noise", type=float, default=0.1, help="std of the input noise")
+    p.add_argument("--coteacher-kd-weight", type=float, default=1.0)
+    p.add_argument("--hint-student-layer", default="", help="student module name for hint/at (default: deepest)")
+    p.add_argument("--hint-teacher-layer", default="", help="teacher module name for hint/at (default: bottleneck)")
     _add_training_arguments(p)
     p.set_defaults(run=cmd_distill)
+
+    p = commands.add_parser("methods", help="list distillation methods with their defaults")
+    p.set_defaults(run=cmd_methods)
+
+    p = commands.add_parser(
+        "distill-unpaired",
+        help="one student for CT and MR from unpaired data (shared kernels, per-modality normalisation)",
+    )
+    p.add_argument("--ct-data", required=True, help="CT folder with images/ and labels/")
+    p.add_argument("--mr-data", required=True, help="MR folder with images/ and labels/ (other patients)")
+    p.add_argument("--ct-teacher", help="CT teacher bundle (adds pixel KD on CT batches)")
+    p.add_argument("--mr-teacher", help="MR teacher bundle (adds pixel KD on MR batches)")
+    p.add_argument("--temperature", type=float, default=4.0, help="pixel KD temperature")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of each modality's pixel KD")
+    p.add_argument("--prototype-weight", type=float, default=0.5, help="weight of the cross-modal prototype KL")
+    _add_training_arguments(p, data=False)
+    p.set_defaults(run=cmd_distill_unpaired)
 
     p = commands.add_parser("segment", help="segment a volume, a DICOM folder or a folder of volumes")
     p.add_argument("--model", required=True, help="bundle name or folder ('medkd info' lists them)")
@@ -252,6 +412,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?")
     p.add_argument("--models-dir", action="append")
     p.set_defaults(run=cmd_info)
+
+    p = commands.add_parser(
+        "finetune", help="fine-tune a student on annotated cases into a new model version (parent kept)"
+    )
+    p.add_argument("--model", required=True, help="parent bundle name or folder")
+    p.add_argument("--image", action="append", help="annotated image; repeat for several cases")
+    p.add_argument("--labels", action="append", help="its labels (.seg.nrrd: matched by segment name); one per --image")
+    p.add_argument("--annotated", help="annotated structures, e.g. liver,spleen (default: those painted per case)")
+    p.add_argument("--map", action="append", metavar="NAME=LABEL", help="map a segment name to a label name or value")
+    p.add_argument("--skip", action="append", metavar="NAME", help="ignore a segment")
+    p.add_argument("--teacher", help="distil from this teacher instead of the parent (default: the parent)")
+    p.add_argument("--modality", default="auto", help="auto (DICOM tag or intensities), CT or MR")
+    p.add_argument("--output", required=True, help="new bundle folder (never overwritten)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--minutes", type=float, help="time budget: stop after the epoch that passes it")
+    p.add_argument("--steps-per-epoch", type=int, default=20)
+    p.add_argument("--patch-size", type=int, nargs=3, default=[32, 64, 80], metavar=("Z", "Y", "X"))
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of distillation from the parent/teacher")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    p.set_defaults(run=cmd_finetune)
+
+    p = commands.add_parser("models", help="list models with versions and parents, or delete a model you made")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "delete"])
+    p.add_argument("path", nargs="?", help="delete: the model folder")
+    p.add_argument("--folder", action="append", help="also list the models in this folder")
+    p.set_defaults(run=cmd_models)
 
     p = commands.add_parser("demo", help="the main job on the embedded default (sample CT + MR)")
     p.add_argument("--output", default="demo-output")

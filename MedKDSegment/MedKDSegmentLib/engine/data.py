@@ -24,7 +24,8 @@ class Case:
     name: str
     image: np.ndarray  # normalised, on the model grid (z, y, x)
     labels: np.ndarray | None  # uint8 on the same grid, or None when unlabelled
-    teacher: np.ndarray | None = None  # cached teacher log-probabilities (C, z, y, x), float16
+    teacher: np.ndarray | None = None  # cached teacher log-probabilities or logits (C, z, y, x), float16
+    teacher_source: tuple | None = None  # which teachers and output kind filled ``teacher``
 
 
 def _is_volume(path: Path) -> bool:

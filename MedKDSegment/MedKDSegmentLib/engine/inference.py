@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +22,11 @@ from monai.inferers.utils import _get_scan_interval
 
 from .bundle import Bundle
 from .device import describe_device, select_device
-from .errors import CancelledError, InvalidInputError
+from .errors import CancelledError
 from .networks import output_stride
 from .profiles import model_grid, resample_to_input, to_model_grid
-from .volume import Volume, check_image
+from .unpaired import use_modality
+from .volume import Volume, check_image, detect_modality
 
 Progress = Callable[[float, str], None]
 ROI_SIZE = (96, 96, 96)
@@ -55,25 +57,30 @@ def segment(
     cancel: Callable[[], bool] | None = None,
     network: torch.nn.Module | None = None,
 ) -> Segmentation:
-    """Segment ``volume`` with ``bundle``; labels lie exactly on the input's grid."""
+    """Segment ``volume`` with ``bundle``; labels lie exactly on the input's grid.
+
+    A CT+MR bundle takes the profile and normalisation layers of the volume's modality
+    (detected from intensities when not set), chosen on every call: a cached ``network``
+    serves both modalities.
+    """
     check_image(volume, "the input volume")
-    if volume.modality and volume.modality != bundle.modality:
-        raise InvalidInputError(
-            f"The volume is {volume.modality} but model '{bundle.name}' is for {bundle.modality}.",
-            f"Pick a {volume.modality} model, or override the modality if it was detected wrongly.",
-        )
+    modality = volume.modality
+    if modality is None and bundle.modality_specific:
+        modality = detect_modality(volume)
+    profile = bundle.profile_for(modality) if modality else bundle.profile  # raises for a modality not served
     report = progress or (lambda fraction, stage: None)
     started = time.perf_counter()
     seconds = {}
     torch_device = select_device(device)
 
     report(0.0, "preprocessing")
-    image, grid = to_model_grid(volume, bundle.profile)
+    image, grid = to_model_grid(volume, profile)
     seconds["preprocess"] = time.perf_counter() - started
 
     network = network if network is not None else bundle.load_network(torch_device)
     step = time.perf_counter()
-    scores, used, padded_shape = predict_scores(network, image, torch_device, report, cancel)
+    with use_modality(network, modality) if bundle.modality_specific else nullcontext():
+        scores, used, padded_shape = predict_scores(network, image, torch_device, report, cancel)
     windows = count_windows(padded_shape)
     stride = output_stride(network)
     seconds["inference"] = time.perf_counter() - step

@@ -1,4 +1,4 @@
-"""The phantom abdomen label table: the one place that names structures and colours."""
+"""Label tables (phantom abdomen, BRATS brain tumour): the one place that names structures and colours."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ ABDOMEN_STRUCTURES: tuple[Structure, ...] = (
     Structure(6, "vertebral bodies", (0.945, 0.839, 0.569)),
     Structure(7, "pancreas", (0.980, 0.859, 0.541)),
     Structure(8, "inferior vena cava", (0.000, 0.592, 0.808)),
+)
+
+# BRATS 2013 multi-class labels (used by the methods benchmark on the real brain tumour MRI).
+BRATS_STRUCTURES: tuple[Structure, ...] = (
+    Structure(1, "necrosis", (0.863, 0.078, 0.235)),
+    Structure(2, "oedema", (0.196, 0.804, 0.196)),
+    Structure(3, "non-enhancing tumour", (0.118, 0.565, 1.000)),
+    Structure(4, "enhancing tumour", (1.000, 0.843, 0.000)),
 )
 
 

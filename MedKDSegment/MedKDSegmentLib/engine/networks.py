@@ -128,3 +128,37 @@ def count_macs(network: nn.Module, shape: tuple[int, int, int] = (96, 96, 96)) -
         for handle in handles:
             handle.remove()
     return total
+
+
+# A mid-size teacher assistant (Mirzadeh et al.): about 0.3 M parameters, between the 4.8 M teacher and
+# the 46 k student, so a teacher → assistant → student chain bridges the capacity gap in two steps.
+ASSISTANT_CONFIG = {
+    "name": "UNet",
+    "kwargs": {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "channels": [8, 16, 32, 64],
+        "strides": [2, 2, 2],
+        "num_res_units": 2,
+        "norm": "batch",
+    },
+}
+
+
+def feature_layer(network: nn.Module) -> str:
+    """Name (for ``named_modules``) of the deepest, most abstract feature map: the default layer
+    for feature hints and attention transfer. MONAI's UNet nests its levels as
+    ``model.1.submodule.1.submodule...``; the innermost one is the bottleneck."""
+    if isinstance(network, FastStudent):
+        return "down2"  # the 1/8-resolution encoder output
+    if isinstance(network, UNet):
+        from monai.networks.layers import SkipConnection
+
+        name, module = "model", network.model
+        while isinstance(module, nn.Sequential) and len(module) > 1 and isinstance(module[1], SkipConnection):
+            name, module = f"{name}.1.submodule", module[1].submodule
+        return name
+    layer = getattr(network, "feature_layer", None)
+    if isinstance(layer, str):
+        return layer
+    raise ValueError(f"no default feature layer for {type(network).__name__}; name one explicitly")

@@ -43,6 +43,9 @@ class Profile:
 CT_PROFILE = Profile("CT", (3.0, 3.0, 3.0), clip=(-200.0, 400.0))
 MR_PROFILE = Profile("MR", (3.0, 3.0, 3.0), percentiles=(0.5, 99.5))
 DEFAULT_PROFILES = {"CT": CT_PROFILE, "MR": MR_PROFILE}
+# BRATS FLAIR at 2 mm (the methods benchmark's real MRI). The volumes are already z-scored in the brain
+# and lesions are their brightest ~1 %: no upper clipping, or the tumour contrast would be cut off.
+BRATS_FLAIR_PROFILE = Profile("MR", (2.0, 2.0, 2.0), percentiles=(0.0, 100.0))
 
 
 def normalize_intensities(array: np.ndarray, profile: Profile) -> np.ndarray:

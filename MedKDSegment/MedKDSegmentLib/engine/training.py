@@ -6,32 +6,46 @@ the run completes, so a killed or cancelled run never leaves a half-written mode
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .bundle import Bundle, resolve_bundle, save_bundle
+from .bundle import Bundle, load_bundle, resolve_bundle, save_bundle
 from .data import Case, load_cases, sample_batch
 from .device import select_device
+from .distillation import (
+    DEFAULT_METHODS,
+    DistillContext,
+    FeatureTap,
+    TermSetup,
+    build_terms,
+    format_methods,
+    parse_methods,
+    teacher_sample_weights,
+    validate_teacher_weights,
+)
 from .errors import CancelledError, InvalidInputError
-from .inference import pad_to_multiple_of_8, predict_scores
+from .inference import OVERLAP, ROI_SIZE, pad_to_multiple_of_8, predict_scores
 from .labels import ABDOMEN_STRUCTURES
-from .losses import PixelKD, SupervisedLoss
+from .losses import SupervisedLoss
 from .metrics import dice_per_label
-from .networks import STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution, output_stride
+from .networks import ASSISTANT_CONFIG, STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution, output_stride
 from .profiles import DEFAULT_PROFILES, Profile
 from .volume import normalize_modality
 
 Progress = Callable[[float, str], None]
+# fit's ``teacher``: one network, several, or several with weights.
+Teachers = nn.Module | Sequence[nn.Module] | Sequence[tuple[nn.Module, float]] | None
 
 
 @dataclass
@@ -48,6 +62,19 @@ class TrainingConfig:
     validate_every: int = 0  # epochs between validation passes (0: only at the end)
     device: str = "auto"
     time_budget_s: float | None = None  # stop cleanly (checkpoint kept) once this much wall time has passed
+    # Distillation methods (engine/distillation.py, 'medkd methods'): e.g. "kd", "cwd+coteacher", "kd:1+cwd:0.5".
+    methods: str = DEFAULT_METHODS
+    cwd_temperature: float = 4.0
+    dist_temperature: float = 1.0
+    ctkd_epochs: int = 10  # CTKD: epochs over which the gradient-reversal λ rises from 0 to 1
+    coteacher_alpha: float = 0.99  # ACT-Net: co-teacher θ_c ← α θ_c + (1−α) θ_s after every step
+    coteacher_tau: float = 20.0
+    coteacher_noise: float = 0.1  # std of the input noise ξ, ξ′ (images are normalised)
+    coteacher_kd_weight: float = 1.0  # λ_kd relative to the consistency term
+    hint_student_layer: str = ""  # feature terms (hint, at): module names; "" = networks.feature_layer
+    hint_teacher_layer: str = ""
+    teacher_weights: tuple[float, ...] = ()  # several teachers: their weights (equal when empty)
+    teacher_confidence: bool = False  # several teachers: also weight each patch by each teacher's confidence
 
 
 @dataclass
@@ -56,6 +83,7 @@ class History:
     validation_dice: list[float] = field(default_factory=list)
     first_step_loss: float = math.nan
     stopped_by_budget: bool = False
+    terms: list[dict] = field(default_factory=list)  # each distillation term's record at the end (CTKD's final T)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -93,31 +121,45 @@ def fit(
     cases: list[Case],
     config: TrainingConfig,
     checkpoint_dir: Path,
-    teacher: nn.Module | None = None,
+    teacher: Teachers = None,
     validation: list[Case] | None = None,
     resume: bool = False,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> History:
-    """Train ``network`` in place. With a ``teacher``: supervised Dice+CE on labelled items plus
-    ``kd_weight`` · pixel-wise KD on all items; without: Dice+CE only (labelled cases needed)."""
+    """Train ``network`` in place: Dice+CE on labelled items plus, for each term of
+    ``config.methods``, weight · term on all items (labelled or not).
+
+    ``teacher`` is one network, a list of networks (weighted by ``config.teacher_weights``,
+    equal if empty) or a list of (network, weight). With the default ``methods="kd"`` this is
+    Dice+CE plus ``kd_weight`` · pixel-wise KD, or Dice+CE only without a teacher.
+    """
     report = progress or (lambda fraction, stage: None)
     device = select_device(config.device)
-    if teacher is None and not any(c.labels is not None for c in cases):
+    teachers, weights = _teacher_list(teacher, config)
+    if not teachers and not any(c.labels is not None for c in cases):
         raise InvalidInputError(
             "No labelled cases to train on.", "Add labels in DIR/labels (same file names as images)."
         )
     network.to(device).train()
-    if teacher is not None:
-        teacher.to(device).eval()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-5)
+    for model in teachers:
+        model.to(device).eval()
+    # Terms' learnable parts start from config.seed, whatever the caller did with the global RNG before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        terms = build_terms(config.methods, TermSetup(config, num_classes, network, teachers)).to(device)
+    # They (CTKD's θ, hint adapters) train in the student's optimiser, without weight decay.
+    extra = [p for p in terms.parameters() if p.requires_grad]
+    groups = [{"params": list(network.parameters())}, {"params": extra, "weight_decay": 0.0}] if extra else None
+    optimizer = torch.optim.AdamW(groups or network.parameters(), lr=config.learning_rate, weight_decay=1e-5)
     total_steps = config.epochs * config.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
     )
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    supervised, distill = SupervisedLoss(), PixelKD(config.kd_temperature)
+    supervised = SupervisedLoss()
+    methods = format_methods(parse_methods(config.methods), config)
     history, start_epoch = History(), 0
 
     checkpoint = checkpoint_dir / "checkpoint.pt"
@@ -128,78 +170,207 @@ def fit(
                 "Add --resume to continue it, or delete that folder to start again.",
             )
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state.get("methods", methods) != methods:
+            raise InvalidInputError(
+                f"The checkpoint in '{checkpoint_dir}' was made with methods '{state['methods']}', not '{methods}'.",
+                "Resume with the same --method, or delete that folder to start again.",
+            )
         network.load_state_dict(state["network"])
+        terms.load_state_dict(state.get("terms", {}))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = History(**state["history"])
         start_epoch = int(state["epoch"])
         report(start_epoch / config.epochs, f"resumed after epoch {start_epoch}")
 
-    if teacher is not None:
-        cache_teacher_outputs(teacher, cases, device, report)
+    if teachers and terms:
+        logits = any(term.needs_teacher_logits for term in terms)
+        cache_teacher_outputs(teachers if len(teachers) > 1 else teachers[0], cases, device, report, logits)
+    # Feature terms read intermediate maps through forward hooks; the teachers then also run on the fly.
+    student_layers = sorted({layer for term in terms for layer in term.student_layers})
+    features = any(term.needs_features for term in terms)
+    student_tap = FeatureTap(network, student_layers) if student_layers else None
+    teacher_taps = (
+        [
+            FeatureTap(model, sorted({t.teacher_layers[k] for t in terms if t.needs_features}))
+            for k, model in enumerate(teachers)
+        ]
+        if features
+        else []
+    )
     started = time.monotonic()
-    for epoch in range(start_epoch, config.epochs):
-        if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
-            history.stopped_by_budget = True
-            report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
-            break
-        # Seeding each epoch from (seed, epoch) makes a resumed run identical to an uninterrupted one.
-        rng = seed_everything(config.seed * 100_003 + epoch)
-        network.train()
-        losses = []
-        for step in range(config.steps_per_epoch):
-            if cancel is not None and cancel():
-                raise CancelledError()
-            images, labels, labelled, cached = sample_batch(cases, config.batch_size, config.patch_size, rng)
-            images, labels = images.to(device), labels.to(device)
-            images = _augment(images, rng)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                logits = full_resolution(network(images), images.shape[2:]).float()
-                loss = logits.new_zeros(())
-                if labelled.any():
-                    loss = loss + supervised(logits[labelled], labels[labelled])
-                if teacher is not None:
-                    if cached is not None:
-                        target = cached.to(device)
-                    else:
-                        with torch.no_grad():
-                            target = full_resolution(teacher(images), images.shape[2:]).float()
-                    loss = loss + config.kd_weight * distill(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            if math.isnan(history.first_step_loss):
-                history.first_step_loss = losses[0]
-            done = (epoch * config.steps_per_epoch + step + 1) / total_steps
-            report(done, f"epoch {epoch + 1}/{config.epochs} loss {np.mean(losses):.4f}")
-        history.epoch_loss.append(float(np.mean(losses)))
-        if validation and config.validate_every and (epoch + 1) % config.validate_every == 0:
-            dice = evaluate(network, validation, num_classes, device)
-            history.validation_dice.append(float(np.nanmean(list(dice.values()))))
-        _save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
+                history.stopped_by_budget = True
+                report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
+                break
+            # Seeding each epoch from (seed, epoch) makes a resumed run identical to an uninterrupted one.
+            rng = seed_everything(config.seed * 100_003 + epoch)
+            network.train()
+            terms.train()
+            losses = []
+            for step in range(config.steps_per_epoch):
+                if cancel is not None and cancel():
+                    raise CancelledError()
+                images, labels, labelled, cached = sample_batch(cases, config.batch_size, config.patch_size, rng)
+                images, labels = images.to(device), labels.to(device)
+                images = _augment(images, rng)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    logits = full_resolution(network(images), images.shape[2:]).float()
+                    loss = logits.new_zeros(())
+                    if labelled.any():
+                        loss = loss + supervised(logits[labelled], labels[labelled])
+                    if terms:
+                        context = DistillContext(
+                            images,
+                            logits,
+                            labels,
+                            labelled,
+                            network,
+                            student_features=dict(student_tap.features) if student_tap else {},
+                            epoch=epoch,
+                            step=epoch * config.steps_per_epoch + step,
+                        )
+                        if teachers:
+                            _teacher_outputs(context, teachers, weights, cached, teacher_taps, config, device)
+                        for term in terms:
+                            loss = loss + term.weight * term(context)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                for term in terms:
+                    term.after_step(network)
+                losses.append(float(loss.detach()))
+                if math.isnan(history.first_step_loss):
+                    history.first_step_loss = losses[0]
+                done = (epoch * config.steps_per_epoch + step + 1) / total_steps
+                report(done, f"epoch {epoch + 1}/{config.epochs} loss {np.mean(losses):.4f}")
+            history.epoch_loss.append(float(np.mean(losses)))
+            if validation and config.validate_every and (epoch + 1) % config.validate_every == 0:
+                dice = evaluate(network, validation, num_classes, device)
+                history.validation_dice.append(float(np.nanmean(list(dice.values()))))
+            _save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1, terms, methods)
+    finally:
+        for tap in [student_tap, *teacher_taps]:
+            if tap is not None:
+                tap.remove()
+    history.terms = [term.describe() for term in terms]
     network.eval()
     return history
 
 
-def cache_teacher_outputs(teacher: nn.Module, cases: list[Case], device: torch.device, report: Progress) -> None:
-    """Teacher log-probabilities on every whole case, computed once.
+def _teacher_list(teacher: Teachers, config: TrainingConfig) -> tuple[list[nn.Module], list[float]]:
+    """fit's ``teacher`` argument as (networks, normalised weights)."""
+    if teacher is None:
+        return [], []
+    if isinstance(teacher, nn.Module):
+        return [teacher], [1.0]
+    items = list(teacher)
+    if not items:
+        return [], []
+    if all(isinstance(item, tuple) for item in items):
+        networks, given = [item[0] for item in items], [item[1] for item in items]
+    else:
+        networks, given = items, list(config.teacher_weights)
+    return networks, validate_teacher_weights(given, len(networks))
+
+
+def _teacher_outputs(
+    context: DistillContext,
+    teachers: list[nn.Module],
+    weights: list[float],
+    cached: torch.Tensor | None,
+    taps: list[FeatureTap],
+    config: TrainingConfig,
+    device: torch.device,
+) -> None:
+    """Fill the teachers' outputs into ``context``: logits from the offline cache when there is one
+    (K teachers stacked along channels), else from running the teachers; features from the taps."""
+    size = context.images.shape[2:]
+    if cached is None or taps:
+        with torch.no_grad():
+            online = [full_resolution(model(context.images), size).float() for model in teachers]
+        context.teacher_features = [dict(tap.features) for tap in taps]
+    context.teacher_logits = list(cached.to(device).chunk(len(teachers), dim=1)) if cached is not None else online
+    if len(teachers) > 1:
+        context.teacher_weights = teacher_sample_weights(context.teacher_logits, weights, config.teacher_confidence)
+
+
+def cache_teacher_outputs(
+    teacher: nn.Module | Sequence[nn.Module],
+    cases: list[Case],
+    device: torch.device,
+    report: Progress,
+    logits: bool = False,
+) -> None:
+    """Teacher log-probabilities (or, with ``logits``, logits) on every whole case, computed once
+    into ``Case.teacher``; several teachers are stacked along the channel axis.
 
     Offline distillation: a training step then costs only the student, several times
     cheaper on a CPU than running the teacher on every patch. Log-probabilities differ
-    from logits by a per-voxel constant, which the temperature softmax ignores.
+    from logits by a per-voxel constant, which the class softmax ignores; a spatial softmax
+    (CWD) does not, hence ``logits``. Each case remembers which teachers and kind filled it,
+    so a list of cases reused with another teacher is recomputed rather than silently reused.
     """
-    if output_stride(teacher) != 1:
+    teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+    if any(output_stride(model) != 1 for model in teachers):
         return  # coarse teacher outputs would need upsampling per patch; distil on the fly
-    teacher.eval()
+    key = ("logits" if logits else "log_probs", *(_fingerprint(model) for model in teachers))
+    for model in teachers:
+        model.eval()
     for index, case in enumerate(cases):
-        if case.teacher is None:
-            scores, _, _ = predict_scores(teacher, case.image, device)
+        source = case.teacher_source
+        # A cache without a record (filled by older code or by hand) is kept for one log-prob teacher, as before.
+        stale = case.teacher is not None and (
+            source != key if source is not None else key[0] == "logits" or len(teachers) > 1
+        )
+        if case.teacher is None or stale:
             z, y, x = case.image.shape
-            case.teacher = np.log(np.clip(scores[:, :z, :y, :x], 1e-6, 1.0)).astype(np.float16)
+            outputs = []
+            for model in teachers:
+                if logits:
+                    outputs.append(_predict_logits(model, case.image, device)[:, :z, :y, :x])
+                else:
+                    scores, _, _ = predict_scores(model, case.image, device)
+                    outputs.append(np.log(np.clip(scores[:, :z, :y, :x], 1e-6, 1.0)))
+            case.teacher = np.concatenate(outputs).astype(np.float16)
+            case.teacher_source = key
         report(0.0, f"teacher outputs cached for {index + 1}/{len(cases)} cases")
+
+
+def _fingerprint(network: nn.Module) -> str:
+    """A digest of a network's weights: which teacher filled a cache."""
+    digest = hashlib.sha1()
+    for name, value in sorted(network.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _predict_logits(network: nn.Module, image: np.ndarray, device: torch.device) -> np.ndarray:
+    """Logits (C, z, y, x) of the padded whole image, stitched like inference's sliding window
+    (inference.predict_scores returns softmax scores, whose logits cannot be recovered)."""
+    from monai.inferers import SlidingWindowInferer
+
+    padded = pad_to_multiple_of_8(image)
+    inferer = SlidingWindowInferer(
+        roi_size=tuple(min(r, s) for r, s in zip(ROI_SIZE, padded.shape)),
+        sw_batch_size=1,
+        overlap=OVERLAP,
+        mode="gaussian",
+        sw_device=device,
+        device=torch.device("cpu"),
+    )
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            return network(batch).float()
+
+    with torch.inference_mode():
+        return inferer(torch.from_numpy(padded)[None, None], predictor)[0].float().cpu().numpy()
 
 
 def recalibrate_batch_norm(network: nn.Module, cases: list[Case], device: torch.device, limit: int = 8) -> None:
@@ -225,7 +396,9 @@ def _augment(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return images * scale + shift + noise
 
 
-def _save_checkpoint(path: Path, network, optimizer, scheduler, history: History, epoch: int) -> None:
+def _save_checkpoint(
+    path: Path, network, optimizer, scheduler, history: History, epoch: int, terms: nn.Module, methods: str
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".partial")
     torch.save(
@@ -235,6 +408,8 @@ def _save_checkpoint(path: Path, network, optimizer, scheduler, history: History
             "scheduler": scheduler.state_dict(),
             "history": asdict(history),
             "epoch": epoch,
+            "terms": terms.state_dict(),  # CTKD's θ, hint adapters, the co-teacher
+            "methods": methods,
         },
         temporary,
     )
@@ -246,7 +421,7 @@ def checkpoint_dir_for(output: Path) -> Path:
 
 
 def train_teacher(
-    data: str | Path,
+    data: str | Path | list[Case],
     output: str | Path,
     modality: str,
     config: TrainingConfig | None = None,
@@ -276,35 +451,161 @@ def train_teacher(
     )
 
 
+TeacherRef = str | Path | Bundle
+
+
 def distill_student(
-    data: str | Path,
-    teacher: str | Path | Bundle,
+    data: str | Path | list[Case],
+    teacher: TeacherRef | Sequence[TeacherRef],
     output: str | Path,
     config: TrainingConfig | None = None,
     architecture: dict | None = None,
     resume: bool = False,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    weights: Sequence[float] | None = None,
+    role: str = "student",
+    half_precision: bool = False,
 ) -> Bundle:
-    """Distil a student from ``teacher``: Dice+CE where labels exist plus T²-scaled pixel-wise KD."""
-    teacher_bundle = teacher if isinstance(teacher, Bundle) else resolve_bundle(teacher)
+    """Distil a student (``role="assistant"``: a teacher assistant) from one or several teachers
+    with ``config.methods``: Dice+CE where labels exist plus each method's term on all items.
+
+    ``data`` is a folder (images/, labels/) or a list of ``Case`` already on the teachers' model
+    grid (a script's in-memory data; their cached teacher outputs are filled in place and reused
+    while the teachers are the same). Several teachers are mixed with ``weights`` (default
+    ``config.teacher_weights``, else equal); all must share the model grid and label table.
+    """
+    config = config or TrainingConfig()
+    if weights is not None:
+        config = replace(config, teacher_weights=tuple(float(w) for w in weights))
+    bundles = _resolve_teachers(teacher)
+    validate_teacher_weights(config.teacher_weights, len(bundles))
     return _train_bundle(
         data,
         Path(output),
-        "student",
+        role,
         architecture or STUDENT_CONFIG,
-        teacher_bundle.profile,
-        config or TrainingConfig(),
-        teacher_bundle,
+        bundles[0].profile,
+        config,
+        bundles,
         resume,
         progress,
         cancel,
-        False,
+        half_precision,
     )
 
 
+def distill_chain(
+    data: str | Path | list[Case],
+    teacher: TeacherRef | Sequence[TeacherRef],
+    output: str | Path,
+    config: TrainingConfig | None = None,
+    architecture: dict | None = None,
+    assistant_architecture: dict | None = None,
+    assistant_config: TrainingConfig | None = None,
+    assistant_output: str | Path | None = None,
+    weights: Sequence[float] | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Bundle:
+    """Teacher(s) → assistant → student (Mirzadeh et al.): a mid-size assistant (role "assistant",
+    ``ASSISTANT_CONFIG`` by default) is distilled from the teacher(s) and written to
+    ``assistant_output`` (default ``<output>-assistant``), then the student from the assistant.
+    The student's bundle names the assistant as its teacher and records the whole chain.
+    With ``resume``, an assistant bundle already written by an interrupted chain is reused.
+    Returns the student bundle.
+    """
+    output = Path(output)
+    assistant_output = Path(assistant_output) if assistant_output else output.with_name(f"{output.name}-assistant")
+    if output.exists():
+        raise InvalidInputError(
+            f"'{output}' already exists; models are never overwritten.", "Choose a new output name."
+        )
+    config = config or TrainingConfig()
+    if weights is not None:
+        config = replace(config, teacher_weights=tuple(float(w) for w in weights))
+    report = progress or (lambda fraction, stage: None)
+    bundles = _resolve_teachers(teacher)
+    validate_teacher_weights(config.teacher_weights, len(bundles))
+    if not isinstance(data, (list, tuple)):  # read once, for both stages
+        num_classes = len(ABDOMEN_STRUCTURES) + 1
+        data = load_cases(data, bundles[0].profile, num_classes, lambda f, m: report(0.02 * f, m))
+    if assistant_output.exists():
+        if not resume:
+            raise InvalidInputError(
+                f"'{assistant_output}' already exists.",
+                "Add --resume to use it as the assistant, or choose another output.",
+            )
+        assistant = load_bundle(assistant_output)
+        if assistant.role != "assistant":
+            raise InvalidInputError(
+                f"'{assistant_output}' is a {assistant.role}, not an assistant.", "Choose another output."
+            )
+    else:
+        assistant = _train_bundle(
+            data,
+            assistant_output,
+            "assistant",
+            assistant_architecture or ASSISTANT_CONFIG,
+            bundles[0].profile,
+            assistant_config or config,
+            bundles,
+            resume,
+            lambda f, m: report(0.02 + 0.48 * f, f"assistant: {m}"),
+            cancel,
+            False,
+        )
+    chain = {"chain": [*(_bundle_reference(b) for b in bundles), _bundle_reference(assistant)]}
+    student_config = replace(config, teacher_weights=())
+    return _train_bundle(
+        data,
+        output,
+        "student",
+        architecture or STUDENT_CONFIG,
+        assistant.profile,
+        student_config,
+        [assistant],
+        resume,
+        lambda f, m: report(0.5 + 0.5 * f, f"student: {m}"),
+        cancel,
+        False,
+        chain,
+    )
+
+
+def _resolve_teachers(teacher: TeacherRef | Sequence[TeacherRef]) -> list[Bundle]:
+    items = [teacher] if isinstance(teacher, (str, Path, Bundle)) else list(teacher)
+    if not items:
+        raise InvalidInputError("No teacher was given.", "Give at least one teacher bundle (--teacher).")
+    bundles = [item if isinstance(item, Bundle) else resolve_bundle(item) for item in items]
+    for bundle in bundles[1:]:
+        if bundle.profile.to_dict() != bundles[0].profile.to_dict():
+            raise InvalidInputError(
+                f"Teachers '{bundles[0].name}' and '{bundle.name}' use different preprocessing (model grid, "
+                "modality or intensity profile).",
+                "Mix only teachers made for the same modality and model grid.",
+            )
+    return bundles
+
+
+def _bundle_reference(bundle: Bundle) -> dict:
+    return {"name": bundle.name, "version": bundle.metadata.get("version"), "weights_sha256": bundle.weights_sha256}
+
+
 def _train_bundle(
-    data, output: Path, role, architecture, profile, config, teacher_bundle, resume, progress, cancel, half
+    data,
+    output: Path,
+    role,
+    architecture,
+    profile,
+    config,
+    teacher_bundle,
+    resume,
+    progress,
+    cancel,
+    half,
+    extra_method: dict | None = None,
 ) -> Bundle:
     if output.exists():
         raise InvalidInputError(
@@ -313,15 +614,30 @@ def _train_bundle(
     report = progress or (lambda fraction, stage: None)
     structures = ABDOMEN_STRUCTURES
     num_classes = len(structures) + 1
-    if teacher_bundle is not None and teacher_bundle.num_classes != num_classes:
-        raise InvalidInputError(
-            f"Teacher '{teacher_bundle.name}' has {teacher_bundle.num_classes} classes, expected {num_classes}."
-        )
-    cases = load_cases(data, profile, num_classes, lambda f, m: report(0.05 * f, m))
+    if teacher_bundle is None:
+        teacher_bundles = []
+    elif isinstance(teacher_bundle, Bundle):
+        teacher_bundles = [teacher_bundle]
+    else:
+        teacher_bundles = list(teacher_bundle)
+    for bundle in teacher_bundles:
+        if bundle.num_classes != num_classes:
+            raise InvalidInputError(
+                f"Teacher '{bundle.name}' has {bundle.num_classes} classes, expected {num_classes}."
+            )
+    specs = parse_methods(config.methods)  # a typo fails now, before any data is read
+    if isinstance(data, (list, tuple)):
+        cases = list(data)
+        if not cases:
+            raise InvalidInputError("No training cases were given.", "Give a folder with images/ or a list of cases.")
+    else:
+        cases = load_cases(data, profile, num_classes, lambda f, m: report(0.05 * f, m))
     train_cases, validation = split_cases(cases, config.validation_fraction, config.seed)
     seed_everything(config.seed)
     network = build_network(architecture, num_classes)
-    teacher = teacher_bundle.load_network() if teacher_bundle is not None else None
+    teachers = [bundle.load_network() for bundle in teacher_bundles]
+    weights = validate_teacher_weights(config.teacher_weights, len(teachers)) if teachers else []
+    teacher = teachers[0] if len(teachers) == 1 else list(zip(teachers, weights)) or None
     checkpoint_dir = checkpoint_dir_for(output)
     history = fit(
         network,
@@ -342,9 +658,7 @@ def _train_bundle(
     if validation:
         dice = evaluate(network, validation, num_classes, device)
         metrics["validation_dice"] = {structures[label - 1].name: value for label, value in dice.items()}
-    method = {"name": "supervised" if teacher is None else "pixel_kd", "training": asdict(config)}
-    if teacher is not None:
-        method |= {"kd_temperature": config.kd_temperature, "kd_weight": config.kd_weight}
+    method = _method_record(config, specs, history, teacher_bundles, weights) | (extra_method or {})
     report(0.98, "writing the bundle")
     bundle = save_bundle(
         output,
@@ -355,7 +669,7 @@ def _train_bundle(
         profile=profile,
         structures=structures,
         method=method,
-        teacher=teacher_bundle,
+        teacher=teacher_bundles[0] if teacher_bundles else None,
         metrics=metrics,
         description=f"{profile.modality} phantom-abdomen {role} ({method['name']}) trained on {len(train_cases)} cases",
         half_precision=half,
@@ -363,3 +677,25 @@ def _train_bundle(
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     report(1.0, "done")
     return bundle
+
+
+def _method_record(
+    config: TrainingConfig, specs, history: History, teachers: list[Bundle], weights: list[float]
+) -> dict:
+    """The bundle's method section: the method string, each term's record (weights, temperatures,
+    CTKD's final T, layers), and the teachers with their weights."""
+    canonical = format_methods(specs, config)
+    if not specs:  # "none": no distillation term, whatever teachers were given
+        return {"name": "supervised", "training": asdict(config)}
+    if not teachers:
+        name = f"supervised+{canonical}" if history.terms else "supervised"
+        return {"name": name, "training": asdict(config)} | ({"methods": history.terms} if history.terms else {})
+    # One teacher and plain KD keeps the name the bundled students were made with.
+    plain = len(teachers) == 1 and [spec.name for spec in specs] == ["kd"]
+    method = {"name": "pixel_kd" if plain else canonical, "training": asdict(config)}
+    kd = next((term for term in history.terms if term["name"] == "kd"), None)
+    if kd is not None:
+        method |= {"kd_temperature": kd["temperature"], "kd_weight": kd["weight"]}
+    method["methods"] = history.terms
+    method["teachers"] = [_bundle_reference(b) | {"weight": w} for b, w in zip(teachers, weights)]
+    return method

@@ -179,7 +179,7 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _new_table(name: str):
+def new_table(name: str):
     scene = slicer.mrmlScene
     return scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
 
@@ -187,7 +187,7 @@ def _new_table(name: str):
 def structures_table(name: str, rows: list[dict]):
     """One row per structure (then a mean row): Dice and HD95 teacher-student (and against a reference
     when the rows have it), volumes in ml."""
-    table = _new_table(name)
+    table = new_table(name)
     columns = [c for c in STRUCTURE_COLUMNS if rows and c[0] in rows[0]]
     structure = vtk.vtkStringArray()
     structure.SetName("Structure")
@@ -210,7 +210,7 @@ def structures_table(name: str, rows: list[dict]):
 
 def models_table(name: str, runs: list[dict]):
     """One row per model: run time, parameter count, device."""
-    table = _new_table(name)
+    table = new_table(name)
     for key, column, unit, description, kind in MODEL_COLUMNS:
         array = {str: vtk.vtkStringArray, float: vtk.vtkDoubleArray, int: vtk.vtkIntArray}[kind]()
         array.SetName(column)

@@ -1,9 +1,10 @@
 """The module Logic's substance: MRML nodes in, NEW MRML nodes out.
 
-Jobs run in-process (console, batch: ``segment``/``compare``) or in the warm worker process
-(GUI: ``startSegment``/``startCompare`` return a ``BackgroundJob`` that a timer polls). Both use
-the same job functions (``jobs.py``). The scene is touched only when a job has finished: a
-failed or cancelled job leaves it exactly as it was, and the user's nodes are only ever read.
+Jobs run in-process (console, batch: ``segment``/``compare``/``fineTune``) or in the warm worker
+process (GUI: ``startSegment``/``startCompare``/``startFineTune`` return a ``BackgroundJob`` that a
+timer polls). Both use the same job functions (``jobs.py``). The scene is touched only when a job
+has finished (fine-tuning adds its live loss curve when it starts): a failed or cancelled job
+leaves it exactly as it was, and the user's nodes are only ever read.
 """
 
 from __future__ import annotations
@@ -22,13 +23,28 @@ from pathlib import Path
 import slicer
 
 from .. import catalog, jobs
-from ..engine.errors import CancelledError, InvalidInputError, MedKDError
+from ..engine.errors import BundleError, CancelledError, InvalidInputError, MedKDError
 from ..engine.volume import Volume, normalize_modality, read_volume, write_volume
 from ..worker import WorkerClient, WorkerError
-from . import comparison, dependencies, segmentations, volumes
+from . import comparison, dependencies, finetune, segmentations, training, volumes
+from .finetune import FineTuneReport
+from .training import TrainingReport
 
 Progress = Callable[[float, str], None]
 logger = logging.getLogger(__name__)
+MODELS_DIR_ENV = "MEDKDSEGMENT_MODELS_DIR"
+
+
+def default_models_folder() -> Path:
+    """Where the user's own models (fine-tuned versions) go when no *User models* folder is set: the
+    ONE place that decides it. ``$MEDKDSEGMENT_MODELS_DIR`` if set; in Slicer ``MedKDSegment/Models``
+    beside the user settings file (per user, kept across Slicer versions); else ``~/.MedKDSegment/Models``."""
+    override = os.environ.get(MODELS_DIR_ENV)
+    if override:
+        return Path(override)
+    if dependencies.in_slicer_application():
+        return Path(slicer.app.slicerUserSettingsFilePath).parent / "MedKDSegment" / "Models"
+    return Path.home() / ".MedKDSegment" / "Models"
 
 
 def worker_python() -> str:
@@ -73,12 +89,16 @@ class BackgroundJob:
     result nodes are created in the caller's thread, only after the worker is done."""
 
     def __init__(self, client: WorkerClient, spec: dict, finish: Callable[[dict], object], folder: str,
-                 description: str) -> None:
+                 description: str, on_progress: Progress | None = None,
+                 on_abort: Callable[[], None] | None = None) -> None:
         self.client = client
         self.spec = spec
+        self.kind = str(spec.get("job", ""))
         self.finish = finish
         self.folder = folder
         self.description = description
+        self.on_progress = on_progress  # e.g. the live loss curve (called in the polling thread)
+        self.on_abort = on_abort  # undoes what the job added at its start, on error or cancel
         self.state = "running"
         self.fraction = 0.0
         self.stage = "starting the worker" if client.ready is None else "queued"
@@ -111,6 +131,11 @@ class BackgroundJob:
         elif kind == "progress" and event.get("id") == self.id:
             self.fraction, self.stage = float(event.get("fraction", 0.0)), str(event.get("stage", ""))
             self.history.append((self.fraction, self.stage))
+            if self.on_progress is not None:
+                try:
+                    self.on_progress(self.fraction, self.stage)
+                except Exception:  # a display problem must not break the job
+                    logger.exception("MedKDSegment: progress display failed")
         elif kind == "done" and event.get("id") == self.id:
             self.outputs = event.get("outputs", {})
             try:
@@ -131,6 +156,11 @@ class BackgroundJob:
     def _end(self) -> None:
         self.seconds = time.perf_counter() - self.started
         shutil.rmtree(self.folder, ignore_errors=True)  # inputs and outputs: nothing partial stays
+        if self.state != "done" and self.on_abort is not None:
+            try:
+                self.on_abort()
+            except Exception:
+                logger.exception("MedKDSegment: could not clean up after the job")
 
     def cancel(self) -> None:
         """Stop now: the worker's process tree is killed; the scene stays exactly as it was."""
@@ -178,14 +208,22 @@ class SceneLogic:
 
     # models and devices ------------------------------------------------------------------------------
 
+    def modelFolders(self) -> list[str]:
+        """The user model folders, or the default one (``default_models_folder``) when none is set."""
+        return list(self.userModelFolders) or [str(default_models_folder())]
+
+    def modelsFolder(self) -> Path:
+        """Where new model versions are written: the first user model folder (else the default one)."""
+        return Path(self.modelFolders()[0])
+
     def listModels(self, modality: str | None = None, role: str | None = None) -> list[catalog.ModelInfo]:
-        models = catalog.list_models(self.userModelFolders, self.includeBundled)
+        models = catalog.list_models(self.modelFolders(), self.includeBundled)
         if modality:
             models = [m for m in models if m.modality == normalize_modality(modality)]
         return [m for m in models if role is None or m.role == role]
 
     def findModel(self, nameOrPath) -> catalog.ModelInfo:
-        return catalog.find_model(nameOrPath, self.userModelFolders, self.includeBundled)
+        return catalog.find_model(nameOrPath, self.modelFolders(), self.includeBundled)
 
     def defaultModels(self, modality: str) -> tuple[catalog.ModelInfo | None, catalog.ModelInfo | None]:
         """(student, teacher) offered for a modality: the first student and the teacher it learned from."""
@@ -291,7 +329,7 @@ class SceneLogic:
         dependencies.ensure_dependencies()
         volume = self._volume(volumeNode, modality)
         info = self._model(model, volume.modality, "student")
-        run = jobs.segment_volume(volume, info.path, device, progress, cancel, self.cache, self.userModelFolders)
+        run = jobs.segment_volume(volume, info.path, device, progress, cancel, self.cache, self.modelFolders())
         return self._segmentationNode(volumeNode, run.labels.array, run.summary())
 
     def compare(self, volumeNode, teacher=None, student=None, referenceSegmentationNode=None, device: str = "auto",
@@ -308,7 +346,7 @@ class SceneLogic:
         studentInfo, teacherInfo = self._pair(volume.modality, teacher, student)
         reference = self._reference(referenceSegmentationNode, volumeNode, volume, studentInfo.labels)
         result = jobs.compare_volume(volume, teacherInfo.path, studentInfo.path, reference, device, progress, cancel,
-                                     self.cache, self.userModelFolders)
+                                     self.cache, self.modelFolders())
         labels = {role: result[role].labels.array for role in ("teacher", "student")}
         runs = {role: result[role].summary() for role in ("teacher", "student")}
         return self._comparisonNodes(volumeNode, labels, runs, result["rows"], showLayout, surfaces)
@@ -364,7 +402,7 @@ class SceneLogic:
             raise
         spec = {"job": "segment", "input": str(Path(folder) / "input.nrrd"), "modality": volume.modality,
                 "model": str(info.path), "device": device, "output": str(Path(folder) / "labels.nrrd"),
-                "user_folders": self.userModelFolders}
+                "user_folders": self.modelFolders()}
 
         def finish(outputs: dict):
             labels = read_volume(outputs["labels"])
@@ -392,7 +430,7 @@ class SceneLogic:
         spec = {"job": "compare", "input": str(Path(folder) / "input.nrrd"), "modality": volume.modality,
                 "teacher": str(teacherInfo.path), "student": str(studentInfo.path), "device": device,
                 "reference": str(Path(folder) / "reference.nrrd") if reference is not None else None,
-                "output_dir": folder, "user_folders": self.userModelFolders}
+                "output_dir": folder, "user_folders": self.modelFolders()}
 
         def finish(outputs: dict) -> ComparisonResult:
             labels = {role: read_volume(outputs[role]["labels"]).array for role in ("teacher", "student")}
@@ -401,10 +439,434 @@ class SceneLogic:
 
         return self._submit(spec, finish, folder, f"Comparison of {teacherInfo.name} and {studentInfo.name}")
 
-    def _submit(self, spec: dict, finish, folder: str, description: str) -> BackgroundJob:
+    def _submit(self, spec: dict, finish, folder: str, description: str, on_progress: Progress | None = None,
+                on_abort: Callable[[], None] | None = None) -> BackgroundJob:
         try:
-            return BackgroundJob(self.worker, spec, finish, folder, description)
+            return BackgroundJob(self.worker, spec, finish, folder, description, on_progress, on_abort)
         except (WorkerError, RuntimeError) as error:
             shutil.rmtree(folder, ignore_errors=True)
+            if on_abort is not None:
+                on_abort()
             raise MedKDError(f"{description} could not start: {error}", "Retry; if it persists, restart Slicer.") \
                 from error
+
+    # fine-tuning -------------------------------------------------------------------------------------
+
+    def matchSegments(self, segmentationNode, model=None, mapping: dict | None = None, skip=(),
+                      modality: str = "CT"):
+        """How the segments of ``segmentationNode`` map to ``model``'s structures (``SegmentMatch``:
+        ``matched`` name -> label value, ``unknown`` and ``skipped`` names); nothing is changed."""
+        dependencies.ensure_dependencies()
+        info = self._model(model, normalize_modality(modality), "student")
+        return finetune.match_segments(segmentationNode, info.labels, mapping, skip)
+
+    def segmentNames(self, segmentationNode) -> list[str]:
+        """The names of a segmentation's segments, in order (the node is only read)."""
+        return list(segmentations.segment_names(segmentationNode).values())
+
+    def matchSegmentNames(self, names, model) -> dict[str, str]:
+        """{segment name: structure name} for the ``names`` that match ``model``'s structures by name."""
+        names = list(names)
+        if not names:
+            return {}
+        dependencies.ensure_dependencies()
+        info = self._modelInfo(model)
+        match = finetune.match_names(names, info.labels)
+        return {name: info.labels[value] for name, value in match.matched.items()}
+
+    def newVersionPath(self, model) -> Path:
+        """Where ``fineTune`` writes the next version of ``model`` by default (in ``modelsFolder()``)."""
+        dependencies.ensure_dependencies()
+        from ..engine.finetune import default_version_path
+
+        return default_version_path(jobs.load_model(self._modelInfo(model).path), self.modelsFolder())
+
+    def interruptedFineTune(self, model) -> Path | None:
+        """The output of a killed or cancelled fine-tuning run of ``model`` that can be resumed (its
+        checkpoint is in a models folder), the newest if several; None if there is none. No torch needed."""
+        runs = finetune.interrupted_runs(self.modelFolders(), self._modelInfo(model).sha256)
+        return runs[0] if runs else None
+
+    def discardInterruptedFineTune(self, model) -> bool:
+        """Delete the checkpoint of ``model``'s interrupted run (the next *Start* begins afresh)."""
+        output = self.interruptedFineTune(model)
+        if output is None:
+            return False
+        from ..engine.finetune import discard_checkpoint
+
+        return discard_checkpoint(output)
+
+    def listModelVersions(self, model) -> list[catalog.ModelInfo]:
+        """``model``'s family: its first installed ancestor and every version fine-tuned from it
+        (parents before children). Each entry has ``name``, ``version``, ``parent`` and ``source``."""
+        models = self.listModels()
+        return catalog.model_versions(self._modelInfo(model), models)
+
+    def deleteModel(self, model) -> list[str]:
+        """Delete one of the user's own model versions (bundled models are refused with a clear message).
+        Returns warnings (versions fine-tuned from it keep working; their lineage ends here)."""
+        info = self._modelInfo(model)
+        if self.isBundled(info):
+            raise BundleError(f"'{info.name}' is a bundled model; bundled models cannot be deleted.",
+                              "Delete only models you made (fine-tuned versions); pick another model instead.")
+        dependencies.ensure_dependencies()
+        from ..engine.finetune import delete_user_model
+
+        return delete_user_model(info.path, catalog.bundled_models_dir())
+
+    def isBundled(self, model) -> bool:
+        info = self._modelInfo(model)
+        return info.source == "bundled" or Path(info.path).resolve().is_relative_to(
+            catalog.bundled_models_dir().resolve())
+
+    def _modelInfo(self, model) -> catalog.ModelInfo:
+        if model is None:
+            raise InvalidInputError("No model was given.", "Pick a model (name or bundle folder).")
+        return model if isinstance(model, catalog.ModelInfo) else self.findModel(model)
+
+    def fineTune(self, pairs, model=None, output=None, epochs: int | None = None, minutes: float | None = None,
+                 mapping: dict | None = None, skip=(), device: str = "auto", useWorker: bool = False,
+                 progress: Progress | None = None, cancel: Callable[[], bool] | None = None, resume: bool = False,
+                 teacher=None, modality: str = "auto", settings: dict | None = None,
+                 showChart: bool = True) -> FineTuneReport:
+        """Fine-tune ``model`` (default: the student for the volumes' modality) on the user's
+        annotations and write a NEW model version with a parent link (blocking).
+
+        ``pairs``: ``[(volumeNode, segmentationNode), ...]`` (one pair alone is fine). Segments are
+        matched to the model's structures by name; ``mapping`` (segment name -> structure name or
+        label value, or None to skip) and ``skip`` (names, or True for every unknown name) handle the
+        rest. Only matched structures count as annotated. ``epochs`` and ``minutes`` bound the run;
+        ``output`` is the new bundle folder (default: ``newVersionPath(model)``); ``resume`` continues
+        the interrupted run (``interruptedFineTune(model)``); ``settings`` sets other ``FineTuneConfig``
+        fields. Returns a ``FineTuneReport`` (new version, loss curve, before/after Dice table, warning).
+        """
+        if useWorker:
+            return self.startFineTune(pairs, model, output, epochs, minutes, mapping, skip, device, resume, teacher,
+                                      modality, settings, showChart).wait(progress=progress)
+        dependencies.ensure_dependencies()
+        plan = self._fineTunePlan(pairs, model, output, epochs, minutes, mapping, skip, device, resume, teacher,
+                                  modality, settings)
+        curve = finetune.LossCurve(plan["title"])
+        try:
+            if showChart:
+                curve.show()
+
+            def report(fraction: float, stage: str) -> None:
+                curve.update(stage)
+                if progress is not None:
+                    progress(fraction, stage)
+
+            outputs = jobs.finetune_model([pair.case() for pair in plan["pairs"]], plan["parent"].path,
+                                          plan["output"], plan["settings"], plan["teacher"], resume, report, cancel,
+                                          self.modelFolders())
+            return self._fineTuneReport(plan, curve, outputs)
+        except BaseException:
+            curve.remove()  # a failed or cancelled run leaves no node and no model
+            raise
+
+    def startFineTune(self, pairs, model=None, output=None, epochs: int | None = None, minutes: float | None = None,
+                      mapping: dict | None = None, skip=(), device: str = "auto", resume: bool = False, teacher=None,
+                      modality: str = "auto", settings: dict | None = None, showChart: bool = True) -> BackgroundJob:
+        """``fineTune`` in the worker process: poll the returned job (its loss curve fills in as epochs
+        end); its ``result`` is a ``FineTuneReport``. Cancel kills the worker: no model is written, the
+        checkpoint of the last full epoch stays for ``resume=True``."""
+        dependencies.ensure_dependencies()
+        self.worker.start()  # a cold worker imports torch while the inputs are being written
+        plan = self._fineTunePlan(pairs, model, output, epochs, minutes, mapping, skip, device, resume, teacher,
+                                  modality, settings)
+        folder = self._jobFolder()
+        cases = []
+        try:
+            for index, pair in enumerate(plan["pairs"]):
+                image, labels = Path(folder) / f"image-{index}.nrrd", Path(folder) / f"labels-{index}.nrrd"
+                write_volume(pair.image, image, compress=False)
+                write_volume(pair.labels, labels, compress=False)
+                cases.append({"name": pair.name, "image": str(image), "labels": str(labels),
+                              "annotated": sorted(pair.annotated), "modality": pair.image.modality})
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        spec = {"job": "finetune", "parent": str(plan["parent"].path), "output": str(plan["output"]),
+                "cases": cases, "settings": plan["settings"], "resume": bool(resume),
+                "teacher": str(plan["teacher"]) if plan["teacher"] else None, "user_folders": self.modelFolders()}
+        curve = finetune.LossCurve(plan["title"])
+        if showChart:
+            curve.show()
+
+        def finish(outputs: dict) -> FineTuneReport:
+            return self._fineTuneReport(plan, curve, outputs)
+
+        return self._submit(spec, finish, folder, f"Fine-tuning of {plan['parent'].name}",
+                            on_progress=lambda fraction, stage: curve.update(stage), on_abort=curve.remove)
+
+    def _fineTunePlan(self, pairs, model, output, epochs, minutes, mapping, skip, device, resume, teacher, modality,
+                      settings) -> dict:
+        """Check everything and export the annotations before any training starts."""
+        if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], (tuple, list)):
+            pairs = [pairs]  # one (volume, segmentation) pair
+        pairs = list(pairs or [])
+        if not pairs:
+            raise InvalidInputError("No (volume, segmentation) pair was given.",
+                                    "Add at least one volume with a segmentation drawn on it.")
+        first = pairs[0][0]
+        if first is None:
+            raise InvalidInputError("A fine-tuning pair has no volume.", "Pick the volume of each segmentation.")
+        if not modality or modality == "auto":
+            modality = self.detectModality(first)[0]
+        modality = normalize_modality(modality)
+        parent = self._model(model, modality, "student")
+        teacherInfo = self._modelInfo(teacher) if teacher else None
+        if resume and output is None:
+            output = self.interruptedFineTune(parent)
+            if output is None:
+                raise InvalidInputError(f"There is no interrupted fine-tuning run of '{parent.name}' to resume.",
+                                        "Start a new run instead.")
+        output = Path(output) if output else self.newVersionPath(parent)
+        prepared = [finetune.prepare_pair(volume, segmentation, parent.labels, modality, mapping, skip)
+                    for volume, segmentation in pairs]
+        for pair in prepared:
+            if pair.empty:
+                logger.warning("MedKDSegment: in '%s', %s matched but hold no voxel on the volume", pair.name,
+                               ", ".join(pair.empty))
+        options = {"epochs": epochs, "device": device,
+                   "time_budget_s": None if not minutes else float(minutes) * 60.0, **(settings or {})}
+        jobs.finetune_config(options)  # unknown settings are refused now, not in the worker
+        return {"parent": parent, "teacher": teacherInfo.path if teacherInfo else None, "output": output,
+                "pairs": prepared, "settings": options, "title": f"{output.name} (from {parent.name})"}
+
+    def _fineTuneReport(self, plan: dict, curve: finetune.LossCurve, outputs: dict) -> FineTuneReport:
+        curve.replace(list(outputs["epoch_loss"]))  # exactly one row per epoch, a resumed run's earlier ones too
+        rows = finetune.dice_rows(outputs["before"], outputs["after"], outputs["worse"])
+        title = f"{outputs['name']} vs {plan['parent'].name} – held-out Dice"
+        table = finetune.dice_table(title, rows, outputs["mean_before"], outputs["mean_after"])
+        warning = finetune.worse_warning(outputs["worse"], outputs["mean_before"], outputs["mean_after"])
+        table.SetAttribute("MedKDSegment.HeldOut", outputs["held_out"])
+        if warning:
+            table.SetAttribute("MedKDSegment.Warning", warning)
+            logger.warning("MedKDSegment: %s", warning)
+        model = catalog.read_model_info(outputs["bundle"], "user")
+        return FineTuneReport(
+            model=model, parent=plan["parent"], lossCurve=curve, diceTable=table, rows=rows,
+            before=outputs["before"], after=outputs["after"], worse=list(outputs["worse"]),
+            meanBefore=outputs["mean_before"], meanAfter=outputs["mean_after"], heldOut=outputs["held_out"],
+            epochLoss=list(outputs["epoch_loss"]), secondsPerEpoch=outputs["seconds_per_epoch"],
+            stoppedByBudget=bool(outputs.get("stopped_by_budget")), warning=warning, outputs=outputs)
+
+    # training: teachers, distilled students, one CT+MR student ---------------------------------------
+
+    def distillationMethods(self, install: bool = True) -> list[dict]:
+        """The engine's distillation methods (``medkd methods``): one dict per method with ``name``,
+        ``description``, ``default_weight``, ``needs_teacher`` and ``defaults``. Imports torch;
+        ``install=False`` returns [] instead of offering to install missing dependencies."""
+        if not install and dependencies.missing_requirements():
+            return []
+        dependencies.ensure_dependencies()
+        from ..engine.distillation import describe_methods
+        from ..engine.training import TrainingConfig
+
+        return describe_methods(TrainingConfig())
+
+    def trainTeacher(self, dataFolder, modality: str = "CT", output=None, epochs: int | None = None,
+                     minutes: float | None = None, device: str = "auto", useWorker: bool = False,
+                     progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+                     settings: dict | None = None, showChart: bool = True) -> TrainingReport:
+        """Train a teacher (supervised Dice + CE) on a folder of ``images/`` and ``labels/`` (blocking).
+
+        The new model goes to ``modelsFolder()`` as ``output`` (a name; default: a new name from the
+        folder's) and is never written over an existing one. ``epochs`` and ``minutes`` bound the run;
+        ``settings`` sets other ``TrainingConfig`` fields (and ``architecture``, ``profile``). Returns a
+        ``TrainingReport`` (the new model, now in ``listModels()``, and the loss curve)."""
+        spec = self._teacherSpec(dataFolder, modality, output, epochs, minutes, device, settings)
+        return self._train(spec, useWorker, progress, cancel, showChart)
+
+    def startTrainTeacher(self, dataFolder, modality: str = "CT", output=None, epochs: int | None = None,
+                          minutes: float | None = None, device: str = "auto", settings: dict | None = None,
+                          showChart: bool = True) -> BackgroundJob:
+        """``trainTeacher`` in the worker process; poll the returned job (its loss curve fills in)."""
+        return self._startTraining(self._teacherSpec(dataFolder, modality, output, epochs, minutes, device,
+                                                     settings), showChart)
+
+    def distillStudent(self, dataFolder, teachers=None, weights=None, methods="kd", assistant: bool = False,
+                       output=None, epochs: int | None = None, minutes: float | None = None,
+                       temperature: float | None = None, device: str = "auto", useWorker: bool = False,
+                       progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+                       settings: dict | None = None, showChart: bool = True) -> TrainingReport:
+        """Distil a student from one or several teachers on a folder of ``images/`` (+ ``labels/``) (blocking).
+
+        ``teachers``: model names, folders or ``ModelInfo``s (one alone is fine), mixed with ``weights``
+        (default: equal). ``methods``: an engine method string ("kd", "cwd+coteacher", "kd:1+cwd:0.5",
+        see ``distillationMethods()``) or {method: weight}. ``assistant``: teacher(s) -> a mid-size
+        assistant (saved as ``<output>-assistant``) -> the student. ``temperature``: the KD temperature.
+        The bundle records the methods, the teachers with their weights and the chain."""
+        spec = self._studentSpec(dataFolder, teachers, weights, methods, assistant, output, epochs, minutes,
+                                 temperature, device, settings)
+        return self._train(spec, useWorker, progress, cancel, showChart)
+
+    def startDistillStudent(self, dataFolder, teachers=None, weights=None, methods="kd", assistant: bool = False,
+                            output=None, epochs: int | None = None, minutes: float | None = None,
+                            temperature: float | None = None, device: str = "auto", settings: dict | None = None,
+                            showChart: bool = True) -> BackgroundJob:
+        """``distillStudent`` in the worker process; poll the returned job (its loss curve fills in)."""
+        return self._startTraining(self._studentSpec(dataFolder, teachers, weights, methods, assistant, output,
+                                                     epochs, minutes, temperature, device, settings), showChart)
+
+    def distillUnpaired(self, ctFolder, mrFolder, ctTeacher=None, mrTeacher=None, output=None,
+                        epochs: int | None = None, minutes: float | None = None, temperature: float | None = None,
+                        device: str = "auto", useWorker: bool = False, progress: Progress | None = None,
+                        cancel: Callable[[], bool] | None = None, settings: dict | None = None,
+                        showChart: bool = True) -> TrainingReport:
+        """One student for CT and MR from unpaired CT and MR folders (Dou et al. 2020: shared kernels,
+        normalisation per modality), with pixel KD from each modality's teacher when given (blocking)."""
+        spec = self._unpairedSpec(ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs, minutes, temperature,
+                                  device, settings)
+        return self._train(spec, useWorker, progress, cancel, showChart)
+
+    def startDistillUnpaired(self, ctFolder, mrFolder, ctTeacher=None, mrTeacher=None, output=None,
+                             epochs: int | None = None, minutes: float | None = None,
+                             temperature: float | None = None, device: str = "auto", settings: dict | None = None,
+                             showChart: bool = True) -> BackgroundJob:
+        """``distillUnpaired`` in the worker process; poll the returned job (its loss curve fills in)."""
+        return self._startTraining(self._unpairedSpec(ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs,
+                                                      minutes, temperature, device, settings), showChart)
+
+    def interruptedTrainings(self) -> list[Path]:
+        """Outputs of killed or cancelled training runs in the models folders, newest first (no torch needed)."""
+        return training.interrupted_trainings(self.modelFolders())
+
+    def resumeTraining(self, output=None, useWorker: bool = False, progress: Progress | None = None,
+                       cancel: Callable[[], bool] | None = None, showChart: bool = True) -> TrainingReport:
+        """Continue an interrupted run (default: the newest) from its last finished epoch, with the data,
+        teachers and settings it was started with; the result equals an uninterrupted run."""
+        return self._train(self._resumeSpec(output), useWorker, progress, cancel, showChart)
+
+    def startResumeTraining(self, output=None, showChart: bool = True) -> BackgroundJob:
+        """``resumeTraining`` in the worker process."""
+        return self._startTraining(self._resumeSpec(output), showChart)
+
+    def discardInterruptedTraining(self, output=None) -> bool:
+        """Delete an interrupted run's checkpoints (default: the newest run); finished models are kept."""
+        runs = self.interruptedTrainings()
+        output = Path(output) if output else (runs[0] if runs else None)
+        return training.discard_run(output) if output is not None else False
+
+    def _resumeSpec(self, output) -> dict:
+        runs = self.interruptedTrainings()
+        if output is None:
+            if not runs:
+                raise InvalidInputError("There is no interrupted training run to resume.", "Start a new run instead.")
+            output = runs[0]
+        output = Path(output) if "/" in str(output) or "\\" in str(output) else self.modelsFolder() / str(output)
+        spec = training.training_record(output)
+        spec.update(resume=True, output=str(output), user_folders=self.modelFolders())
+        dependencies.ensure_dependencies()
+        jobs.check_training_spec(spec)
+        return spec
+
+    def _trainingSpec(self, job: str, output, defaultName: str, epochs, minutes, temperature, device, settings,
+                      chain: bool = False, **fields) -> dict:
+        """Check everything before anything is written, and name the output (a new name in ``modelsFolder()``)."""
+        options = {"epochs": epochs, "device": device, "kd_temperature": temperature,
+                   "time_budget_s": float(minutes) * 60.0 if minutes else None, **(settings or {})}
+        path = training.output_path(self.modelsFolder(), output, defaultName, chain)
+        spec = {"job": job, "output": str(path), "settings": {k: v for k, v in options.items() if v is not None},
+                "user_folders": self.modelFolders(), **fields}
+        dependencies.ensure_dependencies()
+        jobs.check_training_spec(spec)  # unknown settings, method typos, weights: refused now, not in the worker
+        return spec
+
+    def _teacherSpec(self, dataFolder, modality, output, epochs, minutes, device, settings) -> dict:
+        data = training.check_data_folder(dataFolder)
+        modality = normalize_modality(modality)
+        return self._trainingSpec("train_teacher", output, self._defaultName(data, modality, "teacher"), epochs,
+                                  minutes, None, device, settings, data=str(data), modality=modality)
+
+    def _studentSpec(self, dataFolder, teachers, weights, methods, assistant, output, epochs, minutes, temperature,
+                     device, settings) -> dict:
+        data = training.check_data_folder(dataFolder)
+        if teachers is None or isinstance(teachers, (str, os.PathLike, catalog.ModelInfo)):
+            teachers = [teachers] if teachers else []
+        infos = [self._modelInfo(t) for t in teachers]
+        if not infos:
+            raise InvalidInputError("No teacher was given.", "Pick at least one teacher model to distil from.")
+        modalities = {info.modality for info in infos}
+        if len(modalities) > 1:
+            raise InvalidInputError(f"The teachers are for different modalities ({', '.join(sorted(modalities))}).",
+                                    "Mix only teachers of one modality (for CT and MR, distil a CT+MR student).")
+        if weights is not None and len(list(weights)) != len(infos):
+            raise InvalidInputError(f"{len(list(weights))} teacher weights for {len(infos)} teachers.",
+                                    "Give one weight per teacher, or none (equal weights).")
+        if not isinstance(methods, str):
+            methods = training.method_string(methods)
+        return self._trainingSpec(
+            "distill", output, self._defaultName(data, infos[0].modality, "student"), epochs, minutes, temperature,
+            device, {"methods": methods, **(settings or {})}, bool(assistant), data=str(data),
+            teachers=[str(info.path) for info in infos], weights=[float(w) for w in weights] if weights else None,
+            assistant=bool(assistant))
+
+    def _unpairedSpec(self, ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs, minutes, temperature, device,
+                      settings) -> dict:
+        ct = training.check_data_folder(ctFolder, "CT data folder")
+        mr = training.check_data_folder(mrFolder, "MR data folder")
+        paths = {}
+        for key, teacher, modality in (("ct_teacher", ctTeacher, "CT"), ("mr_teacher", mrTeacher, "MR")):
+            info = self._modelInfo(teacher) if teacher else None
+            if info is not None and not info.serves(modality):
+                raise InvalidInputError(f"'{info.name}' is a {info.modality} model, not a {modality} teacher.",
+                                        f"Pick a {modality} teacher (or none) for the {modality} data.")
+            paths[key] = str(info.path) if info is not None else None
+        return self._trainingSpec("distill_unpaired", output, self._defaultName(ct, "CT+MR", "student"), epochs,
+                                  minutes, temperature, device, settings, ct_data=str(ct), mr_data=str(mr), **paths)
+
+    @staticmethod
+    def _defaultName(data: Path, modality: str, role: str) -> str:
+        """'<data folder>-<modality>-<role>', each modality named once: 'abdomen-ct-teacher', 'ct-mr-student'."""
+        tags = [training.slug(m) for m in modality.split("+")]
+        return "-".join([p for p in training.slug(data.name).split("-") if p not in tags] + tags + [role])
+
+    def _train(self, spec: dict, useWorker: bool, progress, cancel, showChart: bool) -> TrainingReport:
+        if useWorker:
+            return self._startTraining(spec, showChart).wait(progress=progress)
+        curve = training.TrainingCurve(Path(spec["output"]).name, bool(spec.get("assistant")))
+        try:
+            if showChart:
+                curve.show()
+
+            def report(fraction: float, stage: str) -> None:
+                curve.update(stage)
+                if progress is not None:
+                    progress(fraction, stage)
+
+            return self._trainingReport(spec, curve, jobs.train_model(spec, report, cancel))
+        except BaseException:
+            curve.remove()  # a failed or cancelled run leaves no node and no model
+            raise
+
+    def _startTraining(self, spec: dict, showChart: bool) -> BackgroundJob:
+        self.worker.start()  # a cold worker imports torch while the scene is prepared
+        folder = self._jobFolder()  # the job's private folder (training needs no temporary files)
+        output = Path(spec["output"])
+        curve = training.TrainingCurve(output.name, bool(spec.get("assistant")))
+        if showChart:
+            curve.show()
+
+        def finish(outputs: dict) -> TrainingReport:
+            return self._trainingReport(spec, curve, outputs)
+
+        def abort() -> None:
+            curve.remove()
+            training.discard_if_unstarted(output, bool(spec.get("assistant")))  # a killed worker cannot clean up
+
+        what = {"train_teacher": "Training of teacher", "distill": "Distillation of",
+                "distill_unpaired": "CT+MR distillation of"}[spec["job"]]
+        return self._submit(spec, finish, folder, f"{what} {output.name}",
+                            on_progress=lambda fraction, stage: curve.update(stage), on_abort=abort)
+
+    def _trainingReport(self, spec: dict, curve: training.TrainingCurve, outputs: dict) -> TrainingReport:
+        assistant = outputs.get("assistant") or {}
+        curve.replace(list(outputs["epoch_loss"]), assistant.get("epoch_loss"))
+        task = {job: task for task, job in training.TASKS.items()}[spec["job"]]
+        return TrainingReport(
+            model=catalog.read_model_info(outputs["bundle"], "user"), task=task, methods=str(outputs["methods"]),
+            teachers=list(outputs["teachers"]), lossCurve=curve, epochLoss=list(outputs["epoch_loss"]),
+            stoppedByBudget=bool(outputs["stopped_by_budget"]), validationDice=dict(outputs["validation_dice"]),
+            assistant=catalog.read_model_info(assistant["bundle"], "user") if assistant else None, outputs=outputs)

@@ -108,28 +108,47 @@ def labels_from_segmentation(segmentation_node, volume_node, names: dict[int, st
     ignored. The user's node is never touched: a temporary copy is exported and removed again.
     """
     by_name = {_normalized(n): segment_id for segment_id, n in segment_names(segmentation_node).items()}
-    matched = [(value, by_name[_normalized(n)]) for value, n in sorted(names.items()) if _normalized(n) in by_name]
+    matched = {by_name[_normalized(n)]: value for value, n in sorted(names.items()) if _normalized(n) in by_name}
     if not matched:
         raise InvalidInputError(
             f"No segment of '{segmentation_node.GetName()}' is named like a structure of the model.",
             f"Name the reference segments like the model's structures: {', '.join(names.values())}.",
         )
+    return labels_from_segments(segmentation_node, volume_node, matched)
+
+
+def labels_from_segments(segmentation_node, volume_node, values: dict[str, int]) -> Volume:
+    """Segments (ID -> label value) of a user's segmentation as one label volume on ``volume_node``'s grid.
+
+    Slicer's own export resamples each segment onto the volume's geometry (IJK-to-RAS, so oblique and
+    anisotropic grids included, and parent transforms); voxels of no listed segment are 0. The user's
+    node is never touched: a temporary copy is exported and removed again, with everything the export
+    added to the scene.
+    """
+    if not values:
+        raise InvalidInputError(f"No segment of '{segmentation_node.GetName()}' was chosen.",
+                                "Choose at least one segment.")
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise InvalidInputError("The volume has no image data.", "Select a loaded scalar volume.")
     scene = slicer.mrmlScene
     existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    ordered = list(values.items())
     try:
-        copy = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedKDSegment temporary reference")
+        copy = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedKDSegment temporary segmentation")
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "MedKDSegment temporary labelmap")
         copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+        if segmentation_node.GetTransformNodeID():  # the export maps through the copy's transform
+            copy.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
         ids = vtk.vtkStringArray()
-        for _, segment_id in matched:
+        for segment_id, _ in ordered:
             ids.InsertNextValue(segment_id)
         logic = slicer.modules.segmentations.logic()
         if not logic.ExportSegmentsToLabelmapNode(copy, ids, labelmap, volume_node):
             raise InvalidInputError(f"'{segmentation_node.GetName()}' could not be converted to labels.",
-                                    "Check that it overlaps the input volume.")
+                                    "Check that it overlaps the volume.")
         exported = volume_from_node(labelmap)
-        lookup = np.zeros(len(matched) + 1, np.uint8)  # the export numbers segments 1..n in the given order
-        for index, (value, _) in enumerate(matched, start=1):
+        lookup = np.zeros(len(ordered) + 1, np.uint8)  # the export numbers segments 1..n in the given order
+        for index, (_, value) in enumerate(ordered, start=1):
             lookup[index] = value
         return exported.with_array(lookup[np.asarray(exported.array)])
     finally:

@@ -1,0 +1,574 @@
+"""Unpaired CT + MR student (Dou et al., IEEE TMI 2020): one network segments both modalities.
+
+Every convolution kernel is shared between CT and MR; only the normalisation layers are
+separate, one copy per modality (``ModalityNorm``), because intensity statistics differ far
+more between modalities than the anatomy does. Training draws one CT batch and one MR batch
+(from different patients: unpaired) per step, runs each through the network with its own
+normalisation layers, and adds to the per-modality Dice + cross-entropy a symmetric KL term
+that aligns per-class "prototype" predictions across the two modalities (``PrototypeKL``).
+Per-modality pixel-wise KD from that modality's teacher can be added (``kd_weight``).
+
+A bundle made here records, per modality, its preprocessing profile and which normalisation
+layers to use (``medkdsegment.modalities``, see README "Model bundle format"); inference picks
+them from the volume's modality on every call, so one cached network serves both modalities.
+
+Like-for-like baseline (same architecture, same budget): distil each modality on its own with
+``training.distill_student(data, teacher, output, config, architecture)`` and the *same*
+``TrainingConfig``: each then sees as many patches of its modality per step (``batch_size``)
+and as many steps as the shared student sees of that modality here; segment the same held-out
+volumes with both (``inference.segment``; one CT+MR bundle serves both modalities).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .data import Case, load_cases, sample_batch
+from .device import select_device
+from .errors import CancelledError, InvalidInputError
+from .labels import ABDOMEN_STRUCTURES
+from .losses import PixelKD, SupervisedLoss
+from .networks import STUDENT_CONFIG, build_network, full_resolution
+from .profiles import DEFAULT_PROFILES, Profile
+from .volume import normalize_modality
+
+if TYPE_CHECKING:  # bundle.py imports this module; the training side imports bundle lazily
+    from .bundle import Bundle
+    from .training import TrainingConfig
+
+Progress = Callable[[float, str], None]
+# Normalisation layers made modality-specific (BatchNorm and InstanceNorm in the project's
+# networks; GroupNorm and LayerNorm too, so MONAI networks built with them work as well).
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+PROTOTYPE_WEIGHT = 0.5  # λ of the paper
+PROTOTYPE_TEMPERATURE = 2.0  # τ of the paper
+
+
+# --- modality-specific normalisation ----------------------------------------------------------------------
+
+
+class ModalityNorm(nn.Module):
+    """One copy of a normalisation layer per modality; ``forward`` uses the active one.
+
+    The copies start as deep copies of the original layer (same affine parameters and running
+    statistics) and then learn apart. ``active`` is the index into ``modalities``; it is set for
+    the whole network at once by ``use_modality``. State-dict keys are ``<layer>.norms.<index>.*``.
+    """
+
+    def __init__(self, norm: nn.Module, modalities: Sequence[str]) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.norms = nn.ModuleList(copy.deepcopy(norm) for _ in self.modalities)
+        self.active = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norms[self.active](x)
+
+    def extra_repr(self) -> str:
+        return f"modalities={self.modalities}, active={self.modalities[self.active]!r}"
+
+
+def _modality_norms(network: nn.Module) -> list[ModalityNorm]:
+    return [m for m in network.modules() if isinstance(m, ModalityNorm)]
+
+
+def make_modality_specific(network: nn.Module, modalities: Sequence[str] = ("CT", "MR")) -> nn.Module:
+    """Replace every normalisation layer of ``network`` in place by a ``ModalityNorm``; returns it.
+
+    Convolutions (and every other parameter) are untouched, so they stay the same tensors and
+    are shared by all modalities; the norm index of a modality is its position in ``modalities``.
+    Works on any ``nn.Module`` (MONAI ``UNet``, ``FastStudent``) since layers are found by type.
+    """
+    names = tuple(normalize_modality(m) for m in modalities)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"modalities must be distinct and non-empty, got {modalities!r}")
+    if _modality_norms(network):
+        raise ValueError("the network is already modality-specific")
+    # Collected first: replacing while iterating modules() would visit the new layers.
+    targets = [
+        (parent, name, child)
+        for parent in network.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, NORM_TYPES)
+    ]
+    if not targets:
+        raise ValueError("the network has no normalisation layers to make modality-specific")
+    for parent, name, child in targets:
+        setattr(parent, name, ModalityNorm(child, names))
+    return network
+
+
+def network_modalities(network: nn.Module) -> tuple[str, ...]:
+    """The modalities of a modality-specific network in norm-index order; () for an ordinary one."""
+    layers = _modality_norms(network)
+    return layers[0].modalities if layers else ()
+
+
+def current_modality(network: nn.Module) -> str | None:
+    """The modality whose normalisation layers ``network`` uses now (None if not modality-specific)."""
+    layers = _modality_norms(network)
+    return layers[0].modalities[layers[0].active] if layers else None
+
+
+class _Selection:
+    """Returned by ``use_modality``: the choice is already made; ``with`` restores the previous one on exit."""
+
+    def __init__(self, layers: list[ModalityNorm], previous: int) -> None:
+        self._layers, self._previous = layers, previous
+
+    def __enter__(self) -> _Selection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for layer in self._layers:
+            layer.active = self._previous
+
+
+def use_modality(network: nn.Module, modality: str) -> _Selection:
+    """Make ``network`` use ``modality``'s normalisation layers, now.
+
+    Usable as a plain setter (``use_modality(net, "MR")``) or as a context manager
+    (``with use_modality(net, "MR"): ...``) that restores the previous choice afterwards.
+    A network shared between jobs (``jobs.NetworkCache``) must be set on every call.
+    """
+    layers = _modality_norms(network)
+    if not layers:
+        raise ValueError("the network has no modality-specific normalisation layers (see make_modality_specific)")
+    name = normalize_modality(modality)
+    known = layers[0].modalities
+    if name not in known:
+        raise InvalidInputError(
+            f"This network has normalisation layers for {'+'.join(known)}, not for {name}.",
+            f"Use a model made for {name} volumes, or override the modality if it was detected wrongly.",
+        )
+    previous = layers[0].active
+    for layer in layers:
+        layer.active = known.index(name)
+    return _Selection(layers, previous)
+
+
+# --- the prototype loss -----------------------------------------------------------------------------------
+
+
+def class_prototypes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class k, the mean logit vector over voxels labelled k: (K, C), and which classes occur: (K,).
+
+    ``logits`` (N, C, D, H, W), ``labels`` (N, 1, D, H, W) integers in 0..C-1, on the same grid.
+    Sums with ``index_add`` rather than a one-hot product: memory stays O(voxels), not O(voxels·C).
+    """
+    classes = logits.shape[1]
+    flat = logits.movedim(1, -1).reshape(-1, classes)
+    index = labels.reshape(-1).long()
+    counts = torch.bincount(index, minlength=classes)[:classes]
+    sums = flat.new_zeros(classes, classes).index_add(0, index, flat)
+    return sums / counts.clamp_min(1).unsqueeze(1).to(flat.dtype), counts > 0
+
+
+class PrototypeKL(nn.Module):
+    """Dou et al.'s cross-modal prototype loss (IEEE TMI 2020, docs/distillation.md).
+
+    Per class k and modality, the prototype z̄_k is the mean logit vector over the voxels labelled
+    k (``class_prototypes``); q_k = softmax(z̄_k / τ), τ = 2; the loss is
+    L = (1/K) Σ_k ½ [KL(q_k^a ‖ q_k^b) + KL(q_k^b ‖ q_k^a)], symmetric in the two modalities.
+
+    - Classes absent from either batch are skipped: K counts only the classes present in both
+      (background included); with none in common the loss is 0 (with a gradient graph, so a
+      step still runs).
+    - Both sides receive gradients (nothing is detached): each modality is pulled toward the other.
+    - No T² factor: the paper's and the formula's scale, weighted by λ = 0.5 in the total loss.
+    """
+
+    def __init__(self, temperature: float = PROTOTYPE_TEMPERATURE) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(
+        self, logits_a: torch.Tensor, labels_a: torch.Tensor, logits_b: torch.Tensor, labels_b: torch.Tensor
+    ) -> torch.Tensor:
+        prototypes_a, present_a = class_prototypes(logits_a.float(), labels_a)
+        prototypes_b, present_b = class_prototypes(logits_b.float(), labels_b)
+        both = present_a & present_b
+        if not bool(both.any()):
+            return prototypes_a.sum() * 0.0 + prototypes_b.sum() * 0.0
+        log_a = F.log_softmax(prototypes_a[both] / self.temperature, dim=1)
+        log_b = F.log_softmax(prototypes_b[both] / self.temperature, dim=1)
+        kl_ab = (log_a.exp() * (log_a - log_b)).sum(dim=1)
+        kl_ba = (log_b.exp() * (log_b - log_a)).sum(dim=1)
+        return (0.5 * (kl_ab + kl_ba)).mean()
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnpairedHistory:
+    epoch_loss: list[float] = field(default_factory=list)  # total loss per epoch
+    # Per epoch, unweighted, None where a term never ran: Dice+CE and pixel KD per modality, PrototypeKL.
+    supervised: dict[str, list[float | None]] = field(default_factory=dict)
+    prototype: list[float | None] = field(default_factory=list)
+    kd: dict[str, list[float | None]] = field(default_factory=dict)
+    first_step_loss: float = math.nan
+    stopped_by_budget: bool = False
+
+
+Data = str | os.PathLike | list[Case]
+
+
+def distill_unpaired(
+    ct_data: Data,
+    mr_data: Data,
+    output: str | os.PathLike,
+    ct_teacher: str | os.PathLike | Bundle | None = None,
+    mr_teacher: str | os.PathLike | Bundle | None = None,
+    config: TrainingConfig | None = None,
+    architecture: dict | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    *,
+    profiles: dict[str, Profile] | None = None,
+    prototype_weight: float = PROTOTYPE_WEIGHT,
+    prototype_temperature: float = PROTOTYPE_TEMPERATURE,
+) -> Bundle:
+    """Train one CT + MR student and write it as a new bundle (never overwriting ``output``).
+
+    Loss per step: Dice+CE(CT batch) + Dice+CE(MR batch) + ``prototype_weight`` · PrototypeKL
+    + ``config.kd_weight`` · (KD_CT + KD_MR), KD being pixel-wise KL at ``config.kd_temperature``
+    from that modality's teacher (a term is left out when its teacher is not given; set
+    ``kd_weight=0`` to train without KD while still recording the teachers).
+
+    ``*_data``: a folder (``DIR/images``, ``DIR/labels``) or a list of ``Case``s already on the
+    model grid (benchmarks). Profiles: ``profiles[m]`` if given, else the teacher's, else the
+    default; a teacher must be given data prepared its own way. Teacher outputs are cached on the
+    cases (``Case.teacher``, by ``training.cache_teacher_outputs``).
+    Checkpoints go to ``training.checkpoint_dir_for(output)`` every epoch; ``resume`` continues
+    them; ``cancel`` raises ``CancelledError`` and leaves no bundle.
+    """
+    # Imported here: bundle.py imports this module for the network side.
+    from .bundle import Bundle, resolve_bundle, save_bundle
+    from .training import (
+        TrainingConfig,
+        checkpoint_dir_for,
+        evaluate,
+        seed_everything,
+        split_cases,
+    )
+
+    output = Path(output)
+    if output.exists():
+        raise InvalidInputError(
+            f"'{output}' already exists; models are never overwritten.", "Choose a new output name."
+        )
+    config = config or TrainingConfig()
+    architecture = architecture or STUDENT_CONFIG
+    report = progress or (lambda fraction, stage: None)
+    structures = ABDOMEN_STRUCTURES
+    num_classes = len(structures) + 1
+    modalities = ("CT", "MR")
+    data = {"CT": ct_data, "MR": mr_data}
+    given = {"CT": ct_teacher, "MR": mr_teacher}
+    teachers = {m: t if t is None or isinstance(t, Bundle) else resolve_bundle(t) for m, t in given.items()}
+    chosen = _choose_profiles(teachers, {normalize_modality(k): v for k, v in (profiles or {}).items()}, num_classes)
+
+    cases: dict[str, list[Case]] = {}
+    for position, modality in enumerate(modalities):
+        source = data[modality]
+        if isinstance(source, list):
+            cases[modality] = source
+        else:
+            cases[modality] = load_cases(
+                source, chosen[modality], num_classes, lambda f, m, p=position: report(0.025 * (p + f), m)
+            )
+        if not cases[modality]:
+            raise InvalidInputError(f"No {modality} cases were given.", f"Give a folder of {modality} images/labels.")
+        if teachers[modality] is None and not any(c.labels is not None for c in cases[modality]):
+            raise InvalidInputError(
+                f"No labelled {modality} cases to train on, and no {modality} teacher.",
+                f"Add labels in DIR/labels (same file names as images), or give --{modality.lower()}-teacher.",
+            )
+    split = {m: split_cases(cases[m], config.validation_fraction, config.seed) for m in modalities}
+    train = {m: split[m][0] for m in modalities}
+    validation = {m: split[m][1] for m in modalities}
+
+    seed_everything(config.seed)
+    network = make_modality_specific(build_network(architecture, num_classes), modalities)
+    teacher_networks = {m: _teacher_network(b, m) for m, b in teachers.items() if b is not None}
+    checkpoint_dir = checkpoint_dir_for(output)
+    history = train_unpaired(
+        network,
+        train,
+        config,
+        checkpoint_dir,
+        teacher_networks,
+        resume,
+        lambda f, m: report(0.05 + 0.9 * f, m),
+        cancel,
+        prototype_weight=prototype_weight,
+        prototype_temperature=prototype_temperature,
+    )
+    device = select_device(config.device)
+    report(0.96, "recalibrating batch-norm statistics on whole volumes, per modality")
+    recalibrate_per_modality(network, train, device)
+    metrics: dict = {
+        "train_loss": history.epoch_loss,
+        "train_supervised": history.supervised,
+        "train_prototype_kl": history.prototype,
+        "train_kd": history.kd,
+        "stopped_by_budget": history.stopped_by_budget,
+    }
+    validation_dice = {}
+    for modality in modalities:
+        if validation[modality]:
+            with use_modality(network, modality):
+                dice = evaluate(network, validation[modality], num_classes, device)
+            validation_dice[modality] = {structures[label - 1].name: value for label, value in dice.items()}
+    if validation_dice:
+        metrics["validation_dice"] = validation_dice
+    used_kd = bool(teacher_networks)
+    method = {
+        "name": "unpaired_kd" if used_kd else "unpaired",
+        "reference": "Dou et al., IEEE TMI 2020 (shared kernels, per-modality normalisation, prototype KL)",
+        "prototype_weight": prototype_weight,
+        "prototype_temperature": prototype_temperature,
+        "training": asdict(config),
+    }
+    if used_kd:
+        method |= {"kd_temperature": config.kd_temperature, "kd_weight": config.kd_weight}
+    report(0.98, "writing the bundle")
+    counts = ", ".join(f"{len(train[m])} {m}" for m in modalities)
+    bundle = save_bundle(
+        output,
+        network.cpu(),
+        name=output.name,
+        role="student",
+        architecture=architecture,
+        profile=chosen["CT"],
+        profiles=chosen,
+        teachers=teachers,
+        structures=structures,
+        method=method,
+        teacher=teachers["CT"] or teachers["MR"],
+        metrics=metrics,
+        description=f"CT+MR phantom-abdomen student ({method['name']}) trained on {counts} unpaired cases",
+    )
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    report(1.0, "done")
+    return bundle
+
+
+def _choose_profiles(teachers: dict, explicit: dict[str, Profile], num_classes: int) -> dict[str, Profile]:
+    """Per modality: the explicit profile, else the teacher's, else the default; teachers are checked."""
+    chosen = {}
+    for modality, teacher in teachers.items():
+        profile = explicit.get(modality)
+        if teacher is not None:
+            if modality not in teacher.modalities:
+                raise InvalidInputError(
+                    f"The {modality} teacher '{teacher.name}' is a {teacher.modality} model.",
+                    f"Give a {modality} teacher for --{modality.lower()}-teacher.",
+                )
+            if teacher.num_classes != num_classes:
+                raise InvalidInputError(
+                    f"Teacher '{teacher.name}' has {teacher.num_classes} classes, expected {num_classes}.",
+                    "Use a teacher with the phantom-abdomen label table.",
+                )
+            if profile is not None and profile != teacher.profile_for(modality):
+                raise InvalidInputError(
+                    f"The {modality} profile given differs from that of teacher '{teacher.name}'.",
+                    "Leave the profile out (the teacher's is used) or give the teacher's.",
+                )
+            profile = teacher.profile_for(modality)
+        profile = profile or DEFAULT_PROFILES[modality]
+        if profile.modality != modality:
+            raise InvalidInputError(f"The profile given for {modality} is a {profile.modality} profile.")
+        chosen[modality] = profile
+    return chosen
+
+
+def _teacher_network(bundle: Bundle, modality: str) -> nn.Module:
+    network = bundle.load_network()
+    if bundle.modality_specific:  # a CT+MR teacher: its own network, fixed to this modality
+        use_modality(network, modality)
+    return network
+
+
+def train_unpaired(
+    network: nn.Module,
+    cases: dict[str, list[Case]],
+    config: TrainingConfig,
+    checkpoint_dir: Path,
+    teachers: dict[str, nn.Module] | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    *,
+    prototype_weight: float = PROTOTYPE_WEIGHT,
+    prototype_temperature: float = PROTOTYPE_TEMPERATURE,
+) -> UnpairedHistory:
+    """Train a modality-specific ``network`` in place on ``cases[modality]`` (exactly two modalities).
+
+    This is not ``training.fit``: every step needs one batch *per modality*, each forwarded with
+    its own normalisation layers, and a loss (PrototypeKL) that couples the two forward passes;
+    fit draws one batch from one list of cases. The loop reuses fit's conventions and helpers:
+    per-epoch seeding from (seed, epoch) so a resumed run equals an uninterrupted one, an atomic
+    checkpoint every epoch, the cosine schedule, AMP on CUDA, the time budget and cancel.
+    """
+    from .training import _augment, cache_teacher_outputs, seed_everything  # bundle.py imports this module
+
+    report = progress or (lambda fraction, stage: None)
+    teachers = teachers or {}
+    modalities = network_modalities(network)
+    if len(modalities) != 2 or set(cases) != set(modalities):
+        raise ValueError(f"need cases for the network's two modalities {modalities}, got {tuple(cases)}")
+    device = select_device(config.device)
+    network.to(device).train()
+    for teacher in teachers.values():
+        teacher.to(device).eval()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-5)
+    total_steps = config.epochs * config.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    )
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    supervised, distill = SupervisedLoss(), PixelKD(config.kd_temperature)
+    prototype_kl = PrototypeKL(prototype_temperature)
+    history, start_epoch = UnpairedHistory(), 0
+
+    checkpoint = checkpoint_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        if not resume:
+            raise InvalidInputError(
+                f"An interrupted run left a checkpoint in '{checkpoint_dir}'.",
+                "Add --resume to continue it, or delete that folder to start again.",
+            )
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = UnpairedHistory(**state["history"])
+        start_epoch = int(state["epoch"])
+        report(start_epoch / config.epochs, f"resumed after epoch {start_epoch}")
+
+    for modality, teacher in teachers.items():
+        cache_teacher_outputs(teacher, cases[modality], device, lambda f, m, mod=modality: report(0.0, f"{mod}: {m}"))
+    started = time.monotonic()
+    for epoch in range(start_epoch, config.epochs):
+        if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
+            history.stopped_by_budget = True
+            report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
+            break
+        rng = seed_everything(config.seed * 100_003 + epoch)
+        network.train()
+        totals: list[float] = []
+        parts: dict[str, list[float]] = {}
+        for step in range(config.steps_per_epoch):
+            if cancel is not None and cancel():
+                raise CancelledError()
+            # Both batches are drawn before any forward pass so the random stream is fixed per step.
+            batches = {m: sample_batch(cases[m], config.batch_size, config.patch_size, rng) for m in modalities}
+            outputs = {}
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                loss = torch.zeros((), device=device)
+                for modality in modalities:
+                    images, labels, labelled, cached = batches[modality]
+                    images, labels = _augment(images.to(device), rng), labels.to(device)
+                    use_modality(network, modality)
+                    logits = full_resolution(network(images), images.shape[2:]).float()
+                    outputs[modality] = (logits[labelled.to(device)], labels[labelled.to(device)])
+                    if labelled.any():
+                        term = supervised(*outputs[modality])
+                        loss = loss + term
+                        parts.setdefault(f"supervised_{modality}", []).append(float(term.detach()))
+                    teacher = teachers.get(modality)
+                    if teacher is not None:
+                        if cached is not None:
+                            target = cached.to(device)
+                        else:
+                            with torch.no_grad():
+                                target = full_resolution(teacher(images), images.shape[2:]).float()
+                        term = distill(logits, target)
+                        loss = loss + config.kd_weight * term
+                        parts.setdefault(f"kd_{modality}", []).append(float(term.detach()))
+                term = prototype_kl(*outputs[modalities[0]], *outputs[modalities[1]])
+                loss = loss + prototype_weight * term
+                parts.setdefault("prototype", []).append(float(term.detach()))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            totals.append(float(loss.detach()))
+            if math.isnan(history.first_step_loss):
+                history.first_step_loss = totals[0]
+            done = (epoch * config.steps_per_epoch + step + 1) / total_steps
+            report(done, f"epoch {epoch + 1}/{config.epochs} loss {np.mean(totals):.4f}")
+        history.epoch_loss.append(float(np.mean(totals)))
+        history.prototype.append(_mean(parts.get("prototype")))
+        for modality in modalities:
+            history.supervised.setdefault(modality, []).append(_mean(parts.get(f"supervised_{modality}")))
+            if modality in teachers:
+                history.kd.setdefault(modality, []).append(_mean(parts.get(f"kd_{modality}")))
+        _save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1)
+    use_modality(network, modalities[0])
+    network.eval()
+    return history
+
+
+def _mean(values: list[float] | None) -> float | None:
+    """Mean of an epoch's values; None (valid JSON, unlike NaN) when a term never ran, e.g. no labels."""
+    return float(np.mean(values)) if values else None
+
+
+def _save_checkpoint(path: Path, network, optimizer, scheduler, history: UnpairedHistory, epoch: int) -> None:
+    """Atomic, like training's checkpoint, with this loop's history (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".partial")
+    state = {
+        "network": network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": asdict(history),
+        "epoch": epoch,
+    }
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def recalibrate_per_modality(network: nn.Module, cases: dict[str, list[Case]], device: torch.device) -> None:
+    """``training.recalibrate_batch_norm`` once per modality, each over that modality's whole volumes.
+
+    torch's ``update_bn`` resets *every* batch-norm layer it finds, the other modality's copies
+    included; those are saved before and restored after, so each copy only sees its own modality.
+    """
+    from .training import recalibrate_batch_norm  # bundle.py imports this module
+
+    layers = _modality_norms(network)
+    for modality, modality_cases in cases.items():
+        if not modality_cases:
+            continue
+        index = layers[0].modalities.index(normalize_modality(modality))
+        kept = [
+            (norm, copy.deepcopy(norm.state_dict()))
+            for layer in layers
+            for position, norm in enumerate(layer.norms)
+            if position != index
+        ]
+        with use_modality(network, modality):
+            recalibrate_batch_norm(network, modality_cases, device)
+        for norm, state in kept:
+            norm.load_state_dict(state)
+    network.eval()
