@@ -98,12 +98,12 @@ class MedKDSegmentParameterNode:
     studentModel: str = ""
     teacherModel: str = ""
     keepWorkerWarm: bool = True
-    fineTuneEpochs: int = 15
-    fineTuneMinutes: int = 0
     skipUnknownSegments: bool = False
+    # Bounded: the parameter node's spin-box connectors replace the .ui's range with the annotated one.
+    fineTuneEpochs: Annotated[int, WithinRange(1, 10000)] = 15
+    fineTuneMinutes: Annotated[int, WithinRange(0, 10080)] = 0
     trainTask: Annotated[str, Choice(list(TRAIN_TASK_CHOICES))] = "distil student"
     trainModality: Annotated[str, Choice(TRAIN_MODALITY_CHOICES)] = "CT"
-    # Bounded: the parameter node's spin-box connectors replace the .ui's range with the annotated one.
     trainEpochs: Annotated[int, WithinRange(1, 10000)] = 20
     trainMinutes: Annotated[int, WithinRange(0, 10080)] = 0
     trainTemperature: Annotated[float, WithinRange(0.1, 50.0)] = 4.0
@@ -291,8 +291,8 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folder=self.logic.modelsFolder())
 
         modality = self.effectiveModality()
-        self._students = [m for m in models if m.modality == modality and m.role == "student"]
-        self._teachers = [m for m in models if m.modality == modality and m.role == "teacher"]
+        self._students = self.logic.modelsFor(modality, "student", models)
+        self._teachers = self.logic.modelsFor(modality, "teacher", models)
         for comboBox, choices, role in ((self.ui.studentModelComboBox, self._students, "student"),
                                         (self.ui.teacherModelComboBox, self._teachers, "teacher")):
             wasBlocked = comboBox.blockSignals(True)
@@ -800,6 +800,12 @@ class MedKDSegmentLogic(ScriptedLoadableModuleLogic):
     def listModels(self, modality=None, role=None):
         """Bundled and user models (``ModelInfo``: name, role, modality, labels, parameters, size_mb, path)."""
         return self.sceneLogic.listModels(modality, role)
+
+    def modelsFor(self, modality, role, models):
+        """The models of ``role`` among ``models`` that segment ``modality`` (a CT+MR model serves both)."""
+        from MedKDSegmentLib import catalog
+
+        return catalog.models_for(modality, models, role)
 
     def detectModality(self, volumeNode):
         """(modality, source): from the DICOM Modality tag when the volume came from DICOM, else intensities."""

@@ -33,12 +33,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedKDSegment"))
 
-from MedKDSegmentLib.engine.bundle import resolve_bundle  # noqa: E402
+from MedKDSegmentLib.engine.bundle import load_bundle, save_bundle  # noqa: E402
 from MedKDSegmentLib.engine.data import Case  # noqa: E402
-from MedKDSegmentLib.engine.demo import model_name  # noqa: E402
 from MedKDSegmentLib.engine.device import select_device  # noqa: E402
+from MedKDSegmentLib.engine.errors import BundleError  # noqa: E402
 from MedKDSegmentLib.engine.inference import predict_scores  # noqa: E402
-from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, BRATS_STRUCTURES  # noqa: E402
+from MedKDSegmentLib.engine.labels import (  # noqa: E402
+    ABDOMEN_STRUCTURES,
+    BRATS_STRUCTURES,
+    Structure,  # noqa: E402
+)
 from MedKDSegmentLib.engine.measure import machine_description  # noqa: E402
 from MedKDSegmentLib.engine.metrics import dice_per_label  # noqa: E402
 from MedKDSegmentLib.engine.networks import (  # noqa: E402
@@ -50,16 +54,27 @@ from MedKDSegmentLib.engine.networks import (  # noqa: E402
     full_resolution,
 )
 from MedKDSegmentLib.engine.phantom import case_seed, generate_phantom  # noqa: E402
-from MedKDSegmentLib.engine.profiles import BRATS_FLAIR_PROFILE, DEFAULT_PROFILES, labels_to_model_grid, to_model_grid  # noqa: E402
+from MedKDSegmentLib.engine.profiles import (  # noqa: E402
+    BRATS_FLAIR_PROFILE,
+    DEFAULT_PROFILES,
+    Profile,
+    labels_to_model_grid,
+    to_model_grid,
+)
 from MedKDSegmentLib.engine.report import markdown_table, write_json, write_text  # noqa: E402
 from MedKDSegmentLib.engine.training import TrainingConfig, fit, recalibrate_batch_norm  # noqa: E402
 from MedKDSegmentLib.engine.volume import read_volume  # noqa: E402
 
 TEST_SEED = 5151  # distinct from training (0), the engine benchmark (777) and the demo (990001)
 TRAIN_CASES, TEST_CASES = 12, 6
-PATCH = (32, 64, 80)
+# A coarser grid than the bundled models' 3 mm, so that every student can be trained close to convergence
+# on a 2-core CPU: rankings of methods after a few percent of training say little.
+SPACING = 6.0
+PATCH = (24, 48, 48)
 BRATS = ROOT.parent / "shared" / "data" / "mr-brain-tumor-brats"
-BRATS_PATCH = (48, 64, 64)
+BRATS_SPACING = 4.0
+BRATS_PATCH = (24, 48, 48)
+WORK = ROOT / "build" / "benchmark_methods"  # teachers trained here, shared by sections and processes
 # Every phantom section runs these; "scratch" is supervised only (no teacher), the lower bound.
 # Ordered so that methods sharing a kind of cached teacher output (log-probabilities, then logits) follow
 # each other: the cache is filled once per kind and teacher, not once per method.
@@ -77,8 +92,12 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------- data
 
 
+def grid_profile(modality: str) -> Profile:
+    return replace(DEFAULT_PROFILES[modality], spacing=(SPACING,) * 3)
+
+
 def phantom_cases(modality: str, count: int, seed: int) -> list[Case]:
-    profile = DEFAULT_PROFILES[modality]
+    profile = grid_profile(modality)
     cases = []
     for index in range(count):
         image, labels = generate_phantom(modality, case_seed(seed, index))
@@ -92,7 +111,7 @@ def brats_cases(split: str) -> list[Case]:
     for folder in sorted((BRATS / split).iterdir()):
         image = read_volume(folder / "Flair_subtrMeanDivStd.nii.gz", "MR")
         labels = read_volume(folder / "OTMultiClass.nii.gz")
-        array, grid = to_model_grid(image, BRATS_FLAIR_PROFILE)
+        array, grid = to_model_grid(image, replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3))
         cases.append(Case(folder.name, array, labels_to_model_grid(labels, grid)))
     return cases
 
@@ -128,6 +147,25 @@ def train(architecture: dict, num_classes: int, cases: list[Case], config: Train
         fit(network, num_classes, cases, config, Path(folder) / "checkpoint", teacher=teacher)
     recalibrate_batch_norm(network, cases, select_device(config.device))
     return network
+
+
+def teacher_for(name: str, cases: list[Case], profile: Profile, structures: tuple[Structure, ...],
+                config: TrainingConfig, steps: int):
+    """The section's teacher, trained once (Dice + CE, labelled cases only) and kept as a bundle in WORK."""
+    folder = WORK / f"teacher-{name}-{steps}"
+    if not folder.exists():
+        log(f"{name}: training the teacher ({steps} steps)")
+        teacher_config = replace(config, methods="none", epochs=max(1, steps // config.steps_per_epoch),
+                                 learning_rate=5e-3)
+        network = train(TEACHER_CONFIG, len(structures) + 1, [c for c in cases if c.labels is not None],
+                        teacher_config)
+        try:
+            save_bundle(folder, network, name=folder.name, role="teacher", architecture=TEACHER_CONFIG,
+                        profile=profile, structures=structures, method={"name": "supervised"},
+                        description=f"methods benchmark teacher ({name})")
+        except BundleError:
+            pass  # another benchmark process saved the same teacher (same seed) first
+    return load_bundle(folder)
 
 
 def run_methods(section: str, methods: list[str], train_cases: list[Case], test_cases: list[Case], teacher,
@@ -169,28 +207,29 @@ def summarise(results: dict) -> dict:
 # ---------------------------------------------------------------- sections
 
 
-def phantom_section(modality: str, methods: list[str], config: TrainingConfig) -> dict:
-    teacher = resolve_bundle(model_name(modality, "teacher")).load_network()
+def phantom_section(modality: str, methods: list[str], config: TrainingConfig, teacher_steps: int) -> dict:
     labels = [s.value for s in ABDOMEN_STRUCTURES]
-    train_cases = phantom_cases(modality, TRAIN_CASES, 0)  # the teacher's own training subjects
+    train_cases = phantom_cases(modality, TRAIN_CASES, 0)
     test_cases = phantom_cases(modality, TEST_CASES, TEST_SEED)
-    return run_methods(modality, methods, train_cases, test_cases, teacher, len(labels) + 1, config, labels)
+    teacher = teacher_for(modality, train_cases, grid_profile(modality), ABDOMEN_STRUCTURES, config, teacher_steps)
+    return run_methods(modality, methods, train_cases, test_cases, teacher.load_network(), len(labels) + 1, config,
+                       labels)
 
 
-def unpaired_section(config: TrainingConfig, separate: dict) -> dict:
+def unpaired_section(config: TrainingConfig, teacher_steps: int, separate: dict) -> dict:
     from MedKDSegmentLib.engine.unpaired import distill_unpaired, use_modality
 
     labels = [s.value for s in ABDOMEN_STRUCTURES]
     train = {m: phantom_cases(m, TRAIN_CASES, 0) for m in ("CT", "MR")}
     test = {m: phantom_cases(m, TEST_CASES, TEST_SEED) for m in ("CT", "MR")}
+    teachers = {m: teacher_for(m, train[m], grid_profile(m), ABDOMEN_STRUCTURES, config, teacher_steps)
+                for m in ("CT", "MR")}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        bundle = distill_unpaired(
-            train["CT"], train["MR"], Path(folder) / "shared-student",
-            ct_teacher=resolve_bundle(model_name("CT", "teacher")),
-            mr_teacher=resolve_bundle(model_name("MR", "teacher")),
-            config=replace(config, methods="kd"), architecture=STUDENT_CONFIG,
-        )
+        torch.manual_seed(config.seed)
+        bundle = distill_unpaired(train["CT"], train["MR"], Path(folder) / "shared-student",
+                                  ct_teacher=teachers["CT"], mr_teacher=teachers["MR"],
+                                  config=replace(config, methods="kd"), architecture=STUDENT_CONFIG)
         network = bundle.load_network()
     results = {"seconds": time.perf_counter() - started, "parameters": count_parameters(network)}
     for modality in ("CT", "MR"):
@@ -199,7 +238,7 @@ def unpaired_section(config: TrainingConfig, separate: dict) -> dict:
         own = separate.get(modality, {}).get("kd", {})
         results[modality] = {"dice": dice, "mean": float(np.mean(dice)), "sd": float(np.std(dice)),
                              "separate_mean": own.get("mean", math.nan), "separate_sd": own.get("sd", math.nan)}
-        log(f"unpaired: shared student on {modality} {np.mean(dice):.3f} vs separate {own.get('mean', math.nan):.3f}")
+        log(f"unpaired: shared student on {modality} {np.mean(dice):.3f} vs separate {own.get('mean', math.nan)}")
     return results
 
 
@@ -208,13 +247,10 @@ def semi_section(config: TrainingConfig, teacher_steps: int) -> dict:
     cases = phantom_cases("CT", 20, 0)
     labelled = {0, 1}  # 10 % of 20
     test_cases = phantom_cases("CT", TEST_CASES, TEST_SEED)
-    teacher_config = replace(config, methods="none", epochs=max(1, teacher_steps // config.steps_per_epoch),
-                             learning_rate=5e-3)
-    log(f"semi: training the teacher on {len(labelled)} labelled volumes")
     semi_cases = without_labels(cases, labelled)
-    teacher = train(TEACHER_CONFIG, len(labels) + 1, [c for c in semi_cases if c.labels is not None], teacher_config)
-    # Supervised-only sees only the labelled volumes; the others see all 20 (18 without labels).
-    results = run_methods_semi(teacher, semi_cases, test_cases, labels, config)
+    # The teacher learns from the same 2 labelled volumes: no label the students are denied reaches them.
+    teacher = teacher_for("CT-semi", semi_cases, grid_profile("CT"), ABDOMEN_STRUCTURES, config, teacher_steps)
+    results = run_methods_semi(teacher.load_network(), semi_cases, test_cases, labels, config)
     results["labelled"], results["volumes"] = len(labelled), len(cases)
     return results
 
@@ -225,13 +261,14 @@ def run_methods_semi(teacher, cases, test_cases, labels, config) -> dict:
     log(f"semi: teacher {np.mean(results['teacher']['dice']):.3f}")
     for method in SEMI_METHODS:
         started = time.perf_counter()
-        if method == "scratch":
+        if method == "scratch":  # supervised only: the labelled volumes are all it can use
             network = train(STUDENT_CONFIG, num_classes, [c for c in cases if c.labels is not None],
                             replace(config, methods="none"))
         else:
             network = train(STUDENT_CONFIG, num_classes, cases, replace(config, methods=method), teacher)
         dice = dice_per_case(network, test_cases, labels)
-        results[method] = {"dice": dice, "seconds": time.perf_counter() - started}
+        results[method] = {"dice": dice, "seconds": time.perf_counter() - started,
+                           "parameters": count_parameters(network)}
         log(f"semi: {method} {np.mean(dice):.3f}")
     return summarise(results)
 
@@ -243,11 +280,10 @@ def brats_section(config: TrainingConfig, teacher_steps: int) -> dict:
     train_cases = brats_cases("train") + brats_cases("validation")
     test_cases = brats_cases("test")
     config = replace(config, patch_size=BRATS_PATCH)
-    teacher_config = replace(config, methods="none", epochs=max(1, teacher_steps // config.steps_per_epoch),
-                             learning_rate=5e-3)
-    log("brats: training the teacher")
-    teacher = train(TEACHER_CONFIG, len(labels) + 1, train_cases, teacher_config)
-    results = run_methods("brats", BRATS_METHODS, train_cases, test_cases, teacher, len(labels) + 1, config, labels)
+    profile = replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3)
+    teacher = teacher_for("brats", train_cases, profile, BRATS_STRUCTURES, config, teacher_steps)
+    results = run_methods("brats", BRATS_METHODS, train_cases, test_cases, teacher.load_network(), len(labels) + 1,
+                          config, labels)
     results["train_volumes"], results["test_volumes"] = len(train_cases), len(test_cases)
     return results
 
@@ -260,7 +296,8 @@ def method_rows(section: dict) -> list[dict]:
     for name, entry in section.items():
         if isinstance(entry, dict) and "mean" in entry:
             rows.append({"method": name, "dice": f"{entry['mean']:.3f} ± {entry['sd']:.3f}",
-                         "gap": "–" if name in ("teacher", "scratch") or math.isnan(entry["gap_closed"])
+                         "gap": "–" if name in ("teacher", "scratch") or entry.get("gap_closed") is None
+                         or math.isnan(entry["gap_closed"])
                          else f"{100 * entry['gap_closed']:.0f} %",
                          "parameters": entry.get("parameters", ""),
                          "seconds": f"{entry['seconds']:.0f}" if "seconds" in entry else ""})
@@ -331,6 +368,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps per student")
     parser.add_argument("--teacher-steps", type=int, default=400, help="steps for teachers trained here")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature (kd, ctkd start, multi-teacher)")
     parser.add_argument("--methods", nargs="+", help="only these methods (a quick check; default: each section's list)")
     parser.add_argument("--cases", type=int, nargs=2, metavar=("TRAIN", "TEST"), help="phantom counts (quick check)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmark_methods"))
@@ -339,7 +377,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     steps_per_epoch = 25
     config = TrainingConfig(epochs=max(1, args.steps // steps_per_epoch), steps_per_epoch=steps_per_epoch,
-                            batch_size=2, patch_size=PATCH, learning_rate=1e-2, kd_temperature=4.0,
+                            batch_size=2, patch_size=PATCH, learning_rate=1e-2, kd_temperature=args.temperature,
                             validation_fraction=0.0, device="cpu",
                             # The curriculum spans a third of these short runs (CTKD's paper: 10 of 240+ epochs).
                             ctkd_epochs=max(1, args.steps // steps_per_epoch // 3))
@@ -353,9 +391,9 @@ def main() -> int:
         started = time.perf_counter()
         if section in ("CT", "MR"):
             methods = PHANTOM_METHODS if section == "CT" else MR_METHODS
-            result = phantom_section(section, methods, config)
+            result = phantom_section(section, methods, config, args.teacher_steps)
         elif section == "unpaired":
-            result = unpaired_section(config, load_results(output)["sections"])
+            result = unpaired_section(config, args.teacher_steps, load_results(output)["sections"])
         elif section == "semi":
             result = semi_section(config, args.teacher_steps)
         elif section == "brats":

@@ -4,6 +4,7 @@ writes a new version linked to its parent, resumes, and leaves nothing behind wh
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,3 +399,17 @@ def test_finetune_refuses_existing_output_and_wrong_modality(tmp_path, small_cas
     with pytest.raises(InvalidInputError, match="is MR but model"):
         fine_tune(parent, [AnnotatedCase("mr", mr_image, mr_labels, ALL)], tmp_path / "x")
     assert not (tmp_path / "x").exists() and leftovers(tmp_path) == []
+
+
+def test_segment_name_matching_imports_no_torch():
+    # The module previews the matching in Slicer's own process, before any training job.
+    import subprocess
+    import sys
+
+    code = ("import sys; import MedKDSegmentLib.engine.segment_names as n; "
+            "m = n.match_segment_names(['Right_Kidney', 'tumour'], {3: 'right kidney'}); "
+            "assert m.matched == {'Right_Kidney': 3} and m.unknown == ['tumour']; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    root = Path(__file__).resolve().parents[2] / "MedKDSegment"
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -64,7 +64,7 @@ def interrupted_runs(folders: Iterable, parent_sha256: str | None) -> list[Path]
 
 def match_names(segment_names: Iterable[str], labels: dict[int, str], mapping: dict | None = None):
     """The engine's name matching (``engine.finetune.match_segment_names``) on plain names."""
-    from ..engine.finetune import match_segment_names
+    from ..engine.segment_names import match_segment_names
 
     return match_segment_names(list(segment_names), labels, mapping)
 

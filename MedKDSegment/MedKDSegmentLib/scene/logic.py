@@ -218,8 +218,8 @@ class SceneLogic:
 
     def listModels(self, modality: str | None = None, role: str | None = None) -> list[catalog.ModelInfo]:
         models = catalog.list_models(self.modelFolders(), self.includeBundled)
-        if modality:
-            models = [m for m in models if m.modality == normalize_modality(modality)]
+        if modality:  # a CT+MR model serves both
+            return catalog.models_for(normalize_modality(modality), models, role)
         return [m for m in models if role is None or m.role == role]
 
     def findModel(self, nameOrPath) -> catalog.ModelInfo:
@@ -229,7 +229,7 @@ class SceneLogic:
         """(student, teacher) offered for a modality: the first student and the teacher it learned from."""
         models = self.listModels()
         student = catalog.default_model(normalize_modality(modality), "student", models)
-        teacher = catalog.teacher_of(student, models) if student else \
+        teacher = catalog.teacher_of(student, models, modality) if student else \
             catalog.default_model(normalize_modality(modality), "teacher", models)
         return student, teacher
 
@@ -355,7 +355,7 @@ class SceneLogic:
         studentInfo = self._model(student, modality, "student")
         if teacher:
             return studentInfo, self._model(teacher, modality, "teacher")
-        teacherInfo = catalog.teacher_of(studentInfo, self.listModels())
+        teacherInfo = catalog.teacher_of(studentInfo, self.listModels(), modality)
         if teacherInfo is None:
             raise InvalidInputError(f"No teacher model for {modality} is installed.", "Pick a teacher model.")
         return studentInfo, teacherInfo
