@@ -313,7 +313,14 @@ def render(results: dict) -> str:
              f"Budget per student: {results['steps']} steps of batch {results['batch_size']}; "
              "same seed, same student architecture (FastStudent) for every method. Dice: mean ± sd over the "
              "test volumes of each volume's mean over structures. Gap closed: (method − scratch) / "
-             "(teacher − scratch).", ""]
+             "(teacher − scratch).", "",
+             f"Grid: phantoms at {SPACING:g} mm ({TRAIN_CASES} training, {TEST_CASES} test volumes per modality), "
+             f"BRATS FLAIR at {BRATS_SPACING:g} mm; teachers (MONAI UNet, 4.77 M parameters) trained here for "
+             f"{results.get('teacher_steps', '?')} steps with Dice + CE; KD temperature "
+             f"{results.get('temperature', '?')} (kd, ctkd start, multi-teacher). Reproduce: "
+             "`scripts/medkd-python scripts/benchmark_methods.py --steps "
+             f"{results['steps']} --teacher-steps {results.get('teacher_steps', '?')} "
+             f"--temperature {results.get('temperature', '?')} --threads 1`.", ""]
     titles = {"CT": "Phantom CT", "MR": "Phantom MR", "semi": "Semi-supervised CT (10 % labelled)",
               "brats": "BRATS 2013 FLAIR (real MRI)"}
     for key, title in titles.items():
@@ -330,8 +337,38 @@ def render(results: dict) -> str:
         lines += ["## Unpaired CT + MR: one shared student vs separate students (both KD, same size)", "",
                   markdown_table(rows, {"modality": "modality", "shared": "shared CT+MR student",
                                         "separate": "separate student"}), ""]
-    lines += ["![methods](benchmark_methods.png)", ""]
+    lines += ["## Against the targets", "", *target_lines(results["sections"]), "",
+              "![methods](benchmark_methods.png)", ""]
     return "\n".join(lines)
+
+
+def target_lines(sections: dict) -> list[str]:
+    """The issue's three targets, checked on this run's figures."""
+    lines = []
+    for key in ("CT", "MR"):
+        section = sections.get(key, {})
+        methods = {n: e for n, e in section.items() if isinstance(e, dict) and e.get("gap_closed") is not None
+                   and n not in ("teacher", "scratch", "assistant")}
+        if methods:
+            best = max(methods, key=lambda n: methods[n]["mean"])
+            gap = methods[best]["gap_closed"]
+            lines.append(f"- Phantom {key}: best method `{best}` closes {100 * gap:.0f} % of a "
+                         f"{section['teacher']['mean'] - section['scratch']['mean']:.3f} Dice gap "
+                         f"(target ≥ 50 %: {'met' if gap >= 0.5 else 'missed'}).")
+    if "unpaired" in sections:
+        u = sections["unpaired"]
+        better = [m for m in ("CT", "MR") if u[m]["mean"] > (u[m]["separate_mean"] or math.inf)]
+        worse = [m for m in ("CT", "MR") if u[m]["mean"] < (u[m]["separate_mean"] or -math.inf)]
+        met = bool(better) and not worse
+        lines.append(f"- Unpaired: the shared student is better on {better or 'no modality'} and worse on "
+                     f"{worse or 'none'} (target: better on one, not worse on the other: "
+                     f"{'met' if met else 'missed'}).")
+    if "semi" in sections:
+        semi = sections["semi"]
+        co, sup = semi["coteacher"]["mean"], semi["scratch"]["mean"]
+        lines.append(f"- Semi-supervised: co-teacher {co:.3f} vs supervised-only {sup:.3f} with the same labels "
+                     f"(target: co-teacher better: {'met' if co > sup else 'missed'}).")
+    return lines
 
 
 def chart(results: dict, path: Path) -> None:
@@ -405,7 +442,8 @@ def main() -> int:
         # and a stopped run keeps the figures it has.
         results = load_results(output)
         results["sections"][section] = result
-        results |= {"machine": machine_description(), "steps": args.steps, "batch_size": config.batch_size}
+        results |= {"machine": machine_description(), "steps": args.steps, "batch_size": config.batch_size,
+                    "teacher_steps": args.teacher_steps, "temperature": args.temperature}
         write_json(results, output.with_suffix(".json"))
     results = load_results(output)
     write_text(render(results), output.with_suffix(".md"))

@@ -2,7 +2,7 @@
 
     scripts/medkd-python scripts/build_models.py [--output Resources/Models] [--work build/models]
 
-On a 2-core CPU, one process per modality with one thread each is fastest (about 45 minutes):
+On a 2-core CPU, one process per modality with one thread each is fastest (about 75 minutes):
 
     scripts/medkd-python scripts/build_models.py --modalities CT --threads 1 &
     scripts/medkd-python scripts/build_models.py --modalities MR --threads 1

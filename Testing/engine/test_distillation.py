@@ -380,7 +380,7 @@ def teachers(tmp_path_factory):
 
 
 def test_cwd_plus_coteacher_learns_on_partly_unlabelled_data_and_is_recorded(tiny_data, teachers, tmp_path):
-    config = TrainingConfig(epochs=3, steps_per_epoch=4, methods="cwd+coteacher", **FAST)
+    config = TrainingConfig(epochs=4, steps_per_epoch=6, methods="cwd+coteacher", **FAST)
     student = distill_student(tiny_data, teachers[0], tmp_path / "student", config, TINY_STUDENT)
     method = student.info["method"]
     assert method["name"] == "cwd:1+coteacher:1"

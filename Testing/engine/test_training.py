@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import TINY_CT, TINY_STUDENT, TINY_TEACHER
 
-from MedKDSegmentLib.engine.data import load_cases
+from MedKDSegmentLib.engine.data import Case, load_cases, sample_batch
 from MedKDSegmentLib.engine.errors import CancelledError, InvalidInputError
 from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.metrics import dice_per_label
@@ -150,3 +150,31 @@ def test_cancelled_training_leaves_no_bundle(dataset, tmp_path):
     assert not list(tmp_path.glob(".partial-*"))
     assert checkpoint_dir_for(tmp_path / "never").exists()  # so that --resume can continue
     assert not math.isnan(len(calls))
+
+
+def test_unlabelled_volumes_are_sampled_where_the_teacher_sees_structures():
+    # A small structure in a large empty volume: random centres would almost never reach it.
+    image = np.zeros((40, 40, 40), np.float32)
+    teacher = np.full((3, 40, 40, 40), -10.0, np.float16)
+    teacher[0] = 0.0
+    teacher[0, 30:34, 30:34, 30:34], teacher[2, 30:34, 30:34, 30:34] = -10.0, 0.0
+    case = Case("unlabelled", image, None, teacher, teacher_source=("log_probs", "t"))
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(30):
+        _, _, labelled, cached = sample_batch([case], 1, (8, 8, 8), rng)
+        assert not labelled.any()
+        hits += int((cached[0].argmax(0) == 2).any())
+    assert hits >= 15  # about two thirds of patches are centred on the teacher's structure
+    assert (case.guide_labels()[30:34, 30:34, 30:34] == 2).all() and case.guide_labels().sum() == 2 * 4**3
+
+
+def test_semi_supervised_batches_keep_a_labelled_share():
+    rng = np.random.default_rng(1)
+    volume = np.zeros((16, 16, 16), np.float32)
+    cases = [Case("labelled", volume, np.ones((16, 16, 16), np.uint8))]
+    cases += [Case(f"unlabelled-{i}", volume, None) for i in range(9)]
+    for _ in range(20):
+        _, labels, labelled, _ = sample_batch(cases, 4, (8, 8, 8), rng)
+        assert labelled.tolist() == [True, True, False, False]  # random draws would give ~0.4 labelled items
+        assert all(labels[i].eq(1).any() for i in range(2)) and labels[2:].eq(0).all()

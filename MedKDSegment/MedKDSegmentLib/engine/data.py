@@ -26,6 +26,21 @@ class Case:
     labels: np.ndarray | None  # uint8 on the same grid, or None when unlabelled
     teacher: np.ndarray | None = None  # cached teacher log-probabilities or logits (C, z, y, x), float16
     teacher_source: tuple | None = None  # which teachers and output kind filled ``teacher``
+    _teacher_labels: tuple | None = None  # (teacher_source, argmax of the cached outputs), built when first needed
+
+    def guide_labels(self) -> np.ndarray | None:
+        """Labels that steer patch sampling: the reference, else the cached teacher's prediction.
+
+        Without this, unlabelled volumes would be sampled at random centres (mostly background),
+        and a semi-supervised student would rarely see the structures its teacher segments.
+        """
+        if self.labels is not None or self.teacher is None:
+            return self.labels
+        if self._teacher_labels is None or self._teacher_labels[0] != self.teacher_source:
+            teachers = max(len(self.teacher_source or ()) - 1, 1)  # several teachers are stacked on channels
+            classes = self.teacher.shape[0] // teachers
+            self._teacher_labels = (self.teacher_source, self.teacher[:classes].argmax(0).astype(np.uint8))
+        return self._teacher_labels[1]
 
 
 def _is_volume(path: Path) -> bool:
@@ -86,24 +101,33 @@ def sample_batch(
     patch: tuple[int, int, int],
     rng: np.random.Generator,
     foreground_fraction: float = 0.67,
+    labelled_share: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Random patches (N, 1, *patch), labels (N, 1, *patch), a labelled flag per item and,
     when every case has them, the cached teacher log-probabilities (N, C, *patch).
 
     Cropping straight from in-memory arrays (padded where a patch leaves the volume)
     keeps a training step cheap; centres favour a random present structure so small
-    structures are seen often.
+    structures are seen often. When labelled and unlabelled cases mix (semi-supervised), a fixed
+    ``labelled_share`` of each batch is labelled, as in mean-teacher style training: drawn at random,
+    10 % labels would leave most steps without any supervised term.
     """
     images, labels, labelled, teacher = [], [], [], []
     with_teacher = all(case.teacher is not None for case in cases)
-    for _ in range(batch_size):
-        case = cases[rng.integers(len(cases))]
+    with_labels = [c for c in cases if c.labels is not None]
+    without_labels = [c for c in cases if c.labels is None]
+    mixed = bool(with_labels) and bool(without_labels)
+    labelled_items = max(1, round(batch_size * labelled_share)) if mixed else 0
+    for index in range(batch_size):
+        pool = (with_labels if index < labelled_items else without_labels) if mixed else cases
+        case = pool[rng.integers(len(pool))]
         shape = np.array(case.image.shape)
         centre = rng.integers(0, shape)
-        if case.labels is not None and rng.random() < foreground_fraction:
-            present = [v for v in np.unique(case.labels[::4, ::4, ::4]) if v != 0]
+        guide = case.guide_labels()
+        if guide is not None and rng.random() < foreground_fraction:
+            present = [v for v in np.unique(guide[::4, ::4, ::4]) if v != 0]
             if present:
-                candidates = np.argwhere(case.labels == rng.choice(present))
+                candidates = np.argwhere(guide == rng.choice(present))
                 centre = candidates[rng.integers(len(candidates))]
         start = centre - np.array(patch) // 2
         images.append(_crop(case.image, start, patch, float(case.image.min())))
