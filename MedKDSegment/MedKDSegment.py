@@ -986,19 +986,23 @@ class MedKDSegmentTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_TrainAndDistil()
 
-    def test_SegmentCompareAndWorker(self):
+    def _inTemporaryFolder(self, message, body):
+        """Run ``body(logic, folder)`` with a logic that sees only a temporary models folder, then clean up."""
         import shutil
         import tempfile
 
-        self.delayDisplay("Building tiny test models and a CT phantom")
+        self.delayDisplay(message)
         folder = tempfile.mkdtemp(prefix="MedKDSegmentTest-")
         logic = MedKDSegmentLogic(userModelFolders=[folder], includeBundledModels=False)
         try:
-            self._segmentCompareAndWorker(logic, folder)
+            body(logic, folder)
         finally:
             logic.shutdownWorker()
             shutil.rmtree(folder, ignore_errors=True)
         self.delayDisplay("Test passed")
+
+    def test_SegmentCompareAndWorker(self):
+        self._inTemporaryFolder("Building tiny test models and a CT phantom", self._segmentCompareAndWorker)
 
     def _segmentCompareAndWorker(self, logic, folder):
         import numpy as np
@@ -1036,18 +1040,7 @@ class MedKDSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(workerNode.GetSegmentation().GetNumberOfSegments(), 8)
 
     def test_FineTune(self):
-        import shutil
-        import tempfile
-
-        self.delayDisplay("Fine-tuning a tiny student on a segmentation")
-        folder = tempfile.mkdtemp(prefix="MedKDSegmentTest-")
-        logic = MedKDSegmentLogic(userModelFolders=[folder], includeBundledModels=False)
-        try:
-            self._fineTune(logic, folder)
-        finally:
-            logic.shutdownWorker()
-            shutil.rmtree(folder, ignore_errors=True)
-        self.delayDisplay("Test passed")
+        self._inTemporaryFolder("Fine-tuning a tiny student on a segmentation", self._fineTune)
 
     def _fineTune(self, logic, folder):
         import numpy as np
@@ -1078,18 +1071,8 @@ class MedKDSegmentTest(ScriptedLoadableModuleTest):
         self.assertNotIn(report.model.name, [m.name for m in logic.listModels()])
 
     def test_TrainAndDistil(self):
-        import shutil
-        import tempfile
-
-        self.delayDisplay("Distilling a tiny student with two methods from a folder of phantoms")
-        folder = tempfile.mkdtemp(prefix="MedKDSegmentTest-")
-        logic = MedKDSegmentLogic(userModelFolders=[folder], includeBundledModels=False)
-        try:
-            self._trainAndDistil(logic, folder)
-        finally:
-            logic.shutdownWorker()
-            shutil.rmtree(folder, ignore_errors=True)
-        self.delayDisplay("Test passed")
+        self._inTemporaryFolder("Distilling a tiny student with two methods from a folder of phantoms",
+                                self._trainAndDistil)
 
     def _trainAndDistil(self, logic, folder):
         from pathlib import Path

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 # Tests run tiny tensors, where extra threads cost more than they give (up to 20x slower on a busy
-# 2-core machine). Set before torch is imported; worker subprocesses inherit it.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# 2-core machine). Set before any test module imports torch; worker subprocesses inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedKDSegment"))

@@ -37,7 +37,7 @@ from MedKDSegmentLib.engine.bundle import load_bundle, save_bundle  # noqa: E402
 from MedKDSegmentLib.engine.data import Case  # noqa: E402
 from MedKDSegmentLib.engine.device import select_device  # noqa: E402
 from MedKDSegmentLib.engine.errors import BundleError  # noqa: E402
-from MedKDSegmentLib.engine.inference import predict_scores  # noqa: E402
+from MedKDSegmentLib.engine.inference import predict_labels  # noqa: E402
 from MedKDSegmentLib.engine.labels import (  # noqa: E402
     ABDOMEN_STRUCTURES,
     BRATS_STRUCTURES,
@@ -51,7 +51,6 @@ from MedKDSegmentLib.engine.networks import (  # noqa: E402
     TEACHER_CONFIG,
     build_network,
     count_parameters,
-    full_resolution,
 )
 from MedKDSegmentLib.engine.phantom import case_seed, generate_phantom  # noqa: E402
 from MedKDSegmentLib.engine.profiles import (  # noqa: E402
@@ -128,13 +127,9 @@ def without_labels(cases: list[Case], labelled: set[int]) -> list[Case]:
 def dice_per_case(network: torch.nn.Module, cases: list[Case], labels: list[int]) -> list[float]:
     """Each test volume's mean Dice over the structures present in its reference."""
     device = select_device("cpu")
-    network.eval()
     means = []
     for case in cases:
-        scores, _, padded = predict_scores(network, case.image, device)
-        prediction = full_resolution(torch.from_numpy(scores)[None], padded)[0].argmax(0).numpy()
-        z, y, x = case.image.shape
-        dice = dice_per_label(prediction[:z, :y, :x].astype(np.uint8), case.labels, labels)
+        dice = dice_per_label(predict_labels(network, case.image, device), case.labels, labels)
         means.append(float(np.nanmean(list(dice.values()))))
     return means
 

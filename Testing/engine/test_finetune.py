@@ -79,15 +79,6 @@ def leftovers(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".partial-") or p.name.endswith(".checkpoint"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny volumes: one thread is faster than two, and far faster on a busy machine (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     """A small student trained on the original domain (about 10 s on one core)."""

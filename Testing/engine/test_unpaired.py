@@ -47,15 +47,6 @@ def chance_dice(labels: np.ndarray) -> float:
     return float(np.nanmean(list(dice_per_label(shuffled, labels, STRUCTURES).values())))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here: on a shared 2-core machine two OpenMP threads per step can be ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("unpaired")

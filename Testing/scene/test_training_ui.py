@@ -29,20 +29,6 @@ TINY = {"steps_per_epoch": 2, "batch_size": 1, "patch_size": (16, 24, 24), "arch
 CT_PROFILE = {"modality": "CT", "spacing": list(SPACING), "clip": [-200.0, 400.0]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, here and in the worker: on a shared 2-core machine two OpenMP threads per step of a
-    tiny network can be ~20x slower (they spin); the worker reads OMP_NUM_THREADS when it starts."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     """Two labelled 8 mm phantoms per modality (on the tiny models' grid)."""

@@ -262,16 +262,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     annotated = [a.strip() for a in args.annotated.split(",") if a.strip()] if args.annotated else None
     modality = None if args.modality == "auto" else args.modality
     cases = [read_annotated_case(i, lab, parent.labels, modality, mapping, annotated) for i, lab in zip(images, labels)]
-    config = FineTuneConfig(
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        patch_size=tuple(args.patch_size),
-        learning_rate=args.learning_rate,
-        kd_weight=args.kd_weight,
-        seed=args.seed,
-        device=args.device,
-        time_budget_s=args.minutes * 60 if args.minutes else None,
-    )
+    # Options left out keep FineTuneConfig's defaults: they live there only.
+    given = {
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps_per_epoch,
+        "patch_size": tuple(args.patch_size) if args.patch_size else None,
+        "learning_rate": args.learning_rate,
+        "kd_weight": args.kd_weight,
+        "seed": args.seed,
+        "device": args.device,
+        "time_budget_s": args.minutes * 60 if args.minutes else None,
+    }
+    config = FineTuneConfig(**{key: value for key, value in given.items() if value is not None})
     with progress_bar("fine-tune", not args.quiet) as update:
         result = fine_tune(
             parent, cases, args.output, config, teacher=args.teacher, resume=args.resume, progress=update
@@ -425,14 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="distil from this teacher instead of the parent (default: the parent)")
     p.add_argument("--modality", default="auto", help="auto (DICOM tag or intensities), CT or MR")
     p.add_argument("--output", required=True, help="new bundle folder (never overwritten)")
-    p.add_argument("--epochs", type=int, default=15)
+    # No defaults here: options left out take FineTuneConfig's, so they are written in one place.
+    p.add_argument("--epochs", type=int)
     p.add_argument("--minutes", type=float, help="time budget: stop after the epoch that passes it")
-    p.add_argument("--steps-per-epoch", type=int, default=20)
-    p.add_argument("--patch-size", type=int, nargs=3, default=[32, 64, 80], metavar=("Z", "Y", "X"))
-    p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of distillation from the parent/teacher")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"))
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--kd-weight", type=float, help="weight of distillation from the parent/teacher")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.set_defaults(run=cmd_finetune)
 

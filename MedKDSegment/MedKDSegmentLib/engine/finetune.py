@@ -48,10 +48,9 @@ from .bundle import BUNDLED_MODELS, Bundle, load_bundle, resolve_bundle, save_bu
 from .data import Case
 from .device import select_device
 from .errors import BundleError, CancelledError, InvalidInputError
-from .inference import predict_scores
+from .inference import predict_labels
 from .labels import Structure
 from .metrics import dice_per_label
-from .networks import full_resolution
 from .profiles import labels_to_model_grid, to_model_grid
 from .segment_names import SegmentMatch, label_value, match_segment_names, normalize_name, parse_mapping  # noqa: F401
 from .training import History, TrainingConfig, checkpoint_dir_for, fit, recalibrate_batch_norm
@@ -489,17 +488,6 @@ class _FrozenNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-def predict_labels(
-    network: nn.Module, image: np.ndarray, device: torch.device, cancel: Cancel | None = None
-) -> np.ndarray:
-    """Arg-max labels (uint8) of a prepared image on the model grid."""
-    network.eval()
-    scores, _, padded = predict_scores(network, image, device, cancel=cancel)
-    labels = full_resolution(torch.from_numpy(scores)[None], padded)[0].argmax(0).numpy().astype(np.uint8)
-    z, y, x = image.shape
-    return labels[:z, :y, :x]
 
 
 def merged_targets(user: np.ndarray, annotated: Iterable[int], parent_prediction: np.ndarray) -> np.ndarray:

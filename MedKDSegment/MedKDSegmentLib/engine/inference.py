@@ -23,7 +23,7 @@ from monai.inferers.utils import _get_scan_interval
 from .bundle import Bundle
 from .device import describe_device, select_device
 from .errors import CancelledError
-from .networks import output_stride
+from .networks import full_resolution, output_stride
 from .profiles import model_grid, resample_to_input, to_model_grid
 from .unpaired import use_modality
 from .volume import Volume, check_image, detect_modality
@@ -116,6 +116,17 @@ def pad_to_multiple_of_8(image: np.ndarray) -> np.ndarray:
     padded = np.full(shape, float(image.min()), dtype=np.float32)
     padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
     return padded
+
+
+def predict_labels(
+    network: torch.nn.Module, image: np.ndarray, device: torch.device, cancel: Callable[[], bool] | None = None
+) -> np.ndarray:
+    """Arg-max labels (uint8) of a prepared image on the model grid (no resampling back)."""
+    network.eval()
+    scores, _, padded = predict_scores(network, image, device, cancel=cancel)
+    labels = full_resolution(torch.from_numpy(scores)[None], padded)[0].argmax(0).numpy().astype(np.uint8)
+    z, y, x = image.shape
+    return labels[:z, :y, :x]
 
 
 def predict_scores(

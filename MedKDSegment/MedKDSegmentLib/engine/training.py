@@ -35,7 +35,7 @@ from .distillation import (
     validate_teacher_weights,
 )
 from .errors import CancelledError, InvalidInputError
-from .inference import OVERLAP, ROI_SIZE, pad_to_multiple_of_8, predict_scores
+from .inference import OVERLAP, ROI_SIZE, pad_to_multiple_of_8, predict_labels, predict_scores
 from .labels import ABDOMEN_STRUCTURES
 from .losses import SupervisedLoss
 from .metrics import dice_per_label
@@ -102,13 +102,9 @@ def split_cases(cases: list[Case], fraction: float, seed: int) -> tuple[list[Cas
 
 def evaluate(network: nn.Module, cases: list[Case], num_classes: int, device: torch.device) -> dict[int, float]:
     """Mean Dice per label on the model grid over labelled ``cases``."""
-    network.eval()
     per_label: dict[int, list[float]] = {label: [] for label in range(1, num_classes)}
     for case in cases:
-        scores, _, padded = predict_scores(network, case.image, device)
-        prediction = full_resolution(torch.from_numpy(scores)[None], padded)[0].argmax(0).numpy()
-        z, y, x = case.image.shape
-        dice = dice_per_label(prediction[:z, :y, :x].astype(np.uint8), case.labels, list(per_label))
+        dice = dice_per_label(predict_labels(network, case.image, device), case.labels, list(per_label))
         for label, value in dice.items():
             if not math.isnan(value):
                 per_label[label].append(value)
@@ -151,11 +147,8 @@ def fit(
     # They (CTKD's θ, hint adapters) train in the student's optimiser, without weight decay.
     extra = [p for p in terms.parameters() if p.requires_grad]
     groups = [{"params": list(network.parameters())}, {"params": extra, "weight_decay": 0.0}] if extra else None
-    optimizer = torch.optim.AdamW(groups or network.parameters(), lr=config.learning_rate, weight_decay=1e-5)
+    optimizer, scheduler = cosine_optimizer(groups or network.parameters(), config)
     total_steps = config.epochs * config.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
-    )
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     supervised = SupervisedLoss()
@@ -163,13 +156,8 @@ def fit(
     history, start_epoch = History(), 0
 
     checkpoint = checkpoint_dir / "checkpoint.pt"
-    if checkpoint.exists():
-        if not resume:
-            raise InvalidInputError(
-                f"An interrupted run left a checkpoint in '{checkpoint_dir}'.",
-                "Add --resume to continue it, or delete that folder to start again.",
-            )
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = read_checkpoint(checkpoint, resume)
+    if state is not None:
         if state.get("methods", methods) != methods:
             raise InvalidInputError(
                 f"The checkpoint in '{checkpoint_dir}' was made with methods '{state['methods']}', not '{methods}'.",
@@ -252,7 +240,8 @@ def fit(
             if validation and config.validate_every and (epoch + 1) % config.validate_every == 0:
                 dice = evaluate(network, validation, num_classes, device)
                 history.validation_dice.append(float(np.nanmean(list(dice.values()))))
-            _save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1, terms, methods)
+            save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1,
+                            terms=terms.state_dict(), methods=methods)
     finally:
         for tap in [student_tap, *teacher_taps]:
             if tap is not None:
@@ -396,23 +385,41 @@ def _augment(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return images * scale + shift + noise
 
 
-def _save_checkpoint(
-    path: Path, network, optimizer, scheduler, history: History, epoch: int, terms: nn.Module, methods: str
-) -> None:
+def cosine_optimizer(parameters, config: TrainingConfig) -> tuple[torch.optim.Optimizer, object]:
+    """AdamW with a cosine decay over the run's steps: every training loop's optimiser."""
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-5)
+    total_steps = config.epochs * config.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    )
+    return optimizer, scheduler
+
+
+def read_checkpoint(path: Path, resume: bool) -> dict | None:
+    """An interrupted run's checkpoint, or None; refused unless ``resume`` (a run never silently restarts)."""
+    if not path.exists():
+        return None
+    if not resume:
+        raise InvalidInputError(
+            f"An interrupted run left a checkpoint in '{path.parent}'.",
+            "Add --resume to continue it, or delete that folder to start again.",
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(path: Path, network, optimizer, scheduler, history, epoch: int, **extra) -> None:
+    """Atomically (a temporary file, then a rename): a kill never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".partial")
-    torch.save(
-        {
-            "network": network.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "history": asdict(history),
-            "epoch": epoch,
-            "terms": terms.state_dict(),  # CTKD's θ, hint adapters, the co-teacher
-            "methods": methods,
-        },
-        temporary,
-    )
+    state = {
+        "network": network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": asdict(history),
+        "epoch": epoch,
+        **extra,
+    }
+    torch.save(state, temporary)
     os.replace(temporary, path)
 
 

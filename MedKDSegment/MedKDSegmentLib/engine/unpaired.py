@@ -426,7 +426,14 @@ def train_unpaired(
     per-epoch seeding from (seed, epoch) so a resumed run equals an uninterrupted one, an atomic
     checkpoint every epoch, the cosine schedule, AMP on CUDA, the time budget and cancel.
     """
-    from .training import _augment, cache_teacher_outputs, seed_everything  # bundle.py imports this module
+    from .training import (  # bundle.py imports this module
+        _augment,
+        cache_teacher_outputs,
+        cosine_optimizer,
+        read_checkpoint,
+        save_checkpoint,
+        seed_everything,
+    )
 
     report = progress or (lambda fraction, stage: None)
     teachers = teachers or {}
@@ -437,11 +444,7 @@ def train_unpaired(
     network.to(device).train()
     for teacher in teachers.values():
         teacher.to(device).eval()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-5)
-    total_steps = config.epochs * config.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
-    )
+    optimizer, scheduler = cosine_optimizer(network.parameters(), config)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     supervised, distill = SupervisedLoss(), PixelKD(config.kd_temperature)
@@ -449,13 +452,8 @@ def train_unpaired(
     history, start_epoch = UnpairedHistory(), 0
 
     checkpoint = checkpoint_dir / "checkpoint.pt"
-    if checkpoint.exists():
-        if not resume:
-            raise InvalidInputError(
-                f"An interrupted run left a checkpoint in '{checkpoint_dir}'.",
-                "Add --resume to continue it, or delete that folder to start again.",
-            )
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = read_checkpoint(checkpoint, resume)
+    if state is not None:
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -514,7 +512,7 @@ def train_unpaired(
             totals.append(float(loss.detach()))
             if math.isnan(history.first_step_loss):
                 history.first_step_loss = totals[0]
-            done = (epoch * config.steps_per_epoch + step + 1) / total_steps
+            done = (epoch * config.steps_per_epoch + step + 1) / (config.epochs * config.steps_per_epoch)
             report(done, f"epoch {epoch + 1}/{config.epochs} loss {np.mean(totals):.4f}")
         history.epoch_loss.append(float(np.mean(totals)))
         history.prototype.append(_mean(parts.get("prototype")))
@@ -522,7 +520,7 @@ def train_unpaired(
             history.supervised.setdefault(modality, []).append(_mean(parts.get(f"supervised_{modality}")))
             if modality in teachers:
                 history.kd.setdefault(modality, []).append(_mean(parts.get(f"kd_{modality}")))
-        _save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1)
+        save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1)
     use_modality(network, modalities[0])
     network.eval()
     return history
@@ -531,21 +529,6 @@ def train_unpaired(
 def _mean(values: list[float] | None) -> float | None:
     """Mean of an epoch's values; None (valid JSON, unlike NaN) when a term never ran, e.g. no labels."""
     return float(np.mean(values)) if values else None
-
-
-def _save_checkpoint(path: Path, network, optimizer, scheduler, history: UnpairedHistory, epoch: int) -> None:
-    """Atomic, like training's checkpoint, with this loop's history (a temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".partial")
-    state = {
-        "network": network.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "history": asdict(history),
-        "epoch": epoch,
-    }
-    torch.save(state, temporary)
-    os.replace(temporary, path)
 
 
 def recalibrate_per_modality(network: nn.Module, cases: dict[str, list[Case]], device: torch.device) -> None:
