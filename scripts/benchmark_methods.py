@@ -164,54 +164,88 @@ def teacher_for(name: str, cases: list[Case], profile: Profile, structures: tupl
 
 
 def run_methods(section: str, methods: list[str], train_cases: list[Case], test_cases: list[Case], teacher,
-                num_classes: int, config: TrainingConfig, labels: list[int]) -> dict:
-    results = {"teacher": {"dice": dice_per_case(teacher, test_cases, labels), "parameters": count_parameters(teacher)}}
-    log(f"{section}: teacher {np.mean(results['teacher']['dice']):.3f}")
-    assistant = None
-    for method in methods:
-        started = time.perf_counter()
-        if method == "scratch":
-            network = train(STUDENT_CONFIG, num_classes, train_cases, replace(config, methods="none"))
-        elif method in ("assistant-chain", "multi-teacher"):
-            if assistant is None:
-                assistant = train(ASSISTANT_CONFIG, num_classes, train_cases, replace(config, methods="kd"),
-                                  teacher)
-                results["assistant"] = {"dice": dice_per_case(assistant, test_cases, labels),
-                                        "parameters": count_parameters(assistant)}
-            target = assistant if method == "assistant-chain" else [(teacher, 0.7), (assistant, 0.3)]
-            network = train(STUDENT_CONFIG, num_classes, train_cases, replace(config, methods="kd"), target)
-        else:
-            network = train(STUDENT_CONFIG, num_classes, train_cases, replace(config, methods=method), teacher)
-        dice = dice_per_case(network, test_cases, labels)
-        results[method] = {"dice": dice, "seconds": time.perf_counter() - started,
-                           "parameters": count_parameters(network)}
-        log(f"{section}: {method} {np.mean(dice):.3f} ({results[method]['seconds']:.0f} s)")
+                num_classes: int, config: TrainingConfig, labels: list[int], seeds: int) -> dict:
+    """Every method once per seed (seed s: same initial weights and batches for every method)."""
+    results = {"teacher": {"runs": [dice_per_case(teacher, test_cases, labels)],
+                           "parameters": count_parameters(teacher)}}
+    log(f"{section}: teacher {np.mean(results['teacher']['runs'][0]):.3f}")
+    for seed in range(seeds):
+        seeded = replace(config, seed=seed)
+        assistant = None
+        for method in methods:
+            started = time.perf_counter()
+            if method == "scratch":
+                network = train(STUDENT_CONFIG, num_classes, train_cases, replace(seeded, methods="none"))
+            elif method in ("assistant-chain", "multi-teacher"):
+                if assistant is None:
+                    assistant = train(ASSISTANT_CONFIG, num_classes, train_cases, replace(seeded, methods="kd"),
+                                      teacher)
+                    record(results, "assistant", dice_per_case(assistant, test_cases, labels), assistant)
+                target = assistant if method == "assistant-chain" else [(teacher, 0.7), (assistant, 0.3)]
+                network = train(STUDENT_CONFIG, num_classes, train_cases, replace(seeded, methods="kd"), target)
+            else:
+                network = train(STUDENT_CONFIG, num_classes, train_cases, replace(seeded, methods=method), teacher)
+            dice = dice_per_case(network, test_cases, labels)
+            record(results, method, dice, network, time.perf_counter() - started)
+            log(f"{section} seed {seed}: {method} {np.mean(dice):.3f} ({time.perf_counter() - started:.0f} s)")
     return summarise(results)
 
 
+def record(results: dict, method: str, dice: list[float], network: torch.nn.Module, seconds: float | None = None):
+    entry = results.setdefault(method, {"runs": [], "seconds": [], "parameters": count_parameters(network)})
+    entry["runs"].append(dice)
+    if seconds is not None:
+        entry["seconds"].append(seconds)
+
+
 def summarise(results: dict) -> dict:
-    teacher = float(np.mean(results["teacher"]["dice"]))
-    scratch = float(np.mean(results["scratch"]["dice"])) if "scratch" in results else math.nan
+    """Per method: the mean over seeds of the test-set mean Dice, its sd over seeds, the sd over test
+    volumes (averaged over seeds), the share of the scratch→teacher gap closed, and the difference to
+    scratch paired by seed (same initial weights and batches)."""
     for entry in results.values():
-        entry["mean"], entry["sd"] = float(np.mean(entry["dice"])), float(np.std(entry["dice"]))
-        gap = teacher - scratch
-        entry["gap_closed"] = (entry["mean"] - scratch) / gap if gap > 1e-6 else math.nan
+        if isinstance(entry, dict) and "runs" in entry:
+            means = [float(np.mean(run)) for run in entry["runs"]]
+            entry["seed_means"] = means
+            entry["mean"] = float(np.mean(means))
+            entry["sd_seeds"] = float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
+            entry["sd_volumes"] = float(np.mean([np.std(run) for run in entry["runs"]]))
+            if entry.get("seconds"):
+                entry["seconds"] = float(np.mean(entry["seconds"]))
+    teacher = results["teacher"]["mean"]
+    scratch = results.get("scratch", {}).get("mean", math.nan)
+    gap = teacher - scratch
+    for name, entry in results.items():
+        if isinstance(entry, dict) and "mean" in entry:
+            entry["gap_closed"] = (entry["mean"] - scratch) / gap if gap > 1e-6 else math.nan
+            if "scratch" in results and name not in ("teacher", "scratch") and len(entry["seed_means"]) == len(
+                    results["scratch"]["seed_means"]):
+                differences = np.subtract(entry["seed_means"], results["scratch"]["seed_means"])
+                entry["vs_scratch"] = float(differences.mean())
+                entry["vs_scratch_sd"] = float(differences.std(ddof=1)) if len(differences) > 1 else math.nan
     return results
 
 
 # ---------------------------------------------------------------- sections
 
 
-def phantom_section(modality: str, methods: list[str], config: TrainingConfig, teacher_steps: int) -> dict:
+def phantom_section(modality: str, methods: list[str], config: TrainingConfig, teacher_steps: int,
+                    seeds: int) -> dict:
     labels = [s.value for s in ABDOMEN_STRUCTURES]
     train_cases = phantom_cases(modality, TRAIN_CASES, 0)
     test_cases = phantom_cases(modality, TEST_CASES, TEST_SEED)
     teacher = teacher_for(modality, train_cases, grid_profile(modality), ABDOMEN_STRUCTURES, config, teacher_steps)
     return run_methods(modality, methods, train_cases, test_cases, teacher.load_network(), len(labels) + 1, config,
-                       labels)
+                       labels, seeds)
 
 
-def unpaired_section(config: TrainingConfig, teacher_steps: int, separate: dict) -> dict:
+# Shared-student variants and the separately trained students (CT and MR sections) each is compared with.
+UNPAIRED_VARIANTS = {"kd": "kd", "none": "scratch"}
+
+
+def unpaired_section(config: TrainingConfig, teacher_steps: int, separate: dict, seeds: int) -> dict:
+    """One shared CT + MR student per variant and seed: ``kd`` distils each modality from its teacher
+    (compared with the separate ``kd`` students), ``none`` is Dou et al.'s setting without teachers:
+    Dice + CE + prototype KL (compared with the separate students trained from scratch)."""
     from MedKDSegmentLib.engine.unpaired import distill_unpaired, use_modality
 
     labels = [s.value for s in ABDOMEN_STRUCTURES]
@@ -219,25 +253,40 @@ def unpaired_section(config: TrainingConfig, teacher_steps: int, separate: dict)
     test = {m: phantom_cases(m, TEST_CASES, TEST_SEED) for m in ("CT", "MR")}
     teachers = {m: teacher_for(m, train[m], grid_profile(m), ABDOMEN_STRUCTURES, config, teacher_steps)
                 for m in ("CT", "MR")}
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(config.seed)
-        bundle = distill_unpaired(train["CT"], train["MR"], Path(folder) / "shared-student",
-                                  ct_teacher=teachers["CT"], mr_teacher=teachers["MR"],
-                                  config=replace(config, methods="kd"), architecture=STUDENT_CONFIG)
-        network = bundle.load_network()
-    results = {"seconds": time.perf_counter() - started, "parameters": count_parameters(network)}
-    for modality in ("CT", "MR"):
-        with use_modality(network, modality):
-            dice = dice_per_case(network, test[modality], labels)
-        own = separate.get(modality, {}).get("kd", {})
-        results[modality] = {"dice": dice, "mean": float(np.mean(dice)), "sd": float(np.std(dice)),
-                             "separate_mean": own.get("mean", math.nan), "separate_sd": own.get("sd", math.nan)}
-        log(f"unpaired: shared student on {modality} {np.mean(dice):.3f} vs separate {own.get('mean', math.nan)}")
+    results: dict = {}
+    for variant, baseline in UNPAIRED_VARIANTS.items():
+        runs: dict[str, list] = {"CT": [], "MR": []}
+        started = time.perf_counter()
+        for seed in range(seeds):
+            with tempfile.TemporaryDirectory() as folder:
+                torch.manual_seed(seed)
+                given = teachers if variant == "kd" else {"CT": None, "MR": None}
+                bundle = distill_unpaired(train["CT"], train["MR"], Path(folder) / "shared-student",
+                                          ct_teacher=given["CT"], mr_teacher=given["MR"],
+                                          config=replace(config, seed=seed, methods="kd"),
+                                          architecture=STUDENT_CONFIG)
+                network = bundle.load_network()
+            for modality in ("CT", "MR"):
+                with use_modality(network, modality):
+                    runs[modality].append(dice_per_case(network, test[modality], labels))
+            log(f"unpaired {variant} seed {seed}: CT {np.mean(runs['CT'][-1]):.3f} MR {np.mean(runs['MR'][-1]):.3f}")
+        entry = {"seconds": (time.perf_counter() - started) / seeds, "parameters": count_parameters(network),
+                 "baseline": baseline}
+        for modality in ("CT", "MR"):
+            means = [float(np.mean(run)) for run in runs[modality]]
+            own = separate.get(modality, {}).get(baseline, {})
+            entry[modality] = {"runs": runs[modality], "seed_means": means, "mean": float(np.mean(means)),
+                               "sd_seeds": float(np.std(means, ddof=1)) if seeds > 1 else math.nan,
+                               "separate_mean": own.get("mean", math.nan),
+                               "separate_sd_seeds": own.get("sd_seeds", math.nan),
+                               "separate_seed_means": own.get("seed_means", [])}
+            log(f"unpaired {variant}: {modality} shared {entry[modality]['mean']:.3f} vs separate "
+                f"{baseline} {own.get('mean', math.nan):.3f}")
+        results[variant] = entry
     return results
 
 
-def semi_section(config: TrainingConfig, teacher_steps: int) -> dict:
+def semi_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict:
     labels = [s.value for s in ABDOMEN_STRUCTURES]
     cases = phantom_cases("CT", 20, 0)
     labelled = {0, 1}  # 10 % of 20
@@ -245,30 +294,36 @@ def semi_section(config: TrainingConfig, teacher_steps: int) -> dict:
     semi_cases = without_labels(cases, labelled)
     # The teacher learns from the same 2 labelled volumes: no label the students are denied reaches them.
     teacher = teacher_for("CT-semi", semi_cases, grid_profile("CT"), ABDOMEN_STRUCTURES, config, teacher_steps)
-    results = run_methods_semi(teacher.load_network(), semi_cases, test_cases, labels, config)
+    results = run_methods_semi(teacher.load_network(), semi_cases, test_cases, labels, config, seeds)
     results["labelled"], results["volumes"] = len(labelled), len(cases)
     return results
 
 
-def run_methods_semi(teacher, cases, test_cases, labels, config) -> dict:
+def run_methods_semi(teacher, cases, test_cases, labels, config, seeds: int) -> dict:
+    """Supervised-only sees batches of ``batch_size`` labelled patches; the semi-supervised methods see the
+    same labelled patches plus as many unlabelled ones (batches twice the size, half labelled), the usual
+    protocol of semi-supervised segmentation benchmarks (e.g. SSL4MIS: 2 labelled + 2 unlabelled)."""
     num_classes = len(labels) + 1
-    results = {"teacher": {"dice": dice_per_case(teacher, test_cases, labels), "parameters": count_parameters(teacher)}}
-    log(f"semi: teacher {np.mean(results['teacher']['dice']):.3f}")
-    for method in SEMI_METHODS:
-        started = time.perf_counter()
-        if method == "scratch":  # supervised only: the labelled volumes are all it can use
-            network = train(STUDENT_CONFIG, num_classes, [c for c in cases if c.labels is not None],
-                            replace(config, methods="none"))
-        else:
-            network = train(STUDENT_CONFIG, num_classes, cases, replace(config, methods=method), teacher)
-        dice = dice_per_case(network, test_cases, labels)
-        results[method] = {"dice": dice, "seconds": time.perf_counter() - started,
-                           "parameters": count_parameters(network)}
-        log(f"semi: {method} {np.mean(dice):.3f}")
+    results = {"teacher": {"runs": [dice_per_case(teacher, test_cases, labels)],
+                           "parameters": count_parameters(teacher)}}
+    log(f"semi: teacher {np.mean(results['teacher']['runs'][0]):.3f}")
+    for seed in range(seeds):
+        for method in SEMI_METHODS:
+            started = time.perf_counter()
+            seeded = replace(config, seed=seed)
+            if method == "scratch":  # supervised only: the labelled volumes are all it can use
+                network = train(STUDENT_CONFIG, num_classes, [c for c in cases if c.labels is not None],
+                                replace(seeded, methods="none"))
+            else:
+                network = train(STUDENT_CONFIG, num_classes, cases,
+                                replace(seeded, methods=method, batch_size=2 * config.batch_size), teacher)
+            dice = dice_per_case(network, test_cases, labels)
+            record(results, method, dice, network, time.perf_counter() - started)
+            log(f"semi seed {seed}: {method} {np.mean(dice):.3f}")
     return summarise(results)
 
 
-def brats_section(config: TrainingConfig, teacher_steps: int) -> dict:
+def brats_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict:
     if not BRATS.is_dir():
         return {"skipped": f"{BRATS} is absent"}
     labels = [s.value for s in BRATS_STRUCTURES]
@@ -278,7 +333,7 @@ def brats_section(config: TrainingConfig, teacher_steps: int) -> dict:
     profile = replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3)
     teacher = teacher_for("brats", train_cases, profile, BRATS_STRUCTURES, config, teacher_steps)
     results = run_methods("brats", BRATS_METHODS, train_cases, test_cases, teacher.load_network(), len(labels) + 1,
-                          config, labels)
+                          config, labels, seeds)
     results["train_volumes"], results["test_volumes"] = len(train_cases), len(test_cases)
     return results
 
@@ -286,82 +341,137 @@ def brats_section(config: TrainingConfig, teacher_steps: int) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def missing(value: float | None) -> bool:
+    """No figure: NaN in memory, None once written to JSON."""
+    return value is None or math.isnan(value)
+
+
+def percent(value: float | None) -> str:
+    return "–" if missing(value) else f"{100 * value:.0f} %"
+
+
+def signed(value: float | None, sd: float | None = None) -> str:
+    if missing(value):
+        return "–"
+    return f"{value:+.3f}" + ("" if missing(sd) else f" ± {sd:.3f}")
+
+
 def method_rows(section: dict) -> list[dict]:
     rows = []
     for name, entry in section.items():
         if isinstance(entry, dict) and "mean" in entry:
-            rows.append({"method": name, "dice": f"{entry['mean']:.3f} ± {entry['sd']:.3f}",
-                         "gap": "–" if name in ("teacher", "scratch") or entry.get("gap_closed") is None
-                         or math.isnan(entry["gap_closed"])
-                         else f"{100 * entry['gap_closed']:.0f} %",
+            rows.append({"method": name, "dice": f"{entry['mean']:.3f}",
+                         "sd_seeds": "–" if missing(entry["sd_seeds"]) else f"{entry['sd_seeds']:.3f}",
+                         "sd_volumes": f"{entry['sd_volumes']:.3f}",
+                         "vs_scratch": signed(entry.get("vs_scratch"), entry.get("vs_scratch_sd")),
+                         "gap": "–" if name in ("teacher", "scratch") else percent(entry.get("gap_closed")),
                          "parameters": entry.get("parameters", ""),
-                         "seconds": f"{entry['seconds']:.0f}" if "seconds" in entry else ""})
+                         "seconds": f"{entry['seconds']:.0f}" if entry.get("seconds") else ""})
     return rows
 
 
-COLUMNS = {"method": "method", "dice": "mean ± sd Dice", "gap": "gap closed", "parameters": "parameters",
+COLUMNS = {"method": "method", "dice": "mean Dice", "sd_seeds": "sd (seeds)", "sd_volumes": "sd (volumes)",
+           "vs_scratch": "− scratch, paired by seed", "gap": "gap closed", "parameters": "parameters",
            "seconds": "train s"}
 
 
 def render(results: dict) -> str:
+    seeds = results.get("seeds", 1)
+    cases = results.get("phantom_cases", {"train": TRAIN_CASES, "test": TEST_CASES})
+    reproduce = (f"scripts/medkd-python scripts/benchmark_methods.py --steps {results['steps']} "
+                 f"--teacher-steps {results.get('teacher_steps', '?')} --temperature {results.get('temperature', '?')} "
+                 f"--seeds {seeds} --threads 1")
     lines = ["# Distillation methods benchmark", "", f"Machine: {results['machine']}", "",
-             f"Budget per student: {results['steps']} steps of batch {results['batch_size']}; "
-             "same seed, same student architecture (FastStudent) for every method. Dice: mean ± sd over the "
-             "test volumes of each volume's mean over structures. Gap closed: (method − scratch) / "
-             "(teacher − scratch).", "",
-             f"Grid: phantoms at {SPACING:g} mm ({TRAIN_CASES} training, {TEST_CASES} test volumes per modality), "
+             f"Budget per student: {results['steps']} steps of batch {results['batch_size']} (semi-supervised "
+             f"methods: {results['batch_size']} labelled + {results['batch_size']} unlabelled patches per step); "
+             f"the same student architecture (FastStudent) for every method; {seeds} seed(s), seed s giving every "
+             "method the same initial weights and batches. Dice: each test volume's mean over structures, "
+             "averaged over the test volumes and then over seeds; sd over seeds and (mean over seeds of the) sd "
+             "over test volumes. Gap closed: (method − scratch) / (teacher − scratch).", "",
+             f"Grid: phantoms at {SPACING:g} mm ({cases['train']} training, {cases['test']} test volumes per "
+             "modality), "
              f"BRATS FLAIR at {BRATS_SPACING:g} mm; teachers (MONAI UNet, 4.77 M parameters) trained here for "
-             f"{results.get('teacher_steps', '?')} steps with Dice + CE; KD temperature "
-             f"{results.get('temperature', '?')} (kd, ctkd start, multi-teacher). Reproduce: "
-             "`scripts/medkd-python scripts/benchmark_methods.py --steps "
-             f"{results['steps']} --teacher-steps {results.get('teacher_steps', '?')} "
-             f"--temperature {results.get('temperature', '?')} --threads 1`.", ""]
+             f"{results.get('teacher_steps', '?')} steps with Dice + CE and kept fixed for every student; KD "
+             f"temperature {results.get('temperature', '?')} (kd, ctkd start, multi-teacher). "
+             f"Reproduce: `{reproduce}` (sections can run as separate processes with `--sections`; each "
+             "section's wall time on one core is given with it).", ""]
     titles = {"CT": "Phantom CT", "MR": "Phantom MR", "semi": "Semi-supervised CT (10 % labelled)",
               "brats": "BRATS 2013 FLAIR (real MRI)"}
     for key, title in titles.items():
         if key in results["sections"]:
             section = results["sections"][key]
-            lines += [f"## {title}", ""]
+            lines += [f"## {title}", "", *wall_time(section)]
             lines += [section["skipped"]] if "skipped" in section else [markdown_table(method_rows(section), COLUMNS)]
             lines += [""]
     if "unpaired" in results["sections"]:
         section = results["sections"]["unpaired"]
-        rows = [{"modality": m, "shared": f"{section[m]['mean']:.3f} ± {section[m]['sd']:.3f}",
-                 "separate": f"{section[m]['separate_mean']:.3f} ± {section[m]['separate_sd']:.3f}"}
-                for m in ("CT", "MR")]
-        lines += ["## Unpaired CT + MR: one shared student vs separate students (both KD, same size)", "",
-                  markdown_table(rows, {"modality": "modality", "shared": "shared CT+MR student",
-                                        "separate": "separate student"}), ""]
+        rows = []
+        for variant, entry in section.items():
+            if not isinstance(entry, dict) or "CT" not in entry:
+                continue
+            for m in ("CT", "MR"):
+                e = entry[m]
+                separate = "–" if missing(e["separate_mean"]) else f"{e['separate_mean']:.3f} ({entry['baseline']})"
+                rows.append({"variant": f"shared, {variant}", "modality": m, "shared": f"{e['mean']:.3f}",
+                             "separate": separate,
+                             "difference": signed(*paired(e["seed_means"], e["separate_seed_means"]))})
+        lines += ["## Unpaired CT + MR: one shared student vs separate students of the same size", "",
+                  *wall_time(section),
+                  "`shared, kd`: each modality also distilled from its teacher, against the separate `kd` students; "
+                  "`shared, none`: Dou et al.'s setting (Dice + CE + prototype KL, no teacher), against the separate "
+                  "students trained from scratch. The shared student sees one CT and one MR batch per step, so each "
+                  "modality gets the same patches and steps as its separate student.", "",
+                  markdown_table(rows, {"variant": "student", "modality": "modality", "shared": "shared mean Dice",
+                                        "separate": "separate student", "difference": "shared − separate (paired)"}),
+                  ""]
     lines += ["## Against the targets", "", *target_lines(results["sections"]), "",
               "![methods](benchmark_methods.png)", ""]
     return "\n".join(lines)
 
 
+def wall_time(section: dict) -> list[str]:
+    return [f"Wall time: {section['wall_seconds'] / 60:.0f} min.", ""] if "wall_seconds" in section else []
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and sd over seeds of a − b (NaN when the runs do not pair up)."""
+    if not a or len(a) != len(b):
+        return math.nan, math.nan
+    d = np.subtract(a, b)
+    return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else math.nan
+
+
 def target_lines(sections: dict) -> list[str]:
-    """The issue's three targets, checked on this run's figures."""
+    """The issue's three targets, checked on this run's figures (means over seeds)."""
     lines = []
     for key in ("CT", "MR"):
         section = sections.get(key, {})
-        methods = {n: e for n, e in section.items() if isinstance(e, dict) and e.get("gap_closed") is not None
+        methods = {n: e for n, e in section.items() if isinstance(e, dict) and "gap_closed" in e
                    and n not in ("teacher", "scratch", "assistant")}
         if methods:
             best = max(methods, key=lambda n: methods[n]["mean"])
             gap = methods[best]["gap_closed"]
-            lines.append(f"- Phantom {key}: best method `{best}` closes {100 * gap:.0f} % of a "
+            if missing(gap):
+                continue
+            lines.append(f"- Phantom {key}: best method `{best}` closes {percent(gap)} of a "
                          f"{section['teacher']['mean'] - section['scratch']['mean']:.3f} Dice gap "
                          f"(target ≥ 50 %: {'met' if gap >= 0.5 else 'missed'}).")
-    if "unpaired" in sections:
-        u = sections["unpaired"]
-        better = [m for m in ("CT", "MR") if u[m]["mean"] > (u[m]["separate_mean"] or math.inf)]
-        worse = [m for m in ("CT", "MR") if u[m]["mean"] < (u[m]["separate_mean"] or -math.inf)]
+    for variant, u in sections.get("unpaired", {}).items():
+        if not isinstance(u, dict) or "CT" not in u:
+            continue
+        known = [m for m in ("CT", "MR") if not missing(u[m]["separate_mean"])]
+        better = [m for m in known if u[m]["mean"] > u[m]["separate_mean"]]
+        worse = [m for m in known if u[m]["mean"] < u[m]["separate_mean"]]
         met = bool(better) and not worse
-        lines.append(f"- Unpaired: the shared student is better on {better or 'no modality'} and worse on "
-                     f"{worse or 'none'} (target: better on one, not worse on the other: "
-                     f"{'met' if met else 'missed'}).")
+        lines.append(f"- Unpaired ({variant}): the shared student is better on {', '.join(better) or 'no modality'} "
+                     f"and worse on {', '.join(worse) or 'none'} than the separate `{u['baseline']}` students "
+                     f"(target: better on one, not worse on the other: {'met' if met else 'missed'}).")
     if "semi" in sections:
         semi = sections["semi"]
         co, sup = semi["coteacher"]["mean"], semi["scratch"]["mean"]
-        lines.append(f"- Semi-supervised: co-teacher {co:.3f} vs supervised-only {sup:.3f} with the same labels "
+        difference = signed(semi["coteacher"].get("vs_scratch"), semi["coteacher"].get("vs_scratch_sd"))
+        lines.append(f"- Semi-supervised: co-teacher {co:.3f} vs supervised-only {sup:.3f} with the same labels, "
+                     f"paired difference {difference} "
                      f"(target: co-teacher better: {'met' if co > sup else 'missed'}).")
     return lines
 
@@ -378,12 +488,13 @@ def chart(results: dict, path: Path) -> None:
     for axis, (key, section) in zip(axes[0], sections):
         names = [n for n, e in section.items() if isinstance(e, dict) and "mean" in e]
         means = [section[n]["mean"] for n in names]
-        sds = [section[n]["sd"] for n in names]
+        sds = [section[n]["sd_volumes"] if missing(section[n]["sd_seeds"]) else section[n]["sd_seeds"]
+               for n in names]
         colors = ["#555555" if n == "teacher" else "#bbbbbb" if n == "scratch" else "#3b7dd8" for n in names]
         axis.barh(names, means, xerr=sds, color=colors)
         axis.set_xlim(0, 1)
         axis.set_title(key)
-        axis.set_xlabel("mean Dice")
+        axis.set_xlabel("mean Dice (bars: sd over seeds; teacher: over volumes)")
         axis.invert_yaxis()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -398,7 +509,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["CT", "MR", "unpaired", "semi", "brats"])
     parser.add_argument("--steps", type=int, default=300, help="training steps per student")
-    parser.add_argument("--teacher-steps", type=int, default=400, help="steps for teachers trained here")
+    parser.add_argument("--teacher-steps", type=int, default=1500, help="steps for teachers trained here")
+    parser.add_argument("--seeds", type=int, default=1, help="student runs per method (seeds 0..N-1)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature (kd, ctkd start, multi-teacher)")
     parser.add_argument("--methods", nargs="+", help="only these methods (a quick check; default: each section's list)")
@@ -423,13 +535,13 @@ def main() -> int:
         started = time.perf_counter()
         if section in ("CT", "MR"):
             methods = PHANTOM_METHODS if section == "CT" else MR_METHODS
-            result = phantom_section(section, methods, config, args.teacher_steps)
+            result = phantom_section(section, methods, config, args.teacher_steps, args.seeds)
         elif section == "unpaired":
-            result = unpaired_section(config, args.teacher_steps, load_results(output)["sections"])
+            result = unpaired_section(config, args.teacher_steps, load_results(output)["sections"], args.seeds)
         elif section == "semi":
-            result = semi_section(config, args.teacher_steps)
+            result = semi_section(config, args.teacher_steps, args.seeds)
         elif section == "brats":
-            result = brats_section(config, args.teacher_steps)
+            result = brats_section(config, args.teacher_steps, args.seeds)
         else:
             parser.error(f"unknown section {section}")
         result["wall_seconds"] = time.perf_counter() - started
@@ -438,7 +550,8 @@ def main() -> int:
         results = load_results(output)
         results["sections"][section] = result
         results |= {"machine": machine_description(), "steps": args.steps, "batch_size": config.batch_size,
-                    "teacher_steps": args.teacher_steps, "temperature": args.temperature}
+                    "teacher_steps": args.teacher_steps, "temperature": args.temperature, "seeds": args.seeds,
+                    "phantom_cases": {"train": TRAIN_CASES, "test": TEST_CASES}}
         write_json(results, output.with_suffix(".json"))
     results = load_results(output)
     write_text(render(results), output.with_suffix(".md"))

@@ -25,6 +25,7 @@ from MedKDSegmentLib.engine.distillation import (
     TermSetup,
     build_terms,
     ctkd_lambda,
+    coteacher_kd_weight,
     ctkd_temperature,
     format_methods,
     parse_methods,
@@ -328,6 +329,29 @@ def test_coteacher_is_an_exact_ema_of_the_student_and_gets_no_gradient():
     torch.testing.assert_close(after[mean], 0.9 * before[mean] + 0.1 * current[mean], rtol=1e-6, atol=1e-7)
     term.train()
     assert not term.coteacher.training
+
+
+def test_coteacher_teacher_term_keeps_its_pull_at_any_tau():
+    """λ_kd defaults to τ²: without it, ‖σ(z_s/τ) − σ(z_t/τ)‖² shrinks like 1/τ² and at τ = 20 the
+    student would all but ignore the teacher."""
+    from MedKDSegmentLib.engine.losses import soft_probability_mse
+
+    student, teacher = random_logits(1), random_logits(2)
+
+    def pull(tau: float, weight: float | None) -> float:
+        config = TrainingConfig(coteacher_tau=tau, coteacher_kd_weight=weight)
+        logits = student.clone().requires_grad_(True)
+        loss = coteacher_kd_weight(config) * soft_probability_mse(logits, F.softmax(teacher / tau, dim=1), tau)
+        loss.backward()
+        return float(logits.grad.norm())
+
+    assert coteacher_kd_weight(TrainingConfig()) == 20.0**2
+    assert coteacher_kd_weight(TrainingConfig(coteacher_kd_weight=3.0)) == 3.0
+    assert 0.8 < pull(10.0, None) / pull(40.0, None) < 1.25  # τ² compensates
+    assert pull(10.0, 1.0) / pull(40.0, 1.0) > 10  # a fixed weight fades with τ
+    assert pull(20.0, 1.0) < 0.01 * pull(20.0, None)
+    with pytest.raises(InvalidInputError, match="coteacher_kd_weight"):
+        coteacher_kd_weight(TrainingConfig(coteacher_kd_weight=-1.0))
 
 
 # --- several teachers -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from MedKDSegmentLib.engine.errors import BundleError, CancelledError, InvalidIn
 from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES
 from MedKDSegmentLib.engine.phantom import generate_phantom
 from MedKDSegmentLib.engine.volume import Volume
-from MedKDSegmentLib.scene import finetune, segmentations, volumes
+from MedKDSegmentLib.scene import comparison, finetune, segmentations, volumes
 from MedKDSegmentLib.scene import logic as scene_logic
 from MedKDSegmentLib.scene.comparison import table_rows
 from MedKDSegmentLib.scene.logic import SceneLogic
@@ -155,12 +155,16 @@ def test_loss_curve_has_one_row_per_epoch_and_is_shown_in_a_plot_view(scene):
     assert curve.epochs() == [(1, 0.8), (2, 0.7), (3, 0.6)]
     assert curve.series.GetTableNode() is curve.table and curve.chart.GetPlotSeriesNode() is curve.series
     assert (curve.series.GetXColumnName(), curve.series.GetYColumnName()) == ("Epoch", "Loss")
+    layout = comparison.layout_node()
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)  # no plot view in it
     curve.show()
     views = [scene.GetNthNodeByClass(i, "vtkMRMLPlotViewNode")
              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLPlotViewNode"))]
     assert views and all(view.GetPlotChartNodeID() == curve.chart.GetID() for view in views)
-    curve.remove()
+    assert layout.GetViewArrangement() != slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView  # switched to show it
+    curve.remove()  # a cancelled run
     assert scene.GetNodeByID(curve.chart.GetID()) is None
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView  # given back
 
 
 def test_before_after_table_and_warning_when_the_new_version_is_worse(scene):
@@ -269,7 +273,6 @@ def test_cancel_leaves_no_model_and_the_run_resumes_where_it_stopped(scene, phan
     models_before = sorted(p.name for p in folder.iterdir())
     output = worker_logic.newVersionPath(PARENT)
     settings = {**TINY, "steps_per_epoch": 3}
-    # showChart=False: showing the chart switches the view layout, which is not undone by a cancel.
     job = worker_logic.startFineTune([(volume_node, segmentation_node)], model=PARENT, epochs=4, skip=True,
                                      device="cpu", settings=settings, showChart=False)
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1

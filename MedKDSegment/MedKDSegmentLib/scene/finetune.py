@@ -170,6 +170,7 @@ class LossCurve:
         self.chart.SetXAxisTitle("epoch")
         self.chart.SetYAxisTitle("loss")
         self.chart.SetLegendVisibility(False)
+        self._layout_before: int | None = None  # the view arrangement that show() replaced
 
     def nodes(self) -> list:
         return [self.table, self.series, self.chart]
@@ -209,7 +210,11 @@ class LossCurve:
         """Show the chart in a plot view: Slicer's Plots logic switches to a layout with one if needed."""
         plots = getattr(getattr(slicer, "modules", None), "plots", None)
         if plots is not None:
+            layout = comparison.layout_node()
+            before = layout.GetViewArrangement()
             plots.logic().ShowChartInLayout(self.chart)
+            if layout.GetViewArrangement() != before:
+                self._layout_before = before
             return
         # Without the Plots module (a bare scene): point every plot view at the chart.
         scene = slicer.mrmlScene
@@ -217,9 +222,13 @@ class LossCurve:
             scene.GetNthNodeByClass(index, "vtkMRMLPlotViewNode").SetPlotChartNodeID(self.chart.GetID())
 
     def remove(self) -> None:
+        """Remove the nodes (a failed or cancelled run) and give back the view layout that show() replaced."""
         for node in self.nodes():
             if node is not None and node.GetScene() is not None:
                 slicer.mrmlScene.RemoveNode(node)
+        if self._layout_before is not None:
+            comparison.layout_node().SetViewArrangement(self._layout_before)
+            self._layout_before = None
 
 
 # --- before / after ------------------------------------------------------------------------------------
