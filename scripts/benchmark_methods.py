@@ -19,6 +19,7 @@ of the scratch→teacher gap that it closes. Writes <output>.md, <output>.json a
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import sys
@@ -547,12 +548,14 @@ def main() -> int:
         result["wall_seconds"] = time.perf_counter() - started
         # Merged into the results file after each section: sections can run in separate processes,
         # and a stopped run keeps the figures it has.
-        results = load_results(output)
-        results["sections"][section] = result
-        results |= {"machine": machine_description(), "steps": args.steps, "batch_size": config.batch_size,
-                    "teacher_steps": args.teacher_steps, "temperature": args.temperature, "seeds": args.seeds,
-                    "phantom_cases": {"train": TRAIN_CASES, "test": TEST_CASES}}
-        write_json(results, output.with_suffix(".json"))
+        with open(output.with_suffix(".lock"), "w") as lock:  # another process may be merging its section
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            results = load_results(output)
+            results["sections"][section] = result
+            results |= {"machine": machine_description(), "steps": args.steps, "batch_size": config.batch_size,
+                        "teacher_steps": args.teacher_steps, "temperature": args.temperature, "seeds": args.seeds,
+                        "phantom_cases": {"train": TRAIN_CASES, "test": TEST_CASES}}
+            write_json(results, output.with_suffix(".json"))
     results = load_results(output)
     write_text(render(results), output.with_suffix(".md"))
     chart(results, output.with_suffix(".png"))

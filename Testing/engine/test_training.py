@@ -16,7 +16,14 @@ from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.metrics import dice_per_label
 from MedKDSegmentLib.engine.networks import STUDENT_CONFIG, build_network
 from MedKDSegmentLib.engine.phantom import generate_phantom, write_phantom_dataset
-from MedKDSegmentLib.engine.training import TrainingConfig, checkpoint_dir_for, distill_student, fit, train_teacher
+from MedKDSegmentLib.engine.training import (
+    TrainingConfig,
+    cache_teacher_outputs,
+    checkpoint_dir_for,
+    distill_student,
+    fit,
+    train_teacher,
+)
 
 SIZE, SPACING = (64, 56, 40), (6.0, 6.0, 6.0)
 FAST = dict(batch_size=2, patch_size=(32, 32, 32), device="cpu", validation_fraction=0.25)
@@ -178,3 +185,28 @@ def test_semi_supervised_batches_keep_a_labelled_share():
         _, labels, labelled, _ = sample_batch(cases, 4, (8, 8, 8), rng)
         assert labelled.tolist() == [True, True, False, False]  # random draws would give ~0.4 labelled items
         assert all(labels[i].eq(1).any() for i in range(2)) and labels[2:].eq(0).all()
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_teacher_targets_beyond_the_volume_edge_are_the_teachers_answer_for_the_padding(logits):
+    """Patches reach past the edge (the image is padded with its minimum). The cached targets there
+    must be the teacher's output on that value, not zeros: zero log-probabilities are a uniform class
+    distribution, and zero logits would be CWD's most salient place for every class."""
+    torch.manual_seed(0)
+    teacher = build_network(TINY_TEACHER, 3).eval()
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(12, 16, 16)).astype(np.float32)
+    case = Case("edge", image, np.zeros(image.shape, np.uint8))
+    cache_teacher_outputs(teacher, [case], torch.device("cpu"), lambda f, m: None, logits=logits)
+    blank = torch.full((1, 1, 32, 32, 32), float(image.min()))
+    with torch.no_grad():
+        expected = teacher(blank)[0, :, 16, 16, 16]
+    if not logits:
+        expected = torch.log_softmax(expected, dim=0)
+    torch.testing.assert_close(torch.from_numpy(case.teacher_fill).float(), expected, atol=0.02, rtol=0.02)
+    _, _, _, cached = sample_batch([case], 2, (16, 24, 24), rng)  # larger than the volume: every patch leaves it
+    outside = (cached == torch.from_numpy(case.teacher_fill).float().view(1, -1, 1, 1, 1)).all(dim=1)
+    assert outside.float().mean() > 0.3
+    if not logits:
+        torch.testing.assert_close(cached.exp().sum(dim=1), torch.ones_like(cached[:, 0]), atol=0.01, rtol=0)
+    assert not (cached == 0).all(dim=1).any()

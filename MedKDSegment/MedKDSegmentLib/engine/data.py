@@ -26,6 +26,8 @@ class Case:
     labels: np.ndarray | None  # uint8 on the same grid, or None when unlabelled
     teacher: np.ndarray | None = None  # cached teacher log-probabilities or logits (C, z, y, x), float16
     teacher_source: tuple | None = None  # which teachers and output kind filled ``teacher``
+    # The teachers' outputs (C,) on the padding value: what ``teacher`` holds beyond the volume's edge.
+    teacher_fill: np.ndarray | None = None
     _teacher_labels: tuple | None = None  # (teacher_source, argmax of the cached outputs), built when first needed
 
     def guide_labels(self) -> np.ndarray | None:
@@ -135,7 +137,12 @@ def sample_batch(
         labels.append(_crop(label, start, patch, 0))
         labelled.append(case.labels is not None)
         if with_teacher:
-            teacher.append(np.stack([_crop(channel, start, patch, 0.0) for channel in case.teacher]))
+            # Beyond the edge the image is padded with its minimum, so the teacher's target there is what
+            # the teacher says about that value (a constant 0 would be a uniform class distribution, and
+            # for CWD's spatial softmax the most salient place of every class).
+            fill = case.teacher_fill if case.teacher_fill is not None else np.zeros(len(case.teacher))
+            teacher.append(np.stack([_crop(channel, start, patch, float(value))
+                                     for channel, value in zip(case.teacher, fill)]))
     return (
         torch.from_numpy(np.stack(images)[:, None]).float(),
         torch.from_numpy(np.stack(labels)[:, None].astype(np.int64)),

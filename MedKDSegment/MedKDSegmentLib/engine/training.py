@@ -291,6 +291,9 @@ def _teacher_outputs(
         context.teacher_weights = teacher_sample_weights(context.teacher_logits, weights, config.teacher_confidence)
 
 
+PADDING_PROBE = 32  # edge of the constant block on which a teacher's output beyond the volume's edge is taken
+
+
 def cache_teacher_outputs(
     teacher: nn.Module | Sequence[nn.Module],
     cases: list[Case],
@@ -321,14 +324,20 @@ def cache_teacher_outputs(
         )
         if case.teacher is None or stale:
             z, y, x = case.image.shape
-            outputs = []
+            # A block of the padding value (the image minimum, as sample_batch pads): its centre voxel's
+            # output is the teacher's target for patch voxels beyond the volume's edge.
+            blank = np.full((PADDING_PROBE,) * 3, float(case.image.min()), dtype=np.float32)
+            centre = PADDING_PROBE // 2
+            outputs, fills = [], []
             for model in teachers:
-                if logits:
-                    outputs.append(_predict_logits(model, case.image, device)[:, :z, :y, :x])
-                else:
-                    scores, _, _ = predict_scores(model, case.image, device)
-                    outputs.append(np.log(np.clip(scores[:, :z, :y, :x], 1e-6, 1.0)))
+                for target, source in ((outputs, case.image), (fills, blank)):
+                    if logits:
+                        output = _predict_logits(model, source, device)
+                    else:
+                        output = np.log(np.clip(predict_scores(model, source, device)[0], 1e-6, 1.0))
+                    target.append(output[:, :z, :y, :x] if source is case.image else output[:, centre, centre, centre])
             case.teacher = np.concatenate(outputs).astype(np.float16)
+            case.teacher_fill = np.concatenate(fills).astype(np.float16)
             case.teacher_source = key
         report(0.0, f"teacher outputs cached for {index + 1}/{len(cases)} cases")
 
