@@ -514,7 +514,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=1, help="student runs per method (seeds 0..N-1)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature (kd, ctkd start, multi-teacher)")
-    parser.add_argument("--methods", nargs="+", help="only these methods (a quick check; default: each section's list)")
+    parser.add_argument("--methods", nargs="+",
+                        help="only these methods; their rows replace those of an earlier run in the results file")
     parser.add_argument("--cases", type=int, nargs=2, metavar=("TRAIN", "TEST"), help="phantom counts (quick check)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmark_methods"))
     args = parser.parse_args()
@@ -551,6 +552,12 @@ def main() -> int:
         with open(output.with_suffix(".lock"), "w") as lock:  # another process may be merging its section
             fcntl.flock(lock, fcntl.LOCK_EX)
             results = load_results(output)
+            previous = results["sections"].get(section)
+            if args.methods and previous and section != "unpaired" and "skipped" not in previous:
+                # A re-run of some methods replaces only those rows (same teacher, same seeds).
+                wall = previous.get("wall_seconds", 0.0) + result["wall_seconds"]
+                result = summarise({**previous, **{k: v for k, v in result.items() if k != "teacher"}})
+                result["wall_seconds"] = wall
             results["sections"][section] = result
             results |= {"machine": machine_description(), "steps": args.steps, "batch_size": config.batch_size,
                         "teacher_steps": args.teacher_steps, "temperature": args.temperature, "seeds": args.seeds,

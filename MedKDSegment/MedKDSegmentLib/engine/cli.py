@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coteacher-alpha", type=float, default=0.99, help="co-teacher EMA decay")
     p.add_argument("--coteacher-tau", type=float, default=20.0)
     p.add_argument("--coteacher-noise", type=float, default=0.1, help="std of the input noise")
-    p.add_argument("--coteacher-kd-weight", type=float, help="ACT-Net λ_kd (default τ²)")
+    p.add_argument("--coteacher-kd-weight", type=float, default=10.0, help="ACT-Net λ_kd")
     p.add_argument("--hint-student-layer", default="", help="student module name for hint/at (default: deepest)")
     p.add_argument("--hint-teacher-layer", default="", help="teacher module name for hint/at (default: bottleneck)")
     _add_training_arguments(p)

@@ -530,17 +530,10 @@ class ATTerm(_FeatureTerm):
         return _weighted_mean(losses, context.teacher_weights)
 
 
-def coteacher_kd_weight(config: Any) -> float:
-    """ACT-Net's λ_kd: the configured value, else τ² (see TrainingConfig.coteacher_kd_weight)."""
-    if config.coteacher_kd_weight is None:
-        return _check(config.coteacher_tau, "coteacher_tau", 0.0) ** 2
-    return _check(config.coteacher_kd_weight, "coteacher_kd_weight", 0.0, low_open=False)
-
-
 class CoTeacherTerm(DistillTerm):
     name = "coteacher"
     description = (
-        "ACT-Net asymmetric co-teacher (Zhao et al. 2022): λ_kd·‖σ(z_s/τ) − σ(z_t/τ)‖² (λ_kd = τ² unless set) + "
+        "ACT-Net asymmetric co-teacher (Zhao et al. 2022): coteacher_kd_weight·‖σ(z_s/τ) − σ(z_t/τ)‖² + "
         "MSE(f_s(x+ξ), f_c(x+ξ′)), f_c = EMA of the student; without a teacher: mean-teacher consistency"
     )
     needs_teacher = False  # the consistency part needs only the student's EMA
@@ -551,7 +544,7 @@ class CoTeacherTerm(DistillTerm):
         self.alpha = _check(config.coteacher_alpha, "coteacher_alpha", 0.0, 1.0, low_open=False)
         self.tau = _check(config.coteacher_tau, "coteacher_tau", 0.0)
         self.noise = _check(config.coteacher_noise, "coteacher_noise", 0.0, low_open=False)
-        self.kd_weight = coteacher_kd_weight(config)
+        self.kd_weight = _check(config.coteacher_kd_weight, "coteacher_kd_weight", 0.0, low_open=False)
         # AveragedModel with use_buffers=True averages the batch-norm statistics too, so the co-teacher
         # can run in eval mode with statistics that follow the student's (no separate copy step).
         self.coteacher = AveragedModel(setup.student, multi_avg_fn=get_ema_multi_avg_fn(self.alpha), use_buffers=True)
@@ -567,7 +560,7 @@ class CoTeacherTerm(DistillTerm):
             "coteacher_alpha": config.coteacher_alpha,
             "coteacher_tau": config.coteacher_tau,
             "coteacher_noise": config.coteacher_noise,
-            "coteacher_kd_weight": coteacher_kd_weight(config),
+            "coteacher_kd_weight": config.coteacher_kd_weight,
         }
 
     def train(self, mode: bool = True) -> CoTeacherTerm:
