@@ -243,10 +243,12 @@ def phantom_section(modality: str, methods: list[str], config: TrainingConfig, t
 UNPAIRED_VARIANTS = {"kd": "kd", "none": "scratch"}
 
 
-def unpaired_section(config: TrainingConfig, teacher_steps: int, separate: dict, seeds: int) -> dict:
+def unpaired_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict:
     """One shared CT + MR student per variant and seed: ``kd`` distils each modality from its teacher
     (compared with the separate ``kd`` students), ``none`` is Dou et al.'s setting without teachers:
-    Dice + CE + prototype KL (compared with the separate students trained from scratch)."""
+    Dice + CE + prototype KL (compared with the separate students trained from scratch). The separate
+    students are the CT and MR sections' rows; the report pairs them up, so the sections may run in any
+    order or process."""
     from MedKDSegmentLib.engine.unpaired import distill_unpaired, use_modality
 
     labels = [s.value for s in ABDOMEN_STRUCTURES]
@@ -275,14 +277,8 @@ def unpaired_section(config: TrainingConfig, teacher_steps: int, separate: dict,
                  "baseline": baseline}
         for modality in ("CT", "MR"):
             means = [float(np.mean(run)) for run in runs[modality]]
-            own = separate.get(modality, {}).get(baseline, {})
             entry[modality] = {"runs": runs[modality], "seed_means": means, "mean": float(np.mean(means)),
-                               "sd_seeds": float(np.std(means, ddof=1)) if seeds > 1 else math.nan,
-                               "separate_mean": own.get("mean", math.nan),
-                               "separate_sd_seeds": own.get("sd_seeds", math.nan),
-                               "separate_seed_means": own.get("seed_means", [])}
-            log(f"unpaired {variant}: {modality} shared {entry[modality]['mean']:.3f} vs separate "
-                f"{baseline} {own.get('mean', math.nan):.3f}")
+                               "sd_seeds": float(np.std(means, ddof=1)) if seeds > 1 else math.nan}
         results[variant] = entry
     return results
 
@@ -377,7 +373,7 @@ COLUMNS = {"method": "method", "dice": "mean Dice", "sd_seeds": "sd (seeds)", "s
 
 
 def render(results: dict) -> str:
-    seeds = results.get("seeds", 1)
+    seeds = max([seeds_of(section) for section in results["sections"].values()] or [1])
     cases = results.get("phantom_cases", {"train": TRAIN_CASES, "test": TEST_CASES})
     reproduce = (f"scripts/medkd-python scripts/benchmark_methods.py --steps {results['steps']} "
                  f"--teacher-steps {results.get('teacher_steps', '?')} --temperature {results.get('temperature', '?')} "
@@ -385,8 +381,9 @@ def render(results: dict) -> str:
     lines = ["# Distillation methods benchmark", "", f"Machine: {results['machine']}", "",
              f"Budget per student: {results['steps']} steps of batch {results['batch_size']} (semi-supervised "
              f"methods: {results['batch_size']} labelled + {results['batch_size']} unlabelled patches per step); "
-             f"the same student architecture (FastStudent) for every method; {seeds} seed(s), seed s giving every "
-             "method the same initial weights and batches. Dice: each test volume's mean over structures, "
+             f"the same student architecture (FastStudent) for every method; up to {seeds} seeds (each section "
+             "says how many), seed s giving every method the same initial weights and batches. Dice: each test "
+             "volume's mean over structures, "
              "averaged over the test volumes and then over seeds; sd over seeds and (mean over seeds of the) sd "
              "over test volumes. Gap closed: (method − scratch) / (teacher − scratch).", "",
              f"Grid: phantoms at {SPACING:g} mm ({cases['train']} training, {cases['test']} test volumes per "
@@ -411,11 +408,11 @@ def render(results: dict) -> str:
             if not isinstance(entry, dict) or "CT" not in entry:
                 continue
             for m in ("CT", "MR"):
-                e = entry[m]
-                separate = "–" if missing(e["separate_mean"]) else f"{e['separate_mean']:.3f} ({entry['baseline']})"
+                e, own = entry[m], separate_student(results["sections"], m, entry["baseline"])
+                separate = "–" if own is None else f"{own['mean']:.3f} ({entry['baseline']})"
                 rows.append({"variant": f"shared, {variant}", "modality": m, "shared": f"{e['mean']:.3f}",
                              "separate": separate,
-                             "difference": signed(*paired(e["seed_means"], e["separate_seed_means"]))})
+                             "difference": signed(*paired(e["seed_means"], own["seed_means"] if own else []))})
         lines += ["## Unpaired CT + MR: one shared student vs separate students of the same size", "",
                   *wall_time(section),
                   "`shared, kd`: each modality also distilled from its teacher, against the separate `kd` students; "
@@ -430,8 +427,25 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def seeds_of(section: dict) -> int:
+    """How many seeds the section's students were trained with (the most of any row)."""
+    rows = [e for e in section.values() if isinstance(e, dict)]
+    rows += [e[m] for e in rows for m in ("CT", "MR") if isinstance(e.get(m), dict)]  # unpaired variants
+    return max((len(e["seed_means"]) for e in rows if "seed_means" in e and e is not section.get("teacher")),
+               default=0)
+
+
 def wall_time(section: dict) -> list[str]:
-    return [f"Wall time: {section['wall_seconds'] / 60:.0f} min.", ""] if "wall_seconds" in section else []
+    if "wall_seconds" not in section:
+        return []
+    return [f"Students trained with {seeds_of(section)} seed(s); wall time {section['wall_seconds'] / 60:.0f} min "
+            "(one core, shared with the other sections' processes).", ""]
+
+
+def separate_student(sections: dict, modality: str, method: str) -> dict | None:
+    """The ``method`` row of the ``modality`` section: a separately trained student of the same size."""
+    entry = sections.get(modality, {}).get(method)
+    return entry if isinstance(entry, dict) and "mean" in entry else None
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -460,9 +474,10 @@ def target_lines(sections: dict) -> list[str]:
     for variant, u in sections.get("unpaired", {}).items():
         if not isinstance(u, dict) or "CT" not in u:
             continue
-        known = [m for m in ("CT", "MR") if not missing(u[m]["separate_mean"])]
-        better = [m for m in known if u[m]["mean"] > u[m]["separate_mean"]]
-        worse = [m for m in known if u[m]["mean"] < u[m]["separate_mean"]]
+        own = {m: separate_student(sections, m, u["baseline"]) for m in ("CT", "MR")}
+        known = [m for m in ("CT", "MR") if own[m] is not None]
+        better = [m for m in known if u[m]["mean"] > own[m]["mean"]]
+        worse = [m for m in known if u[m]["mean"] < own[m]["mean"]]
         met = bool(better) and not worse
         lines.append(f"- Unpaired ({variant}): the shared student is better on {', '.join(better) or 'no modality'} "
                      f"and worse on {', '.join(worse) or 'none'} than the separate `{u['baseline']}` students "
@@ -528,6 +543,7 @@ def main() -> int:
                             # The curriculum spans a third of these short runs (CTKD's paper: 10 of 240+ epochs).
                             ctkd_epochs=max(1, args.steps // steps_per_epoch // 3))
     output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     if args.cases:
         global TRAIN_CASES, TEST_CASES
         TRAIN_CASES, TEST_CASES = args.cases
@@ -539,7 +555,7 @@ def main() -> int:
             methods = PHANTOM_METHODS if section == "CT" else MR_METHODS
             result = phantom_section(section, methods, config, args.teacher_steps, args.seeds)
         elif section == "unpaired":
-            result = unpaired_section(config, args.teacher_steps, load_results(output)["sections"], args.seeds)
+            result = unpaired_section(config, args.teacher_steps, args.seeds)
         elif section == "semi":
             result = semi_section(config, args.teacher_steps, args.seeds)
         elif section == "brats":
