@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,14 @@ def node_content(node) -> dict:
 def array_checksum(node) -> tuple:
     array = slicer.util.arrayFromVolume(node)
     return array.shape, str(array.dtype), float(np.asarray(array, dtype=np.float64).sum())
+
+
+def cancel_during_epoch(job, epoch: int, epochs: int, timeout_s: float = 300.0) -> None:
+    """Wait until ``job`` starts epoch ``epoch`` of ``epochs`` (the ones before it are complete and
+    checkpointed), then cancel it; the job must still have been running."""
+    deadline = time.monotonic() + timeout_s
+    while job.poll() and not any(stage.startswith(f"epoch {epoch}/{epochs}") for _, stage in job.history):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert job.running, job.error
+    job.cancel()

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import slicer
-from scene_helpers import node_content, scene_state
+from scene_helpers import cancel_during_epoch, node_content, scene_state
 
 from MedKDSegmentLib import catalog
 from MedKDSegmentLib.engine.errors import BundleError, CancelledError, InvalidInputError
@@ -276,12 +275,7 @@ def test_cancel_leaves_no_model_and_the_run_resumes_where_it_stopped(scene, phan
     job = worker_logic.startFineTune([(volume_node, segmentation_node)], model=PARENT, epochs=4, skip=True,
                                      device="cpu", settings=settings, showChart=False)
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
-    deadline = time.monotonic() + 300
-    while job.poll() and not any(stage.startswith("epoch 2/4") for _, stage in job.history):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert job.running, job.error  # epoch 1 is complete (and checkpointed) when epoch 2 starts
-    job.cancel()
+    cancel_during_epoch(job, 2, 4)  # epoch 1 is complete (and checkpointed) when epoch 2 starts
     with pytest.raises(CancelledError):
         job.raise_for_state()
     assert scene_state(scene) == state  # the loss curve (table, series, chart) went with the job

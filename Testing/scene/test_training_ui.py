@@ -9,13 +9,12 @@ record (the engine's tests check that training and each distillation method lear
 from __future__ import annotations
 
 import json
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
-from scene_helpers import REPO, scene_state
+from scene_helpers import REPO, cancel_during_epoch, scene_state
 
 from MedKDSegmentLib.engine.errors import CancelledError, InvalidInputError
 from MedKDSegmentLib.scene import training
@@ -254,17 +253,11 @@ def test_cancel_leaves_no_model_and_resume_finishes_the_run(scene, data, teacher
     folder = worker_logic.modelsFolder()
     before = listing(folder)
     state = scene_state(scene)
-    # showChart=False: showing the chart switches the view layout, which a cancel does not undo.
     job = worker_logic.startDistillStudent(data["CT"], teachers=teachers["CT"], methods="kd+coteacher:0.5",
                                            epochs=3, device="cpu", settings={**TINY, "steps_per_epoch": 3},
                                            showChart=False)
     output = Path(job.spec["output"])
-    deadline = time.monotonic() + 300
-    while job.poll() and not any(stage.startswith("epoch 2/3") for _, stage in job.history):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert job.running, job.error  # epoch 1 is complete (and checkpointed) when epoch 2 starts
-    job.cancel()
+    cancel_during_epoch(job, 2, 3)  # epoch 1 is complete (and checkpointed) when epoch 2 starts
     with pytest.raises(CancelledError):
         job.raise_for_state()
     assert scene_state(scene) == state  # the loss curve went with the job

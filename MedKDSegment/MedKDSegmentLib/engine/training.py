@@ -316,6 +316,7 @@ def cache_teacher_outputs(
     key = ("logits" if logits else "log_probs", *(_fingerprint(model) for model in teachers))
     for model in teachers:
         model.eval()
+    fills: dict[tuple[int, float], np.ndarray] = {}  # (teacher, padding value) -> its output there (C,)
     for index, case in enumerate(cases):
         source = case.teacher_source
         # A cache without a record (filled by older code or by hand) is kept for one log-prob teacher, as before.
@@ -324,22 +325,30 @@ def cache_teacher_outputs(
         )
         if case.teacher is None or stale:
             z, y, x = case.image.shape
-            # A block of the padding value (the image minimum, as sample_batch pads): its centre voxel's
-            # output is the teacher's target for patch voxels beyond the volume's edge.
-            blank = np.full((PADDING_PROBE,) * 3, float(case.image.min()), dtype=np.float32)
-            centre = PADDING_PROBE // 2
-            outputs, fills = [], []
-            for model in teachers:
-                for target, source in ((outputs, case.image), (fills, blank)):
-                    if logits:
-                        output = _predict_logits(model, source, device)
-                    else:
-                        output = np.log(np.clip(predict_scores(model, source, device)[0], 1e-6, 1.0))
-                    target.append(output[:, :z, :y, :x] if source is case.image else output[:, centre, centre, centre])
+            outputs = [_teacher_output(model, case.image, device, logits)[:, :z, :y, :x] for model in teachers]
+            pad = float(case.image.min())
+            for k, model in enumerate(teachers):
+                if (k, pad) not in fills:  # cases normalised alike share their padding value: probe once
+                    fills[(k, pad)] = _padding_output(model, pad, device, logits)
+            case.teacher_fill = np.concatenate([fills[(k, pad)] for k in range(len(teachers))]).astype(np.float16)
             case.teacher = np.concatenate(outputs).astype(np.float16)
-            case.teacher_fill = np.concatenate(fills).astype(np.float16)
             case.teacher_source = key
         report(0.0, f"teacher outputs cached for {index + 1}/{len(cases)} cases")
+
+
+def _teacher_output(model: nn.Module, image: np.ndarray, device: torch.device, logits: bool) -> np.ndarray:
+    """Logits, or log-probabilities, (C, *padded shape) of a whole image: what the cache stores."""
+    if logits:
+        return _predict_logits(model, image, device)
+    return np.log(np.clip(predict_scores(model, image, device)[0], 1e-6, 1.0))
+
+
+def _padding_output(model: nn.Module, value: float, device: torch.device, logits: bool) -> np.ndarray:
+    """The teacher's output (C,) for patch voxels beyond the volume's edge, where sample_batch pads the
+    image with ``value``: its output at the centre of a constant block of that value."""
+    blank = np.full((PADDING_PROBE,) * 3, value, dtype=np.float32)
+    centre = PADDING_PROBE // 2
+    return _teacher_output(model, blank, device, logits)[:, centre, centre, centre]
 
 
 def _fingerprint(network: nn.Module) -> str:
