@@ -668,11 +668,11 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.visible = task == "teacher"
         for widget in (self.ui.trainTeachersLabel, self.ui.trainTeachersTableWidget):
             widget.visible = task != "teacher"
-        # A teacher learns from labels only; a CT+MR student uses pixel KD (its temperature) but no methods.
+        # A teacher learns from labels only; students (CT+MR too) take the ticked methods.
         self.ui.trainAdvancedCollapsibleButton.enabled = task != "teacher"
         for name in METHOD_NAMES:
-            self._methodCheckBox(name).enabled = task == "student"
-            self._methodWeightSpinBox(name).enabled = task == "student"
+            self._methodCheckBox(name).enabled = task != "teacher"
+            self._methodWeightSpinBox(name).enabled = task != "teacher"
         self.ui.trainAssistantCheckBox.enabled = task == "student"
         self._updateMethodsLabel()
         self._updateTrainButtons()
@@ -759,7 +759,8 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         byModality[modality] = model
                 self._job = self.logic.startDistillUnpaired(
                     data, self.ui.trainMrDataPathLineEdit.currentPath, ctTeacher=byModality.get("CT"),
-                    mrTeacher=byModality.get("MR"), temperature=p.trainTemperature, **common)
+                    mrTeacher=byModality.get("MR"), temperature=p.trainTemperature, methods=self.trainingMethods(),
+                    **common)
             self._trainingStarted()
 
     def onResumeTraining(self) -> None:
@@ -923,17 +924,19 @@ class MedKDSegmentLogic(ScriptedLoadableModuleLogic):
 
     def distillUnpaired(self, ctFolder, mrFolder, ctTeacher=None, mrTeacher=None, output=None, epochs=None,
                         minutes=None, temperature=None, device="auto", useWorker=False, progress=None, settings=None,
-                        showChart=True):
-        """One NEW student for CT and MR from unpaired CT and MR folders (blocking)."""
+                        showChart=True, methods="kd"):
+        """One NEW student for CT and MR from unpaired CT and MR folders (blocking); ``methods`` as for
+        ``distillStudent``, each modality learning from its own teacher."""
         return self.sceneLogic.distillUnpaired(ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs, minutes,
                                                temperature, device, useWorker, progress, settings=settings,
-                                               showChart=showChart)
+                                               showChart=showChart, methods=methods)
 
     def startDistillUnpaired(self, ctFolder, mrFolder, ctTeacher=None, mrTeacher=None, output=None, epochs=None,
-                             minutes=None, temperature=None, device="auto", settings=None, showChart=True):
+                             minutes=None, temperature=None, device="auto", settings=None, showChart=True,
+                             methods="kd"):
         """Non-blocking ``distillUnpaired`` in the worker process; poll the returned job."""
         return self.sceneLogic.startDistillUnpaired(ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs,
-                                                    minutes, temperature, device, settings, showChart)
+                                                    minutes, temperature, device, settings, showChart, methods)
 
     def interruptedTrainings(self):
         """Outputs of interrupted training runs that can be resumed, newest first."""

@@ -3,15 +3,19 @@
     scripts/medkd-python scripts/benchmark_methods.py [--steps 300] [--sections ct mr unpaired semi brats]
 
 Sections (each trains every listed method from the same seed and evaluates on held-out volumes):
-- ``ct`` / ``mr``: phantom abdomen, the bundled teacher of that modality, 12 labelled training phantoms
-  (the teachers' own training seeds), 6 held-out test phantoms;
+- ``ct`` / ``mr``: phantom abdomen, a teacher of that modality, 12 labelled training phantoms, 6 held-out
+  test phantoms;
 - ``unpaired``: one shared CT + MR student (kernels shared, normalisation per modality, prototype KL)
   against the separately distilled students of the ``ct`` and ``mr`` sections (same architecture,
   same steps: the shared student sees one CT and one MR batch per step);
-- ``semi``: 10 % of the CT training phantoms labelled; the teacher is trained on those labels only,
-  and the students see the labelled and the unlabelled volumes;
+- ``semi``: 10 % of the CT training phantoms labelled; the students see the labelled and the unlabelled
+  volumes (``--grid coarse``: the teacher is trained on those labels only);
 - ``brats``: the real BRATS 2013 FLAIR volumes in ../shared/data (train + validation for training,
   test for reporting), a teacher trained here, students distilled from it.
+Grids (``--grid``): ``coarse`` (default) puts the phantoms on a 6 mm grid with teachers trained here, so
+that every student gets close to convergence on a CPU; ``bundled`` is the shipped models' own setting: 3 mm,
+their training patch, and the bundled teachers in Resources/Models (phantom sections only). On the coarse
+grid the student's half-resolution output costs Dice by itself (12 mm effective); at 3 mm it does not.
 Per method: mean ± sd Dice over the test volumes (each volume's mean over structures) and the share
 of the scratch→teacher gap that it closes. Writes <output>.md, <output>.json and <output>.png.
 """
@@ -33,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedKDSegment"))
+
+from build_models import PATCH as BUNDLED_PATCH  # noqa: E402
 
 from MedKDSegmentLib.engine.bundle import load_bundle, save_bundle  # noqa: E402
 from MedKDSegmentLib.engine.data import Case  # noqa: E402
@@ -67,10 +73,14 @@ from MedKDSegmentLib.engine.volume import read_volume  # noqa: E402
 
 TEST_SEED = 5151  # distinct from training (0), the engine benchmark (777) and the demo (990001)
 TRAIN_CASES, TEST_CASES = 12, 6
-# A coarser grid than the bundled models' 3 mm, so that every student can be trained close to convergence
-# on a 2-core CPU: rankings of methods after a few percent of training say little.
-SPACING = 6.0
-PATCH = (24, 48, 48)
+# Phantom grids: "coarse" so that every student can be trained close to convergence on a 2-core CPU
+# (rankings of methods after a few percent of training say little); "bundled" as the shipped models.
+GRIDS = {"coarse": {"spacing": 6.0, "patch": (24, 48, 48), "bundled_teachers": False},
+         "bundled": {"spacing": 3.0, "patch": BUNDLED_PATCH, "bundled_teachers": True}}
+SPACING = GRIDS["coarse"]["spacing"]
+PATCH = GRIDS["coarse"]["patch"]
+BUNDLED_TEACHERS = False
+MODELS = ROOT / "Resources" / "Models"
 BRATS = ROOT.parent / "shared" / "data" / "mr-brain-tumor-brats"
 BRATS_SPACING = 4.0
 BRATS_PATCH = (24, 48, 48)
@@ -147,7 +157,13 @@ def train(architecture: dict, num_classes: int, cases: list[Case], config: Train
 
 def teacher_for(name: str, cases: list[Case], profile: Profile, structures: tuple[Structure, ...],
                 config: TrainingConfig, steps: int):
-    """The section's teacher, trained once (Dice + CE, labelled cases only) and kept as a bundle in WORK."""
+    """The section's teacher: on the bundled grid the shipped teacher of that modality; otherwise one
+    trained once (Dice + CE, labelled cases only) and kept as a bundle in WORK."""
+    if BUNDLED_TEACHERS and structures == ABDOMEN_STRUCTURES:
+        bundle = load_bundle(MODELS / f"phantom-abdomen-{profile.modality.lower()}-teacher")
+        if bundle.profile_for(profile.modality) != profile:
+            raise SystemExit(f"{bundle.name}'s preprocessing differs from the {SPACING:g} mm benchmark grid")
+        return bundle
     folder = WORK / f"teacher-{name}-{steps}"
     if not folder.exists():
         log(f"{name}: training the teacher ({steps} steps)")
@@ -377,7 +393,14 @@ def render(results: dict) -> str:
     cases = results.get("phantom_cases", {"train": TRAIN_CASES, "test": TEST_CASES})
     reproduce = (f"scripts/medkd-python scripts/benchmark_methods.py --steps {results['steps']} "
                  f"--teacher-steps {results.get('teacher_steps', '?')} --temperature {results.get('temperature', '?')} "
-                 f"--seeds {seeds} --threads 1")
+                 f"--seeds {seeds} --threads 1 --grid {results.get('grid', 'coarse')}")
+    grid = GRIDS[results.get("grid", "coarse")]
+    if grid["bundled_teachers"]:
+        teachers = ("the bundled teachers of Resources/Models (MONAI UNet, 4.77 M parameters; trained on 20 "
+                    "labelled phantoms, the semi-supervised section's included), kept fixed for every student")
+    else:
+        teachers = (f"teachers (MONAI UNet, 4.77 M parameters) trained here for {results.get('teacher_steps', '?')} "
+                    "steps with Dice + CE and kept fixed for every student")
     lines = ["# Distillation methods benchmark", "", f"Machine: {results['machine']}", "",
              f"Budget per student: {results['steps']} steps of batch {results['batch_size']} (semi-supervised "
              f"methods: {results['batch_size']} labelled + {results['batch_size']} unlabelled patches per step); "
@@ -386,10 +409,9 @@ def render(results: dict) -> str:
              "volume's mean over structures, "
              "averaged over the test volumes and then over seeds; sd over seeds and (mean over seeds of the) sd "
              "over test volumes. Gap closed: (method − scratch) / (teacher − scratch).", "",
-             f"Grid: phantoms at {SPACING:g} mm ({cases['train']} training, {cases['test']} test volumes per "
-             "modality), "
-             f"BRATS FLAIR at {BRATS_SPACING:g} mm; teachers (MONAI UNet, 4.77 M parameters) trained here for "
-             f"{results.get('teacher_steps', '?')} steps with Dice + CE and kept fixed for every student; KD "
+             f"Grid: phantoms at {grid['spacing']:g} mm, patches of {'×'.join(map(str, grid['patch']))} voxels "
+             f"({cases['train']} training, {cases['test']} test volumes per modality), "
+             f"BRATS FLAIR at {BRATS_SPACING:g} mm; {teachers}; KD "
              f"temperature {results.get('temperature', '?')} (kd, ctkd start, multi-teacher). "
              f"Reproduce: `{reproduce}` (sections can run as separate processes with `--sections`; each "
              "section's wall time on one core is given with it).", ""]
@@ -532,8 +554,12 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+",
                         help="only these methods; their rows replace those of an earlier run in the results file")
     parser.add_argument("--cases", type=int, nargs=2, metavar=("TRAIN", "TEST"), help="phantom counts (quick check)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="coarse",
+                        help="phantom grid: coarse (6 mm, teachers trained here) or bundled (3 mm, shipped teachers)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmark_methods"))
     args = parser.parse_args()
+    global SPACING, PATCH, BUNDLED_TEACHERS
+    SPACING, PATCH, BUNDLED_TEACHERS = (GRIDS[args.grid][k] for k in ("spacing", "patch", "bundled_teachers"))
     if args.threads:
         torch.set_num_threads(args.threads)
     steps_per_epoch = 25
@@ -576,7 +602,8 @@ def main() -> int:
                 result["wall_seconds"] = wall
             results["sections"][section] = result
             results |= {"machine": machine_description(), "steps": args.steps, "batch_size": config.batch_size,
-                        "teacher_steps": args.teacher_steps, "temperature": args.temperature, "seeds": args.seeds,
+                        "teacher_steps": args.teacher_steps, "grid": args.grid, "temperature": args.temperature,
+                        "seeds": args.seeds,
                         "phantom_cases": {"train": TRAIN_CASES, "test": TEST_CASES}}
             write_json(results, output.with_suffix(".json"))
     results = load_results(output)

@@ -272,8 +272,9 @@ def check_training_spec(spec: dict) -> None:
     from .engine.distillation import parse_methods, validate_teacher_weights
 
     config, _ = training_config(spec.get("settings"))
-    if spec.get("job") == "distill":
+    if spec.get("job") in ("distill", "distill_unpaired"):
         parse_methods(config.methods)
+    if spec.get("job") == "distill":
         teachers = spec.get("teachers") or []
         if not teachers:
             raise InvalidInputError("No teacher was given.", "Pick at least one teacher model to distil from.")
@@ -299,7 +300,8 @@ def training_summary(bundle, assistant=None, epochs: int | None = None) -> dict:
     outputs = {
         "bundle": str(bundle.path), "name": bundle.name, "role": bundle.role, "modality": bundle.modality,
         "method": method.get("name"),
-        "methods": "+".join(f"{t['name']}:{t['weight']:g}" for t in terms) or method.get("name"),
+        # A CT+MR student records each term once per modality.
+        "methods": "+".join(dict.fromkeys(f"{t['name']}:{t['weight']:g}" for t in terms)) or method.get("name"),
         "teachers": teachers, "chain": method.get("chain"), "epoch_loss": losses,
         "validation_dice": metrics.get("validation_dice") or {},
         "stopped_by_budget": bool(metrics.get("stopped_by_budget")) or (epochs is not None and len(losses) < epochs),

@@ -26,6 +26,7 @@ from MedKDSegmentLib.engine.training import TrainingConfig, checkpoint_dir_for, 
 from MedKDSegmentLib.engine.unpaired import (
     ModalityNorm,
     PrototypeKL,
+    _modality_terms,
     current_modality,
     distill_unpaired,
     make_modality_specific,
@@ -350,6 +351,49 @@ def test_teachers_add_per_modality_kd_and_are_recorded(small_cases, tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+def test_each_modality_gets_its_own_method_terms_with_its_own_teacher():
+    network = make_modality_specific(build_network(TINY_STUDENT, NUM_CLASSES))
+    teachers = {m: build_network(TINY_TEACHER, NUM_CLASSES).eval() for m in ("CT", "MR")}
+    terms = _modality_terms(network, teachers, TrainingConfig(methods="ctkd+coteacher"))
+    assert [[t.name for t in terms[m]] for m in ("CT", "MR")] == [["ctkd", "coteacher"]] * 2
+    # Learnt temperatures are separate parameters, like the normalisation layers.
+    assert terms["CT"][0].theta is not terms["MR"][0].theta
+    # Each co-teacher is an EMA of the whole shared network that predicts with its modality's normalisation.
+    assert current_modality(terms["CT"][1].coteacher.module) == "CT"
+    assert current_modality(terms["MR"][1].coteacher.module) == "MR"
+    assert current_modality(network) == "CT"  # building the terms left the student's choice alone
+
+    # Without teachers: the consistency part of co-teacher needs none; the default "kd" adds nothing.
+    assert [len(g) for g in _modality_terms(network, {}, TrainingConfig(methods="coteacher")).values()] == [1, 1]
+    assert [len(g) for g in _modality_terms(network, {}, TrainingConfig()).values()] == [0, 0]
+    with pytest.raises(InvalidInputError, match="MR: Method 'cwd' needs a teacher") as error:
+        _modality_terms(network, {"CT": teachers["CT"]}, TrainingConfig(methods="cwd"))
+    assert "Give a MR teacher" in error.value.fix
+
+
+def test_combined_methods_train_both_modalities_and_are_recorded_per_modality(small_cases, tmp_path):
+    ct_teacher = make_bundle(tmp_path / "ct-teacher", TINY_TEACHER, TINY_CT, "teacher", seed=1)
+    mr_teacher = make_bundle(tmp_path / "mr-teacher", TINY_TEACHER, TINY_MR, "teacher", seed=2)
+    config = TrainingConfig(epochs=2, steps_per_epoch=2, methods="cwd:0.5+coteacher", **SMALL)
+    bundle = distill_unpaired(small_cases["CT"], small_cases["MR"], tmp_path / "s", ct_teacher, mr_teacher, config,
+                              TINY_STUDENT)
+    method = bundle.info["method"]
+    assert method["name"] == "unpaired+cwd:0.5+coteacher:1"
+    assert sorted((r["modality"], r["name"], r["weight"]) for r in method["methods"]) == [
+        ("CT", "coteacher", 1.0), ("CT", "cwd", 0.5), ("MR", "coteacher", 1.0), ("MR", "cwd", 0.5)]
+    kd = bundle.info["metrics"]["train_kd"]
+    assert set(kd) == {"CT", "MR"} and all(len(v) == 2 and all(x > 0 for x in v) for v in kd.values())
+
+    # A run is resumed only with the methods it was started with.
+    with pytest.raises(CancelledError):
+        distill_unpaired(small_cases["CT"], small_cases["MR"], tmp_path / "r", ct_teacher, mr_teacher, config,
+                         TINY_STUDENT, cancel=lambda calls=[]: calls.append(1) or len(calls) > 3)
+    with pytest.raises(InvalidInputError, match="made with methods 'cwd:0.5\\+coteacher:1', not 'kd:1'"):
+        distill_unpaired(small_cases["CT"], small_cases["MR"], tmp_path / "r", ct_teacher, mr_teacher,
+                         TrainingConfig(epochs=2, steps_per_epoch=2, **SMALL), TINY_STUDENT, resume=True)
+    assert not (tmp_path / "r").exists()
+
+
 def test_cancel_leaves_no_bundle_and_resume_equals_an_uninterrupted_run(small_cases, tmp_path):
     config = TrainingConfig(epochs=2, steps_per_epoch=2, **SMALL)
     args = dict(config=config, architecture=TINY_STUDENT, profiles=PROFILES)
@@ -395,4 +439,9 @@ def test_cli_distills_one_student_and_segments_both_modalities(tmp_path, capsys)
     argv = common + ["--ct-teacher", tmp_path / "nope", "--output", tmp_path / "other", *options]
     assert main([str(a) for a in argv]) == 2
     assert "No model bundle named" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+    # So is a method that needs a teacher the modality lacks.
+    argv = common + ["--method", "cwd", "--output", tmp_path / "other", *options]
+    assert main([str(a) for a in argv]) == 2
+    assert "CT: Method 'cwd' needs a teacher" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()

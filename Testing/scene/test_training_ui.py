@@ -208,10 +208,11 @@ def test_teacher_and_ct_mr_student_in_process(scene, data, teachers, tmp_path):
     assert (teacher.model.name, teacher.model.role, teacher.model.modality) == ("mr-teacher", "teacher", "MR")
     assert teacher.methods == "supervised" and teacher.teachers == [] and len(teacher.epochLoss) == 1
     both = logic.distillUnpaired(data["CT"], data["MR"], ctTeacher=teachers["CT"], mrTeacher=teacher.model,
-                                 epochs=1, device="cpu", settings=TINY)
+                                 epochs=1, device="cpu", settings=TINY, methods={"kd": 1.0, "coteacher": 0.5})
     assert (both.model.name, both.model.modality, both.task) == ("ct-mr-student", "CT+MR", "unpaired")
     assert both.model.teachers == {"CT": "selftest-ct-teacher", "MR": "mr-teacher"}
-    assert metadata(both.model.path)["method"]["name"] == "unpaired_kd"
+    assert both.methods == "kd:1+coteacher:0.5"  # each term once, though each modality has its own
+    assert metadata(both.model.path)["method"]["name"] == "unpaired+kd:1+coteacher:0.5"
     assert {m.name for m in logic.listModels()} == {"mr-teacher", "ct-mr-student"}
 
 

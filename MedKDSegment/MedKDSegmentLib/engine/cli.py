@@ -43,8 +43,7 @@ def _training_config(args: argparse.Namespace):
         patch_size=tuple(args.patch_size),
         learning_rate=args.learning_rate,
         seed=args.seed,
-        kd_temperature=getattr(args, "temperature", 4.0),
-        kd_weight=getattr(args, "kd_weight", 1.0),
+        **({"kd_temperature": args.temperature, "kd_weight": args.kd_weight} if hasattr(args, "temperature") else {}),
         device=args.device,
         **_method_options(args),
     )
@@ -318,20 +317,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    from .training import TrainingConfig
+
+    defaults = TrainingConfig()
     if data:
         parser.add_argument("--data", required=True, help="folder with images/ and labels/ (see 'phantom')")
     parser.add_argument("--output", required=True, help="new bundle folder (never overwritten)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--steps-per-epoch", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--patch-size", type=int, nargs=3, default=[64, 64, 64], metavar=("Z", "Y", "X"))
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--patch-size", type=int, nargs=3, default=list(defaults.patch_size), metavar=("Z", "Y", "X"))
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
 
 
+def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """--method and each method's settings; defaults are TrainingConfig's (one place for them)."""
+    from .training import TrainingConfig
+
+    d = TrainingConfig()
+    parser.add_argument("--method", default=d.methods, help="e.g. kd, cwd+coteacher, kd:1+cwd:0.5 ('medkd methods')")
+    parser.add_argument("--temperature", type=float, default=d.kd_temperature, help="kd (CTKD: initial) temperature")
+    parser.add_argument("--kd-weight", type=float, default=d.kd_weight, help="weight of kd when --method gives none")
+    parser.add_argument("--cwd-temperature", type=float, default=d.cwd_temperature)
+    parser.add_argument("--dist-temperature", type=float, default=d.dist_temperature)
+    parser.add_argument("--ctkd-epochs", type=int, default=d.ctkd_epochs, help="CTKD: epochs for λ to rise 0 → 1")
+    parser.add_argument("--coteacher-alpha", type=float, default=d.coteacher_alpha, help="co-teacher EMA decay")
+    parser.add_argument("--coteacher-tau", type=float, default=d.coteacher_tau)
+    parser.add_argument("--coteacher-noise", type=float, default=d.coteacher_noise, help="std of the input noise")
+    parser.add_argument("--coteacher-kd-weight", type=float, default=d.coteacher_kd_weight, help="ACT-Net λ_kd")
+    parser.add_argument(
+        "--hint-student-layer", default=d.hint_student_layer, help="hint/at student module (default: deepest)"
+    )
+    parser.add_argument(
+        "--hint-teacher-layer", default=d.hint_teacher_layer, help="hint/at teacher module (default: bottleneck)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .unpaired import PROTOTYPE_WEIGHT
+
     parser = argparse.ArgumentParser(prog="medkd", description="Knowledge-distilled segmentation of CT and MR volumes.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -356,21 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--teacher-weight", type=float, action="append", help="one per --teacher (default: equal)")
     p.add_argument("--teacher-confidence", action="store_true", help="also weight teachers per patch by confidence")
-    p.add_argument("--method", default="kd", help="e.g. kd, cwd+coteacher, kd:1+cwd:0.5 (see 'medkd methods')")
     p.add_argument(
         "--assistant", action="store_true", help="teacher -> assistant (OUTPUT-assistant) -> student, in two stages"
     )
-    p.add_argument("--temperature", type=float, default=4.0, help="kd temperature (CTKD: initial temperature)")
-    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of kd when --method gives none")
-    p.add_argument("--cwd-temperature", type=float, default=4.0)
-    p.add_argument("--dist-temperature", type=float, default=1.0)
-    p.add_argument("--ctkd-epochs", type=int, default=10, help="CTKD: epochs for λ to rise from 0 to 1")
-    p.add_argument("--coteacher-alpha", type=float, default=0.99, help="co-teacher EMA decay")
-    p.add_argument("--coteacher-tau", type=float, default=20.0)
-    p.add_argument("--coteacher-noise", type=float, default=0.1, help="std of the input noise")
-    p.add_argument("--coteacher-kd-weight", type=float, default=10.0, help="ACT-Net λ_kd")
-    p.add_argument("--hint-student-layer", default="", help="student module name for hint/at (default: deepest)")
-    p.add_argument("--hint-teacher-layer", default="", help="teacher module name for hint/at (default: bottleneck)")
+    _add_method_arguments(p)
     _add_training_arguments(p)
     p.set_defaults(run=cmd_distill)
 
@@ -383,11 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ct-data", required=True, help="CT folder with images/ and labels/")
     p.add_argument("--mr-data", required=True, help="MR folder with images/ and labels/ (other patients)")
-    p.add_argument("--ct-teacher", help="CT teacher bundle (adds pixel KD on CT batches)")
-    p.add_argument("--mr-teacher", help="MR teacher bundle (adds pixel KD on MR batches)")
-    p.add_argument("--temperature", type=float, default=4.0, help="pixel KD temperature")
-    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of each modality's pixel KD")
-    p.add_argument("--prototype-weight", type=float, default=0.5, help="weight of the cross-modal prototype KL")
+    p.add_argument("--ct-teacher", help="CT teacher bundle (its --method terms on CT batches)")
+    p.add_argument("--mr-teacher", help="MR teacher bundle (its --method terms on MR batches)")
+    p.add_argument("--prototype-weight", type=float, default=PROTOTYPE_WEIGHT, help="weight of the prototype KL")
+    _add_method_arguments(p)
     _add_training_arguments(p, data=False)
     p.set_defaults(run=cmd_distill_unpaired)
 

@@ -6,7 +6,8 @@ more between modalities than the anatomy does. Training draws one CT batch and o
 (from different patients: unpaired) per step, runs each through the network with its own
 normalisation layers, and adds to the per-modality Dice + cross-entropy a symmetric KL term
 that aligns per-class "prototype" predictions across the two modalities (``PrototypeKL``).
-Per-modality pixel-wise KD from that modality's teacher can be added (``kd_weight``).
+The distillation methods of ``config.methods`` (pixel KD by default, or e.g. "cwd+coteacher") can be
+added per modality, each modality learning from its own teacher.
 
 A bundle made here records, per modality, its preprocessing profile and which normalisation
 layers to use (``medkdsegment.modalities``, see README "Model bundle format"); inference picks
@@ -38,9 +39,18 @@ from torch.nn import functional as F
 
 from .data import Case, load_cases, sample_batch
 from .device import select_device
+from .distillation import (
+    DistillContext,
+    FeatureTap,
+    TermSetup,
+    build_terms,
+    format_methods,
+    parse_methods,
+    probe_channels,
+)
 from .errors import CancelledError, InvalidInputError
 from .labels import ABDOMEN_STRUCTURES
-from .losses import PixelKD, SupervisedLoss
+from .losses import SupervisedLoss
 from .networks import STUDENT_CONFIG, build_network, full_resolution
 from .profiles import DEFAULT_PROFILES, Profile
 from .volume import normalize_modality
@@ -216,10 +226,12 @@ class PrototypeKL(nn.Module):
 @dataclass
 class UnpairedHistory:
     epoch_loss: list[float] = field(default_factory=list)  # total loss per epoch
-    # Per epoch, unweighted, None where a term never ran: Dice+CE and pixel KD per modality, PrototypeKL.
+    # Per epoch, None where a term never ran: Dice+CE per modality, PrototypeKL (both unweighted), and per
+    # modality the weighted sum of the distillation terms (config.methods) learnt from that modality's teacher.
     supervised: dict[str, list[float | None]] = field(default_factory=dict)
     prototype: list[float | None] = field(default_factory=list)
     kd: dict[str, list[float | None]] = field(default_factory=dict)
+    terms: dict[str, list[dict]] = field(default_factory=dict)  # per modality, each term's record at the end
     first_step_loss: float = math.nan
     stopped_by_budget: bool = False
 
@@ -246,9 +258,11 @@ def distill_unpaired(
     """Train one CT + MR student and write it as a new bundle (never overwriting ``output``).
 
     Loss per step: Dice+CE(CT batch) + Dice+CE(MR batch) + ``prototype_weight`` · PrototypeKL
-    + ``config.kd_weight`` · (KD_CT + KD_MR), KD being pixel-wise KL at ``config.kd_temperature``
-    from that modality's teacher (a term is left out when its teacher is not given; set
-    ``kd_weight=0`` to train without KD while still recording the teachers).
+    + Σ_m Σ_terms weight · term(m's batch, m's teacher), the terms being those of ``config.methods``
+    (default "kd": ``kd_weight`` · pixel-wise KL at ``kd_temperature``). A modality without a teacher
+    gets only the terms that need none (co-teacher consistency); without any teacher and with the
+    default methods this is Dou et al.'s own loss. ``methods="none"`` trains without distillation terms
+    while still recording the teachers.
 
     ``*_data``: a folder (``DIR/images``, ``DIR/labels``) or a list of ``Case``s already on the
     model grid (benchmarks). Profiles: ``profiles[m]`` if given, else the teacher's, else the
@@ -337,16 +351,23 @@ def distill_unpaired(
             validation_dice[modality] = {structures[label - 1].name: value for label, value in dice.items()}
     if validation_dice:
         metrics["validation_dice"] = validation_dice
-    used_kd = bool(teacher_networks)
+    records = [record | {"modality": m} for m in modalities for record in history.terms.get(m, [])]
+    plain_kd = bool(teacher_networks) and {r["name"] for r in records} == {"kd"}
     method = {
-        "name": "unpaired_kd" if used_kd else "unpaired",
+        # The names the CT+MR bundles were first made with when the methods are plain pixel KD (or none).
+        "name": ("unpaired_kd" if plain_kd else f"unpaired+{format_methods(parse_methods(config.methods), config)}")
+        if records
+        else "unpaired",
         "reference": "Dou et al., IEEE TMI 2020 (shared kernels, per-modality normalisation, prototype KL)",
         "prototype_weight": prototype_weight,
         "prototype_temperature": prototype_temperature,
         "training": asdict(config),
     }
-    if used_kd:
-        method |= {"kd_temperature": config.kd_temperature, "kd_weight": config.kd_weight}
+    if records:
+        method["methods"] = records
+    kd = next((r for r in records if r["name"] == "kd"), None)
+    if kd is not None:
+        method |= {"kd_temperature": kd["temperature"], "kd_weight": kd["weight"]}
     report(0.98, "writing the bundle")
     counts = ", ".join(f"{len(train[m])} {m}" for m in modalities)
     bundle = save_bundle(
@@ -425,9 +446,14 @@ def train_unpaired(
     fit draws one batch from one list of cases. The loop reuses fit's conventions and helpers:
     per-epoch seeding from (seed, epoch) so a resumed run equals an uninterrupted one, an atomic
     checkpoint every epoch, the cosine schedule, AMP on CUDA, the time budget and cancel.
+
+    Each modality gets its own set of ``config.methods`` terms, built with that modality's teacher:
+    learnt parts (CTKD's temperature, hint adapters) are per modality, like the normalisation layers,
+    and the co-teacher's copy of the network runs with that modality's normalisation layers.
     """
     from .training import (  # bundle.py imports this module
         _augment,
+        _teacher_outputs,
         cache_teacher_outputs,
         cosine_optimizer,
         read_checkpoint,
@@ -444,17 +470,27 @@ def train_unpaired(
     network.to(device).train()
     for teacher in teachers.values():
         teacher.to(device).eval()
-    optimizer, scheduler = cosine_optimizer(network.parameters(), config)
+    terms = _modality_terms(network, teachers, config).to(device)
+    extra = [p for p in terms.parameters() if p.requires_grad]
+    groups = [{"params": list(network.parameters())}, {"params": extra, "weight_decay": 0.0}] if extra else None
+    optimizer, scheduler = cosine_optimizer(groups or network.parameters(), config)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    supervised, distill = SupervisedLoss(), PixelKD(config.kd_temperature)
+    supervised = SupervisedLoss()
     prototype_kl = PrototypeKL(prototype_temperature)
+    methods = format_methods(parse_methods(config.methods), config)
     history, start_epoch = UnpairedHistory(), 0
 
     checkpoint = checkpoint_dir / "checkpoint.pt"
     state = read_checkpoint(checkpoint, resume)
     if state is not None:
+        if state.get("methods", methods) != methods:
+            raise InvalidInputError(
+                f"The checkpoint in '{checkpoint_dir}' was made with methods '{state['methods']}', not '{methods}'.",
+                "Resume with the same --method, or delete that folder to start again.",
+            )
         network.load_state_dict(state["network"])
+        terms.load_state_dict(state.get("terms", {}))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = UnpairedHistory(**state["history"])
@@ -462,68 +498,131 @@ def train_unpaired(
         report(start_epoch / config.epochs, f"resumed after epoch {start_epoch}")
 
     for modality, teacher in teachers.items():
-        cache_teacher_outputs(teacher, cases[modality], device, lambda f, m, mod=modality: report(0.0, f"{mod}: {m}"))
-    started = time.monotonic()
-    for epoch in range(start_epoch, config.epochs):
-        if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
-            history.stopped_by_budget = True
-            report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
-            break
-        rng = seed_everything(config.seed * 100_003 + epoch)
-        network.train()
-        totals: list[float] = []
-        parts: dict[str, list[float]] = {}
-        for step in range(config.steps_per_epoch):
-            if cancel is not None and cancel():
-                raise CancelledError()
-            # Both batches are drawn before any forward pass so the random stream is fixed per step.
-            batches = {m: sample_batch(cases[m], config.batch_size, config.patch_size, rng) for m in modalities}
-            outputs = {}
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = torch.zeros((), device=device)
-                for modality in modalities:
-                    images, labels, labelled, cached = batches[modality]
-                    images, labels = _augment(images.to(device), rng), labels.to(device)
-                    use_modality(network, modality)
-                    logits = full_resolution(network(images), images.shape[2:]).float()
-                    outputs[modality] = (logits[labelled.to(device)], labels[labelled.to(device)])
-                    if labelled.any():
-                        term = supervised(*outputs[modality])
-                        loss = loss + term
-                        parts.setdefault(f"supervised_{modality}", []).append(float(term.detach()))
-                    teacher = teachers.get(modality)
-                    if teacher is not None:
-                        if cached is not None:
-                            target = cached.to(device)
-                        else:
-                            with torch.no_grad():
-                                target = full_resolution(teacher(images), images.shape[2:]).float()
-                        term = distill(logits, target)
-                        loss = loss + config.kd_weight * term
-                        parts.setdefault(f"kd_{modality}", []).append(float(term.detach()))
-                term = prototype_kl(*outputs[modalities[0]], *outputs[modalities[1]])
-                loss = loss + prototype_weight * term
-                parts.setdefault("prototype", []).append(float(term.detach()))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            totals.append(float(loss.detach()))
-            if math.isnan(history.first_step_loss):
-                history.first_step_loss = totals[0]
-            done = (epoch * config.steps_per_epoch + step + 1) / (config.epochs * config.steps_per_epoch)
-            report(done, f"epoch {epoch + 1}/{config.epochs} loss {np.mean(totals):.4f}")
-        history.epoch_loss.append(float(np.mean(totals)))
-        history.prototype.append(_mean(parts.get("prototype")))
-        for modality in modalities:
-            history.supervised.setdefault(modality, []).append(_mean(parts.get(f"supervised_{modality}")))
-            if modality in teachers:
-                history.kd.setdefault(modality, []).append(_mean(parts.get(f"kd_{modality}")))
-        save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1)
+        if len(terms[modality]):
+            logits = any(term.needs_teacher_logits for term in terms[modality])
+            cache_teacher_outputs(
+                teacher, cases[modality], device, lambda f, m, mod=modality: report(0.0, f"{mod}: {m}"), logits
+            )
+    # Feature terms (hint, at) read intermediate maps through forward hooks; their teacher then runs per step.
+    student_layers = sorted({layer for group in terms.values() for term in group for layer in term.student_layers})
+    student_tap = FeatureTap(network, student_layers) if student_layers else None
+    teacher_taps = {
+        m: [FeatureTap(teachers[m], sorted({t.teacher_layers[0] for t in group if t.needs_features}))]
+        for m, group in terms.items()
+        if m in teachers and any(t.needs_features for t in group)
+    }
+    try:
+        started = time.monotonic()
+        for epoch in range(start_epoch, config.epochs):
+            if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
+                history.stopped_by_budget = True
+                report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
+                break
+            rng = seed_everything(config.seed * 100_003 + epoch)
+            network.train()
+            totals: list[float] = []
+            parts: dict[str, list[float]] = {}
+            for step in range(config.steps_per_epoch):
+                if cancel is not None and cancel():
+                    raise CancelledError()
+                # Both batches are drawn before any forward pass so the random stream is fixed per step.
+                batches = {m: sample_batch(cases[m], config.batch_size, config.patch_size, rng) for m in modalities}
+                outputs = {}
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    loss = torch.zeros((), device=device)
+                    for modality in modalities:
+                        images, labels, labelled, cached = batches[modality]
+                        images, labels = _augment(images.to(device), rng), labels.to(device)
+                        use_modality(network, modality)
+                        logits = full_resolution(network(images), images.shape[2:]).float()
+                        outputs[modality] = (logits[labelled.to(device)], labels[labelled.to(device)])
+                        if labelled.any():
+                            term = supervised(*outputs[modality])
+                            loss = loss + term
+                            parts.setdefault(f"supervised_{modality}", []).append(float(term.detach()))
+                        group = terms[modality]
+                        if len(group):
+                            context = DistillContext(
+                                images,
+                                logits,
+                                labels,
+                                labelled,
+                                network,
+                                student_features=dict(student_tap.features) if student_tap else {},
+                                epoch=epoch,
+                                step=epoch * config.steps_per_epoch + step,
+                            )
+                            if modality in teachers:
+                                _teacher_outputs(
+                                    context,
+                                    [teachers[modality]],
+                                    [1.0],
+                                    cached,
+                                    teacher_taps.get(modality, []),
+                                    config,
+                                    device,
+                                )
+                            term = sum(t.weight * t(context) for t in group)
+                            loss = loss + term
+                            parts.setdefault(f"kd_{modality}", []).append(float(term.detach()))
+                    term = prototype_kl(*outputs[modalities[0]], *outputs[modalities[1]])
+                    loss = loss + prototype_weight * term
+                    parts.setdefault("prototype", []).append(float(term.detach()))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                for group in terms.values():
+                    for term in group:
+                        term.after_step(network)
+                totals.append(float(loss.detach()))
+                if math.isnan(history.first_step_loss):
+                    history.first_step_loss = totals[0]
+                done = (epoch * config.steps_per_epoch + step + 1) / (config.epochs * config.steps_per_epoch)
+                report(done, f"epoch {epoch + 1}/{config.epochs} loss {np.mean(totals):.4f}")
+            history.epoch_loss.append(float(np.mean(totals)))
+            history.prototype.append(_mean(parts.get("prototype")))
+            for modality in modalities:
+                history.supervised.setdefault(modality, []).append(_mean(parts.get(f"supervised_{modality}")))
+                if len(terms[modality]):
+                    history.kd.setdefault(modality, []).append(_mean(parts.get(f"kd_{modality}")))
+            save_checkpoint(
+                checkpoint, network, optimizer, scheduler, history, epoch + 1, terms=terms.state_dict(), methods=methods
+            )
+    finally:
+        for tap in [student_tap, *(tap for taps in teacher_taps.values() for tap in taps)]:
+            if tap is not None:
+                tap.remove()
+    history.terms = {m: [term.describe() for term in group] for m, group in terms.items() if len(group)}
     use_modality(network, modalities[0])
     network.eval()
     return history
+
+
+def _modality_terms(network: nn.Module, teachers: dict[str, nn.Module], config: TrainingConfig) -> nn.ModuleDict:
+    """Per modality, the terms of ``config.methods`` built with that modality's teacher (if any)."""
+    terms = nn.ModuleDict()
+    # Learnt parts of terms start from config.seed, as in training.fit.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        for modality in network_modalities(network):
+            teacher = teachers.get(modality)
+            with use_modality(network, modality):
+                try:
+                    group = build_terms(
+                        config.methods,
+                        TermSetup(config, probe_channels(network, ""), network, [teacher] if teacher else []),
+                    )
+                except InvalidInputError as error:
+                    raise InvalidInputError(
+                        f"{modality}: {error.problem}",
+                        error.fix.replace("Give a teacher", f"Give a {modality} teacher"),
+                    ) from error
+            if _modality_norms(group):  # the co-teacher's copy: always this modality's normalisation
+                use_modality(group, modality)
+            terms[modality] = group
+    return terms
 
 
 def _mean(values: list[float] | None) -> float | None:

@@ -714,20 +714,21 @@ class SceneLogic:
                         epochs: int | None = None, minutes: float | None = None, temperature: float | None = None,
                         device: str = "auto", useWorker: bool = False, progress: Progress | None = None,
                         cancel: Callable[[], bool] | None = None, settings: dict | None = None,
-                        showChart: bool = True) -> TrainingReport:
+                        showChart: bool = True, methods="kd") -> TrainingReport:
         """One student for CT and MR from unpaired CT and MR folders (Dou et al. 2020: shared kernels,
-        normalisation per modality), with pixel KD from each modality's teacher when given (blocking)."""
+        normalisation per modality), each modality also learning from its teacher when given, with the
+        distillation ``methods`` (as for ``distillStudent``; default pixel KD) (blocking)."""
         spec = self._unpairedSpec(ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs, minutes, temperature,
-                                  device, settings)
+                                  device, settings, methods)
         return self._train(spec, useWorker, progress, cancel, showChart)
 
     def startDistillUnpaired(self, ctFolder, mrFolder, ctTeacher=None, mrTeacher=None, output=None,
                              epochs: int | None = None, minutes: float | None = None,
                              temperature: float | None = None, device: str = "auto", settings: dict | None = None,
-                             showChart: bool = True) -> BackgroundJob:
+                             showChart: bool = True, methods="kd") -> BackgroundJob:
         """``distillUnpaired`` in the worker process; poll the returned job (its loss curve fills in)."""
         return self._startTraining(self._unpairedSpec(ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs,
-                                                      minutes, temperature, device, settings), showChart)
+                                                      minutes, temperature, device, settings, methods), showChart)
 
     def interruptedTrainings(self) -> list[Path]:
         """Outputs of killed or cancelled training runs in the models folders, newest first (no torch needed)."""
@@ -804,7 +805,7 @@ class SceneLogic:
             assistant=bool(assistant))
 
     def _unpairedSpec(self, ctFolder, mrFolder, ctTeacher, mrTeacher, output, epochs, minutes, temperature, device,
-                      settings) -> dict:
+                      settings, methods="kd") -> dict:
         ct = training.check_data_folder(ctFolder, "CT data folder")
         mr = training.check_data_folder(mrFolder, "MR data folder")
         paths = {}
@@ -814,8 +815,11 @@ class SceneLogic:
                 raise InvalidInputError(f"'{info.name}' is a {info.modality} model, not a {modality} teacher.",
                                         f"Pick a {modality} teacher (or none) for the {modality} data.")
             paths[key] = str(info.path) if info is not None else None
+        if not isinstance(methods, str):
+            methods = training.method_string(methods)
         return self._trainingSpec("distill_unpaired", output, self._defaultName(ct, "CT+MR", "student"), epochs,
-                                  minutes, temperature, device, settings, ct_data=str(ct), mr_data=str(mr), **paths)
+                                  minutes, temperature, device, {"methods": methods, **(settings or {})},
+                                  ct_data=str(ct), mr_data=str(mr), **paths)
 
     @staticmethod
     def _defaultName(data: Path, modality: str, role: str) -> str:
