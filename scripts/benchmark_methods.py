@@ -56,6 +56,7 @@ from MedKDSegmentLib.engine.networks import (  # noqa: E402
     ASSISTANT_CONFIG,
     STUDENT_CONFIG,
     TEACHER_CONFIG,
+    FastStudent,
     build_network,
     count_parameters,
 )
@@ -85,12 +86,13 @@ BRATS = ROOT.parent / "shared" / "data" / "mr-brain-tumor-brats"
 BRATS_SPACING = 4.0
 BRATS_PATCH = (24, 48, 48)
 WORK = ROOT / "build" / "benchmark_methods"  # teachers trained here, shared by sections and processes
-# Every phantom section runs these; "scratch" is supervised only (no teacher), the lower bound.
+# Every phantom section runs these; "scratch" is supervised only (no teacher), the lower bound;
+# "teacher-half-res" is no student but the teacher seen through the student's half-resolution output.
 # Ordered so that methods sharing a kind of cached teacher output (log-probabilities, then logits) follow
 # each other: the cache is filled once per kind and teacher, not once per method.
-PHANTOM_METHODS = ["scratch", "kd", "ctkd", "dist", "hint", "at", "coteacher", "cwd", "cwd+coteacher",
-                   "assistant-chain", "multi-teacher"]
-MR_METHODS = ["scratch", "kd", "cwd", "coteacher", "cwd+coteacher"]
+PHANTOM_METHODS = ["teacher-half-res", "scratch", "kd", "ctkd", "dist", "hint", "at", "coteacher", "cwd",
+                   "cwd+coteacher", "assistant-chain", "multi-teacher"]
+MR_METHODS = ["teacher-half-res", "scratch", "kd", "cwd", "coteacher", "cwd+coteacher"]
 SEMI_METHODS = ["scratch", "kd", "coteacher", "cwd+coteacher"]
 BRATS_METHODS = ["scratch", "kd", "cwd", "dist", "coteacher"]
 
@@ -180,6 +182,23 @@ def teacher_for(name: str, cases: list[Case], profile: Profile, structures: tupl
     return load_bundle(folder)
 
 
+class Coarsened(torch.nn.Module):
+    """A network's class probabilities averaged onto the student's output grid (``output_stride`` 2), which
+    inference interpolates back as it does the student's: what a student that predicts at half resolution
+    scores by copying the teacher (the ``teacher-half-res`` row). Returned as log-probabilities, which
+    inference's softmax turns back into those probabilities. (Averaging logits instead scores lower.)"""
+
+    output_stride = FastStudent.output_stride
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.softmax(self.network(x), dim=1)
+        return torch.log(torch.nn.functional.avg_pool3d(probabilities, self.output_stride).clamp_min(1e-12))
+
+
 def run_methods(section: str, methods: list[str], train_cases: list[Case], test_cases: list[Case], teacher,
                 num_classes: int, config: TrainingConfig, labels: list[int], seeds: int) -> dict:
     """Every method once per seed (seed s: same initial weights and batches for every method)."""
@@ -191,6 +210,11 @@ def run_methods(section: str, methods: list[str], train_cases: list[Case], test_
         assistant = None
         for method in methods:
             started = time.perf_counter()
+            if method == "teacher-half-res":  # no training: the same for every seed
+                if seed == 0:
+                    record(results, method, dice_per_case(Coarsened(teacher), test_cases, labels), teacher)
+                    log(f"{section}: teacher-half-res {np.mean(results[method]['runs'][0]):.3f}")
+                continue
             if method == "scratch":
                 network = train(STUDENT_CONFIG, num_classes, train_cases, replace(seeded, methods="none"))
             elif method in ("assistant-chain", "multi-teacher"):
@@ -388,13 +412,14 @@ COLUMNS = {"method": "method", "dice": "mean Dice", "sd_seeds": "sd (seeds)", "s
            "seconds": "train s"}
 
 
-def render(results: dict) -> str:
+def render(results: dict, chart_name: str = "benchmark_methods.png") -> str:
     seeds = max([seeds_of(section) for section in results["sections"].values()] or [1])
     cases = results.get("phantom_cases", {"train": TRAIN_CASES, "test": TEST_CASES})
-    reproduce = (f"scripts/medkd-python scripts/benchmark_methods.py --steps {results['steps']} "
-                 f"--teacher-steps {results.get('teacher_steps', '?')} --temperature {results.get('temperature', '?')} "
-                 f"--seeds {seeds} --threads 1 --grid {results.get('grid', 'coarse')}")
     grid = GRIDS[results.get("grid", "coarse")]
+    teacher_steps = "" if grid["bundled_teachers"] else f"--teacher-steps {results.get('teacher_steps', '?')} "
+    reproduce = (f"scripts/medkd-python scripts/benchmark_methods.py --steps {results['steps']} {teacher_steps}"
+                 f"--temperature {results.get('temperature', '?')} --seeds {seeds} --threads 1 "
+                 f"--grid {results.get('grid', 'coarse')}")
     if grid["bundled_teachers"]:
         teachers = ("the bundled teachers of Resources/Models (MONAI UNet, 4.77 M parameters; trained on 20 "
                     "labelled phantoms, the semi-supervised section's included), kept fixed for every student")
@@ -408,7 +433,10 @@ def render(results: dict) -> str:
              "says how many), seed s giving every method the same initial weights and batches. Dice: each test "
              "volume's mean over structures, "
              "averaged over the test volumes and then over seeds; sd over seeds and (mean over seeds of the) sd "
-             "over test volumes. Gap closed: (method − scratch) / (teacher − scratch).", "",
+             "over test volumes. Gap closed: (method − scratch) / (teacher − scratch). `teacher-half-res` is no "
+             "student: the teacher's class probabilities averaged onto the student's half-resolution output grid "
+             "and interpolated back as the student's output is, i.e. what a student that copied the teacher "
+             "perfectly at its own output resolution would score.", "",
              f"Grid: phantoms at {grid['spacing']:g} mm, patches of {'×'.join(map(str, grid['patch']))} voxels "
              f"({cases['train']} training, {cases['test']} test volumes per modality), "
              f"BRATS FLAIR at {BRATS_SPACING:g} mm; {teachers}; KD "
@@ -445,7 +473,7 @@ def render(results: dict) -> str:
                                         "separate": "separate student", "difference": "shared − separate (paired)"}),
                   ""]
     lines += ["## Against the targets", "", *target_lines(results["sections"]), "",
-              "![methods](benchmark_methods.png)", ""]
+              f"![methods]({chart_name})", ""]
     return "\n".join(lines)
 
 
@@ -484,11 +512,16 @@ def target_lines(sections: dict) -> list[str]:
     for key in ("CT", "MR"):
         section = sections.get(key, {})
         methods = {n: e for n, e in section.items() if isinstance(e, dict) and "gap_closed" in e
-                   and n not in ("teacher", "scratch", "assistant")}
+                   and n not in ("teacher", "scratch", "assistant", "teacher-half-res")}
         if methods:
             best = max(methods, key=lambda n: methods[n]["mean"])
             gap = methods[best]["gap_closed"]
             if missing(gap):
+                difference = section["teacher"]["mean"] - section.get("scratch", {}).get("mean", math.nan)
+                if difference <= 0:
+                    lines.append(f"- Phantom {key}: the student trained from scratch is already "
+                                 f"{-difference:.3f} Dice above the teacher: there is no gap to close "
+                                 f"(best method `{best}`, {signed(methods[best].get('vs_scratch'))} vs scratch).")
                 continue
             lines.append(f"- Phantom {key}: best method `{best}` closes {percent(gap)} of a "
                          f"{section['teacher']['mean'] - section['scratch']['mean']:.3f} Dice gap "
@@ -528,7 +561,8 @@ def chart(results: dict, path: Path) -> None:
         means = [section[n]["mean"] for n in names]
         sds = [section[n]["sd_volumes"] if missing(section[n]["sd_seeds"]) else section[n]["sd_seeds"]
                for n in names]
-        colors = ["#555555" if n == "teacher" else "#bbbbbb" if n == "scratch" else "#3b7dd8" for n in names]
+        colors = ["#555555" if n in ("teacher", "teacher-half-res") else "#bbbbbb" if n == "scratch" else "#3b7dd8"
+                  for n in names]
         axis.barh(names, means, xerr=sds, color=colors)
         axis.set_xlim(0, 1)
         axis.set_title(key)
@@ -557,6 +591,7 @@ def main() -> int:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="coarse",
                         help="phantom grid: coarse (6 mm, teachers trained here) or bundled (3 mm, shipped teachers)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmark_methods"))
+    parser.add_argument("--render", action="store_true", help="only re-write <output>.md and .png from its .json")
     args = parser.parse_args()
     global SPACING, PATCH, BUNDLED_TEACHERS
     SPACING, PATCH, BUNDLED_TEACHERS = (GRIDS[args.grid][k] for k in ("spacing", "patch", "bundled_teachers"))
@@ -575,7 +610,7 @@ def main() -> int:
         TRAIN_CASES, TEST_CASES = args.cases
     if args.methods:
         PHANTOM_METHODS[:], SEMI_METHODS[:], BRATS_METHODS[:], MR_METHODS[:] = [args.methods] * 4
-    for section in args.sections:
+    for section in [] if args.render else args.sections:
         started = time.perf_counter()
         if section in ("CT", "MR"):
             methods = PHANTOM_METHODS if section == "CT" else MR_METHODS
@@ -607,9 +642,9 @@ def main() -> int:
                         "phantom_cases": {"train": TRAIN_CASES, "test": TEST_CASES}}
             write_json(results, output.with_suffix(".json"))
     results = load_results(output)
-    write_text(render(results), output.with_suffix(".md"))
+    write_text(render(results, output.with_suffix(".png").name), output.with_suffix(".md"))
     chart(results, output.with_suffix(".png"))
-    print(render(results))
+    print(render(results, output.with_suffix(".png").name))
     return 0
 
 
