@@ -219,14 +219,12 @@ def fit(
                             labels,
                             labelled,
                             network,
-                            student_features=dict(student_tap.features) if student_tap else {},
                             epoch=epoch,
                             step=epoch * config.steps_per_epoch + step,
                         )
-                        if teachers:
-                            _teacher_outputs(context, teachers, weights, cached, teacher_taps, config, device)
-                        for term in terms:
-                            loss = loss + term.weight * term(context)
+                        loss = loss + distillation_loss(
+                            terms, context, student_tap, teachers, weights, cached, teacher_taps, config, device
+                        )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -243,8 +241,9 @@ def fit(
             if validation and config.validate_every and (epoch + 1) % config.validate_every == 0:
                 dice = evaluate(network, validation, num_classes, device)
                 history.validation_dice.append(float(np.nanmean(list(dice.values()))))
-            save_checkpoint(checkpoint, network, optimizer, scheduler, history, epoch + 1,
-                            terms=terms.state_dict(), methods=methods)
+            save_checkpoint(
+                checkpoint, network, optimizer, scheduler, history, epoch + 1, terms=terms.state_dict(), methods=methods
+            )
     finally:
         for tap in [student_tap, *teacher_taps]:
             if tap is not None:
@@ -268,6 +267,25 @@ def _teacher_list(teacher: Teachers, config: TrainingConfig) -> tuple[list[nn.Mo
     else:
         networks, given = items, list(config.teacher_weights)
     return networks, validate_teacher_weights(given, len(networks))
+
+
+def distillation_loss(
+    terms: nn.ModuleList,
+    context: DistillContext,
+    student_tap: FeatureTap | None,
+    teachers: list[nn.Module],
+    weights: list[float],
+    cached: torch.Tensor | None,
+    teacher_taps: list[FeatureTap],
+    config: TrainingConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    """Σ weight · term for one step's ``context``, after filling in the student's tapped features and the
+    teachers' outputs (none without teachers): the step shared by ``fit`` and the CT+MR loop."""
+    context.student_features = dict(student_tap.features) if student_tap else {}
+    if teachers:
+        _teacher_outputs(context, teachers, weights, cached, teacher_taps, config, device)
+    return sum(term.weight * term(context) for term in terms)
 
 
 def _teacher_outputs(

@@ -453,9 +453,9 @@ def train_unpaired(
     """
     from .training import (  # bundle.py imports this module
         _augment,
-        _teacher_outputs,
         cache_teacher_outputs,
         cosine_optimizer,
+        distillation_loss,
         read_checkpoint,
         save_checkpoint,
         seed_everything,
@@ -548,21 +548,21 @@ def train_unpaired(
                                 labels,
                                 labelled,
                                 network,
-                                student_features=dict(student_tap.features) if student_tap else {},
                                 epoch=epoch,
                                 step=epoch * config.steps_per_epoch + step,
                             )
-                            if modality in teachers:
-                                _teacher_outputs(
-                                    context,
-                                    [teachers[modality]],
-                                    [1.0],
-                                    cached,
-                                    teacher_taps.get(modality, []),
-                                    config,
-                                    device,
-                                )
-                            term = sum(t.weight * t(context) for t in group)
+                            own = [teachers[modality]] if modality in teachers else []
+                            term = distillation_loss(
+                                group,
+                                context,
+                                student_tap,
+                                own,
+                                [1.0],
+                                cached,
+                                teacher_taps.get(modality, []),
+                                config,
+                                device,
+                            )
                             loss = loss + term
                             parts.setdefault(f"kd_{modality}", []).append(float(term.detach()))
                     term = prototype_kl(*outputs[modalities[0]], *outputs[modalities[1]])
