@@ -7,7 +7,8 @@ patches, no teacher): a CT student and an MR student separately, and one shared 
 and one MR batch per step (so each modality gets the same patches and steps as its separate student).
 Each run varies one thing against the methods benchmark's unpaired ``none`` variant: the training volumes
 per modality (``--cases``), the prototype-KL weight (``--prototype-weight``, 0 = sharing alone), the
-student's width (``--features``) or the budget (``--steps``). Rows are merged into <output>.json (several
+student's width (``--features``), the budget (``--steps``) or whether the CT and MR volumes show the same
+subjects (``--subjects``). Rows are merged into <output>.json (several
 runs may write at once) and the table is re-written to <output>.md.
 """
 
@@ -31,22 +32,28 @@ from MedKDSegmentLib.engine.training import TrainingConfig
 from MedKDSegmentLib.engine.unpaired import PROTOTYPE_WEIGHT, distill_unpaired, use_modality
 
 MODALITIES = ("CT", "MR")
-COLUMNS = {"cases": "volumes per modality", "prototype_weight": "prototype weight", "features": "student features",
+COLUMNS = {"subjects": "CT / MR subjects",
+           "cases": "volumes per modality", "prototype_weight": "prototype weight", "features": "student features",
            "parameters": "parameters", "steps": "steps", "seed": "seed", "separate_CT": "separate CT",
            "shared_CT": "shared CT", "delta_CT": "shared − separate CT", "separate_MR": "separate MR",
            "shared_MR": "shared MR", "delta_MR": "shared − separate MR", "minutes": "minutes"}
 
 
-def run(cases: int, prototype_weight: float, features: list[int], steps: int, seed: int) -> dict:
+# A phantom seed fixes the subject (anatomy) whatever the modality: "same" gives the CT and MR training sets the
+# same subjects (paired data), "distinct" draws the MR volumes from other subjects, as in real unpaired data.
+SUBJECT_SEEDS = {"same": {"CT": 0, "MR": 0}, "distinct": {"CT": 0, "MR": 1}}
+
+
+def run(cases: int, prototype_weight: float, features: list[int], steps: int, seed: int, subjects: str) -> dict:
     architecture = {"name": "FastStudent", "kwargs": {"in_channels": 1, "features": features}}
     labels = [s.value for s in bench.ABDOMEN_STRUCTURES]
-    train = {m: bench.phantom_cases(m, cases, 0) for m in MODALITIES}
+    train = {m: bench.phantom_cases(m, cases, SUBJECT_SEEDS[subjects][m]) for m in MODALITIES}
     test = {m: bench.phantom_cases(m, bench.TEST_CASES, bench.TEST_SEED) for m in MODALITIES}
     config = TrainingConfig(epochs=max(1, steps // 25), steps_per_epoch=25, batch_size=2, patch_size=bench.PATCH,
                             learning_rate=1e-2, validation_fraction=0.0, device="cpu", methods="none", seed=seed)
     started = time.perf_counter()
     row = {"cases": cases, "prototype_weight": prototype_weight, "features": "-".join(map(str, features)),
-           "steps": steps, "seed": seed}
+           "steps": steps, "seed": seed, "subjects": subjects}
     for modality in MODALITIES:
         network = bench.train(architecture, len(labels) + 1, train[modality], config)
         row[f"separate_{modality}"] = float(np.mean(bench.dice_per_case(network, test[modality], labels)))
@@ -73,7 +80,8 @@ def cell(key: str, value):
 
 
 def render(results: dict) -> str:
-    rows = sorted(results["rows"], key=lambda r: (r["steps"], -r["cases"], -r["prototype_weight"], r["features"],
+    rows = sorted(results["rows"], key=lambda r: (r["subjects"] != "same", r["steps"], -r["cases"],
+                                                  -r["prototype_weight"], r["features"],
                                                   r["seed"]))
     shown = [{key: cell(key, value) for key, value in row.items()} for row in rows]
     return "\n".join([
@@ -83,7 +91,9 @@ def render(results: dict) -> str:
         "modality), no teacher: Dice + CE per modality, plus the prototype KL for the shared student. Mean Dice "
         "over the test volumes (each volume's mean over structures). Reproduce a row: "
         "`scripts/medkd-python scripts/ablate_unpaired.py --cases N --prototype-weight W --features A B C "
-        "--steps S --seed K` (one core).", "",
+        "--steps S --seed K --subjects same|distinct` (one core). Subjects `same`: the CT and MR training volumes "
+        "are the same phantom subjects (paired anatomy); `distinct`: the MR volumes are other subjects, as in "
+        "real unpaired data.", "",
         markdown_table(shown, COLUMNS), ""])
 
 
@@ -94,17 +104,21 @@ def main() -> int:
     parser.add_argument("--features", type=int, nargs=3, default=[8, 16, 20], help="FastStudent channels")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--subjects", choices=sorted(SUBJECT_SEEDS), default="same",
+                        help="CT and MR training volumes of the same subjects, or of distinct ones (unpaired)")
     parser.add_argument("--output", default=str(bench.ROOT / "docs" / "ablation_unpaired"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    row = run(args.cases, args.prototype_weight, args.features, args.steps, args.seed)
+    row = run(args.cases, args.prototype_weight, args.features, args.steps, args.seed, args.subjects)
     print(json.dumps(row), flush=True)
     output = Path(args.output)
     with open(output.with_suffix(".lock"), "w") as lock:  # another run may be merging its row
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = output.with_suffix(".json")
         results = json.loads(path.read_text()) if path.exists() else {"rows": []}
-        key = ("cases", "prototype_weight", "features", "steps", "seed")
+        for old in results["rows"]:
+            old.setdefault("subjects", "same")  # rows written before the option existed
+        key = ("subjects", "cases", "prototype_weight", "features", "steps", "seed")
         results["rows"] = [r for r in results["rows"] if [r[k] for k in key] != [row[k] for k in key]] + [row]
         results["machine"] = machine_description()
         write_json(results, path)

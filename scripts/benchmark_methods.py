@@ -158,15 +158,16 @@ def train(architecture: dict, num_classes: int, cases: list[Case], config: Train
 
 
 def teacher_for(name: str, cases: list[Case], profile: Profile, structures: tuple[Structure, ...],
-                config: TrainingConfig, steps: int):
-    """The section's teacher: on the bundled grid the shipped teacher of that modality; otherwise one
-    trained once (Dice + CE, labelled cases only) and kept as a bundle in WORK."""
-    if BUNDLED_TEACHERS and structures == ABDOMEN_STRUCTURES:
+                config: TrainingConfig, steps: int, trained_here: bool = False):
+    """The section's teacher: on the bundled grid the shipped teacher of that modality (unless
+    ``trained_here``); otherwise one trained once (Dice + CE, labelled cases only) and kept as a bundle in WORK."""
+    if BUNDLED_TEACHERS and structures == ABDOMEN_STRUCTURES and not trained_here:
         bundle = load_bundle(MODELS / f"phantom-abdomen-{profile.modality.lower()}-teacher")
         if bundle.profile_for(profile.modality) != profile:
             raise SystemExit(f"{bundle.name}'s preprocessing differs from the {SPACING:g} mm benchmark grid")
         return bundle
-    folder = WORK / f"teacher-{name}-{steps}"
+    grid = "" if SPACING == GRIDS["coarse"]["spacing"] else f"-{SPACING:g}mm"
+    folder = WORK / f"teacher-{name}-{steps}{grid}"
     if not folder.exists():
         log(f"{name}: training the teacher ({steps} steps)")
         teacher_config = replace(config, methods="none", epochs=max(1, steps // config.steps_per_epoch),
@@ -279,48 +280,68 @@ def phantom_section(modality: str, methods: list[str], config: TrainingConfig, t
                        labels, seeds)
 
 
-# Shared-student variants and the separately trained students (CT and MR sections) each is compared with.
+# Shared-student variants and the separately trained students each is compared with.
 UNPAIRED_VARIANTS = {"kd": "kd", "none": "scratch"}
+# Unpaired means different patients: the unpaired section draws its MR training volumes from other
+# subjects than its CT ones (a phantom seed fixes the anatomy whatever the modality).
+UNPAIRED_SUBJECT_SEEDS = {"CT": 0, "MR": 1}
 
 
-def unpaired_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict:
-    """One shared CT + MR student per variant and seed: ``kd`` distils each modality from its teacher
-    (compared with the separate ``kd`` students), ``none`` is Dou et al.'s setting without teachers:
-    Dice + CE + prototype KL (compared with the separate students trained from scratch). The separate
-    students are the CT and MR sections' rows; the report pairs them up, so the sections may run in any
-    order or process."""
+def unpaired_section(config: TrainingConfig, teacher_steps: int, seeds: int, variants: list[str],
+                     cases: int) -> dict:
+    """Per variant and seed, one shared CT + MR student and, on the same volumes, a separate CT and a
+    separate MR student of the same architecture: ``kd`` distils each modality from its teacher (against
+    separate ``kd`` students), ``none`` is Dou et al.'s setting without teachers: Dice + CE + prototype KL
+    (against separate students trained from scratch). The shared student sees one CT and one MR batch per
+    step, so each modality gets the same patches and steps as its separate student. ``cases``: training
+    volumes per modality (the teachers are those of the modality sections, whatever it is)."""
     from MedKDSegmentLib.engine.unpaired import distill_unpaired, use_modality
 
     labels = [s.value for s in ABDOMEN_STRUCTURES]
-    train = {m: phantom_cases(m, TRAIN_CASES, 0) for m in ("CT", "MR")}
-    test = {m: phantom_cases(m, TEST_CASES, TEST_SEED) for m in ("CT", "MR")}
-    teachers = {m: teacher_for(m, train[m], grid_profile(m), ABDOMEN_STRUCTURES, config, teacher_steps)
-                for m in ("CT", "MR")}
-    results: dict = {}
-    for variant, baseline in UNPAIRED_VARIANTS.items():
-        runs: dict[str, list] = {"CT": [], "MR": []}
+    modalities = ("CT", "MR")
+    volumes = {m: phantom_cases(m, cases, UNPAIRED_SUBJECT_SEEDS[m]) for m in modalities}
+    test = {m: phantom_cases(m, TEST_CASES, TEST_SEED) for m in modalities}
+    # The modality sections' teachers (the MR one trained on other subjects: a given, fixed model either way).
+    teachers = {m: teacher_for(m, phantom_cases(m, TRAIN_CASES, 0), grid_profile(m), ABDOMEN_STRUCTURES, config,
+                               teacher_steps) for m in modalities}
+    results: dict = {"subjects": "CT and MR training volumes of different subjects", "volumes": cases}
+    for variant in variants:
+        baseline = UNPAIRED_VARIANTS[variant]
+        runs: dict[str, dict[str, list]] = {"shared": {m: [] for m in modalities},
+                                            "separate": {m: [] for m in modalities}}
         started = time.perf_counter()
         for seed in range(seeds):
+            seeded = replace(config, seed=seed, methods="kd" if variant == "kd" else "none")
+            for modality in modalities:
+                teacher = teachers[modality].load_network() if variant == "kd" else None
+                network = train(STUDENT_CONFIG, len(labels) + 1, volumes[modality], seeded, teacher)
+                runs["separate"][modality].append(dice_per_case(network, test[modality], labels))
             with tempfile.TemporaryDirectory() as folder:
                 torch.manual_seed(seed)
                 given = teachers if variant == "kd" else {"CT": None, "MR": None}
-                bundle = distill_unpaired(train["CT"], train["MR"], Path(folder) / "shared-student",
+                bundle = distill_unpaired(volumes["CT"], volumes["MR"], Path(folder) / "shared-student",
                                           ct_teacher=given["CT"], mr_teacher=given["MR"],
-                                          config=replace(config, seed=seed, methods="kd"),
-                                          architecture=STUDENT_CONFIG)
+                                          config=replace(seeded, methods="kd"), architecture=STUDENT_CONFIG)
                 network = bundle.load_network()
-            for modality in ("CT", "MR"):
+            for modality in modalities:
                 with use_modality(network, modality):
-                    runs[modality].append(dice_per_case(network, test[modality], labels))
-            log(f"unpaired {variant} seed {seed}: CT {np.mean(runs['CT'][-1]):.3f} MR {np.mean(runs['MR'][-1]):.3f}")
+                    runs["shared"][modality].append(dice_per_case(network, test[modality], labels))
+            log(f"unpaired {variant} seed {seed}: " + ", ".join(
+                f"{m} shared {np.mean(runs['shared'][m][-1]):.3f} separate {np.mean(runs['separate'][m][-1]):.3f}"
+                for m in modalities))
         entry = {"seconds": (time.perf_counter() - started) / seeds, "parameters": count_parameters(network),
-                 "baseline": baseline}
-        for modality in ("CT", "MR"):
-            means = [float(np.mean(run)) for run in runs[modality]]
-            entry[modality] = {"runs": runs[modality], "seed_means": means, "mean": float(np.mean(means)),
-                               "sd_seeds": float(np.std(means, ddof=1)) if seeds > 1 else math.nan}
+                 "baseline": baseline, "separate": {}}
+        for modality in modalities:
+            entry[modality] = seed_summary(runs["shared"][modality])
+            entry["separate"][modality] = seed_summary(runs["separate"][modality])
         results[variant] = entry
     return results
+
+
+def seed_summary(runs: list[list[float]]) -> dict:
+    means = [float(np.mean(run)) for run in runs]
+    return {"runs": runs, "seed_means": means, "mean": float(np.mean(means)),
+            "sd_seeds": float(np.std(means, ddof=1)) if len(means) > 1 else math.nan}
 
 
 def semi_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict:
@@ -329,8 +350,10 @@ def semi_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict
     labelled = {0, 1}  # 10 % of 20
     test_cases = phantom_cases("CT", TEST_CASES, TEST_SEED)
     semi_cases = without_labels(cases, labelled)
-    # The teacher learns from the same 2 labelled volumes: no label the students are denied reaches them.
-    teacher = teacher_for("CT-semi", semi_cases, grid_profile("CT"), ABDOMEN_STRUCTURES, config, teacher_steps)
+    # The teacher learns from the same 2 labelled volumes on either grid (the bundled teacher saw all 20
+    # labels): no label the students are denied reaches them.
+    teacher = teacher_for("CT-semi", semi_cases, grid_profile("CT"), ABDOMEN_STRUCTURES, config, teacher_steps,
+                          trained_here=True)
     results = run_methods_semi(teacher.load_network(), semi_cases, test_cases, labels, config, seeds)
     results["labelled"], results["volumes"] = len(labelled), len(cases)
     return results
@@ -422,7 +445,9 @@ def render(results: dict, chart_name: str = "benchmark_methods.png") -> str:
                  f"--grid {results.get('grid', 'coarse')}")
     if grid["bundled_teachers"]:
         teachers = ("the bundled teachers of Resources/Models (MONAI UNet, 4.77 M parameters; trained on 20 "
-                    "labelled phantoms, the semi-supervised section's included), kept fixed for every student")
+                    "labelled phantoms), kept fixed for every student; the semi-supervised section's teacher (same "
+                    f"architecture) is trained here for {results.get('teacher_steps', '?')} steps on that section's "
+                    "labelled volumes only")
     else:
         teachers = (f"teachers (MONAI UNet, 4.77 M parameters) trained here for {results.get('teacher_steps', '?')} "
                     "steps with Dice + CE and kept fixed for every student")
@@ -458,7 +483,7 @@ def render(results: dict, chart_name: str = "benchmark_methods.png") -> str:
             if not isinstance(entry, dict) or "CT" not in entry:
                 continue
             for m in ("CT", "MR"):
-                e, own = entry[m], separate_student(results["sections"], m, entry["baseline"])
+                e, own = entry[m], separate_for(results["sections"], entry, m)
                 separate = "–" if own is None else f"{own['mean']:.3f} ({entry['baseline']})"
                 rows.append({"variant": f"shared, {variant}", "modality": m, "shared": f"{e['mean']:.3f}",
                              "separate": separate,
@@ -468,7 +493,15 @@ def render(results: dict, chart_name: str = "benchmark_methods.png") -> str:
                   "`shared, kd`: each modality also distilled from its teacher, against the separate `kd` students; "
                   "`shared, none`: Dou et al.'s setting (Dice + CE + prototype KL, no teacher), against the separate "
                   "students trained from scratch. The shared student sees one CT and one MR batch per step, so each "
-                  "modality gets the same patches and steps as its separate student.", "",
+                  "modality gets the same patches and steps as its separate student. "
+                  + (f"The CT and MR training volumes ({section.get('volumes', '?')} per modality) are of different "
+                     "subjects (unpaired), and the separate students are trained in this section on the same volumes. "
+                     "Reproduce: `scripts/medkd-python scripts/benchmark_methods.py --sections unpaired "
+                     f"--unpaired-cases {section.get('volumes', '?')} --steps {results['steps']} "
+                     f"--seeds {seeds_of(section)} --threads 1`."
+                     if "subjects" in section else
+                     "The CT and MR training volumes are of the same subjects; the separate students are the CT and "
+                     "MR sections' rows."), "",
                   markdown_table(rows, {"variant": "student", "modality": "modality", "shared": "shared mean Dice",
                                         "separate": "separate student", "difference": "shared − separate (paired)"}),
                   ""]
@@ -496,6 +529,13 @@ def separate_student(sections: dict, modality: str, method: str) -> dict | None:
     """The ``method`` row of the ``modality`` section: a separately trained student of the same size."""
     entry = sections.get(modality, {}).get(method)
     return entry if isinstance(entry, dict) and "mean" in entry else None
+
+
+def separate_for(sections: dict, variant: dict, modality: str) -> dict | None:
+    """The separate student a shared-student variant is compared with: trained in the unpaired section on
+    the same volumes (runs before that existed: the modality section's row of the baseline method)."""
+    own = variant.get("separate", {}).get(modality)
+    return own if own else separate_student(sections, modality, variant["baseline"])
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -529,7 +569,7 @@ def target_lines(sections: dict) -> list[str]:
     for variant, u in sections.get("unpaired", {}).items():
         if not isinstance(u, dict) or "CT" not in u:
             continue
-        own = {m: separate_student(sections, m, u["baseline"]) for m in ("CT", "MR")}
+        own = {m: separate_for(sections, u, m) for m in ("CT", "MR")}
         known = [m for m in ("CT", "MR") if own[m] is not None]
         better = [m for m in known if u[m]["mean"] > own[m]["mean"]]
         worse = [m for m in known if u[m]["mean"] < own[m]["mean"]]
@@ -586,8 +626,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature (kd, ctkd start, multi-teacher)")
     parser.add_argument("--methods", nargs="+",
-                        help="only these methods; their rows replace those of an earlier run in the results file")
+                        help="only these methods (unpaired section: variants kd, none); their rows replace those of "
+                             "an earlier run in the results file")
     parser.add_argument("--cases", type=int, nargs=2, metavar=("TRAIN", "TEST"), help="phantom counts (quick check)")
+    parser.add_argument("--unpaired-cases", type=int,
+                        help="training volumes per modality in the unpaired section (default: as the others)")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="coarse",
                         help="phantom grid: coarse (6 mm, teachers trained here) or bundled (3 mm, shipped teachers)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmark_methods"))
@@ -616,7 +659,9 @@ def main() -> int:
             methods = PHANTOM_METHODS if section == "CT" else MR_METHODS
             result = phantom_section(section, methods, config, args.teacher_steps, args.seeds)
         elif section == "unpaired":
-            result = unpaired_section(config, args.teacher_steps, args.seeds)
+            variants = [v for v in UNPAIRED_VARIANTS if not args.methods or v in args.methods]
+            result = unpaired_section(config, args.teacher_steps, args.seeds, variants,
+                                      args.unpaired_cases or TRAIN_CASES)
         elif section == "semi":
             result = semi_section(config, args.teacher_steps, args.seeds)
         elif section == "brats":
@@ -630,7 +675,10 @@ def main() -> int:
             fcntl.flock(lock, fcntl.LOCK_EX)
             results = load_results(output)
             previous = results["sections"].get(section)
-            if args.methods and previous and section != "unpaired" and "skipped" not in previous:
+            if args.methods and previous and section == "unpaired":
+                result = {**previous, **result, "wall_seconds": previous.get("wall_seconds", 0.0)
+                          + result["wall_seconds"]}  # the variants run here replace theirs only
+            elif args.methods and previous and "skipped" not in previous:
                 # A re-run of some methods replaces only those rows (same teacher, same seeds).
                 wall = previous.get("wall_seconds", 0.0) + result["wall_seconds"]
                 result = summarise({**previous, **{k: v for k, v in result.items() if k != "teacher"}})
