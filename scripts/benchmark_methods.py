@@ -498,6 +498,7 @@ def render(results: dict, chart_name: str = "benchmark_methods.png") -> str:
                      "subjects (unpaired), and the separate students are trained in this section on the same volumes. "
                      "Reproduce: `scripts/medkd-python scripts/benchmark_methods.py --sections unpaired "
                      f"--unpaired-cases {section.get('volumes', '?')} --steps {results['steps']} "
+                     f"--teacher-steps {results.get('teacher_steps', '?')} --temperature {results.get('temperature')} "
                      f"--seeds {seeds_of(section)} --threads 1`."
                      if "subjects" in section else
                      "The CT and MR training volumes are of the same subjects; the separate students are the CT and "
