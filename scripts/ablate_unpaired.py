@@ -116,8 +116,6 @@ def main() -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = output.with_suffix(".json")
         results = json.loads(path.read_text()) if path.exists() else {"rows": []}
-        for old in results["rows"]:
-            old.setdefault("subjects", "same")  # rows written before the option existed
         key = ("subjects", "cases", "prototype_weight", "features", "steps", "seed")
         results["rows"] = [r for r in results["rows"] if [r[k] for k in key] != [row[k] for k in key]] + [row]
         results["machine"] = machine_description()

@@ -246,10 +246,7 @@ def summarise(results: dict) -> dict:
     scratch paired by seed (same initial weights and batches)."""
     for entry in results.values():
         if isinstance(entry, dict) and "runs" in entry:
-            means = [float(np.mean(run)) for run in entry["runs"]]
-            entry["seed_means"] = means
-            entry["mean"] = float(np.mean(means))
-            entry["sd_seeds"] = float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
+            entry.update(seed_summary(entry["runs"]))
             entry["sd_volumes"] = float(np.mean([np.std(run) for run in entry["runs"]]))
             if entry.get("seconds"):
                 entry["seconds"] = float(np.mean(entry["seconds"]))
@@ -304,6 +301,7 @@ def unpaired_section(config: TrainingConfig, teacher_steps: int, seeds: int, var
     # The modality sections' teachers (the MR one trained on other subjects: a given, fixed model either way).
     teachers = {m: teacher_for(m, phantom_cases(m, TRAIN_CASES, 0), grid_profile(m), ABDOMEN_STRUCTURES, config,
                                teacher_steps) for m in modalities}
+    teacher_networks = {m: bundle.load_network() for m, bundle in teachers.items()}
     results: dict = {"subjects": "CT and MR training volumes of different subjects", "volumes": cases}
     for variant in variants:
         baseline = UNPAIRED_VARIANTS[variant]
@@ -313,7 +311,7 @@ def unpaired_section(config: TrainingConfig, teacher_steps: int, seeds: int, var
         for seed in range(seeds):
             seeded = replace(config, seed=seed, methods="kd" if variant == "kd" else "none")
             for modality in modalities:
-                teacher = teachers[modality].load_network() if variant == "kd" else None
+                teacher = teacher_networks[modality] if variant == "kd" else None
                 network = train(STUDENT_CONFIG, len(labels) + 1, volumes[modality], seeded, teacher)
                 runs["separate"][modality].append(dice_per_case(network, test[modality], labels))
             with tempfile.TemporaryDirectory() as folder:
