@@ -91,7 +91,7 @@ WORK = ROOT / "build" / "benchmark_methods"  # teachers trained here, shared by 
 # Ordered so that methods sharing a kind of cached teacher output (log-probabilities, then logits) follow
 # each other: the cache is filled once per kind and teacher, not once per method.
 PHANTOM_METHODS = ["teacher-half-res", "scratch", "kd", "ctkd", "dist", "hint", "at", "coteacher", "cwd",
-                   "cwd+coteacher", "assistant-chain", "multi-teacher"]
+                   "cwd+coteacher", "assistant-chain", "multi-teacher", "assistant-scratch"]
 MR_METHODS = ["teacher-half-res", "scratch", "kd", "cwd", "coteacher", "cwd+coteacher"]
 SEMI_METHODS = ["scratch", "kd", "coteacher", "cwd+coteacher"]
 BRATS_METHODS = ["scratch", "kd", "cwd", "dist", "coteacher"]
@@ -218,6 +218,8 @@ def run_methods(section: str, methods: list[str], train_cases: list[Case], test_
                 continue
             if method == "scratch":
                 network = train(STUDENT_CONFIG, num_classes, train_cases, replace(seeded, methods="none"))
+            elif method == "assistant-scratch":  # does kd do more for a student 6.5× larger? (capacity check)
+                network = train(ASSISTANT_CONFIG, num_classes, train_cases, replace(seeded, methods="none"))
             elif method in ("assistant-chain", "multi-teacher"):
                 if assistant is None:
                     assistant = train(ASSISTANT_CONFIG, num_classes, train_cases, replace(seeded, methods="kd"),
@@ -551,7 +553,7 @@ def target_lines(sections: dict) -> list[str]:
     for key in ("CT", "MR"):
         section = sections.get(key, {})
         methods = {n: e for n, e in section.items() if isinstance(e, dict) and "gap_closed" in e
-                   and n not in ("teacher", "scratch", "assistant", "teacher-half-res")}
+                   and n not in ("teacher", "scratch", "assistant", "assistant-scratch", "teacher-half-res")}
         if methods:
             best = max(methods, key=lambda n: methods[n]["mean"])
             gap = methods[best]["gap_closed"]
@@ -565,6 +567,7 @@ def target_lines(sections: dict) -> list[str]:
             lines.append(f"- Phantom {key}: best method `{best}` closes {percent(gap)} of a "
                          f"{section['teacher']['mean'] - section['scratch']['mean']:.3f} Dice gap "
                          f"(target ≥ 50 %: {'met' if gap >= 0.5 else 'missed'}).")
+        lines += capacity_line(key, section)
     for variant, u in sections.get("unpaired", {}).items():
         if not isinstance(u, dict) or "CT" not in u:
             continue
@@ -584,6 +587,19 @@ def target_lines(sections: dict) -> list[str]:
                      f"paired difference {difference} "
                      f"(target: co-teacher better: {'met' if co > sup else 'missed'}).")
     return lines
+
+
+def capacity_line(key: str, section: dict) -> list[str]:
+    """The same comparison one size up: `kd` (the `assistant` row) against the assistant trained from scratch."""
+    big, alone = section.get("assistant"), section.get("assistant-scratch")
+    if not big or not alone:
+        return []
+    gap = section["teacher"]["mean"] - alone["mean"]
+    closed = (big["mean"] - alone["mean"]) / gap if gap > 1e-6 else math.nan
+    difference = signed(*paired(big["seed_means"], alone["seed_means"]))
+    return [f"- Phantom {key}, one size up (the {big['parameters'] / 1e6:.2f} M assistant): from scratch "
+            f"{alone['mean']:.3f}, with `kd` {big['mean']:.3f} ({difference} paired), closing {percent(closed)} "
+            "of its own gap to the teacher (not a target; a capacity check)."]
 
 
 def chart(results: dict, path: Path) -> None:

@@ -280,6 +280,30 @@ def test_hint_adapter_maps_student_features_to_the_teachers_and_learns():
     assert float(term(step).detach()) < 0.05 * first
 
 
+def test_hint_target_is_the_teacher_feature_at_unit_rms_whatever_its_scale():
+    # The shipped UNet teachers' bottlenecks have RMS values in the thousands: raw, their L2 swamps Dice + CE.
+    torch.manual_seed(0)
+    student, teacher = build_network(TINY_STUDENT, C), build_network(TINY_TEACHER, C)
+    (term,) = build_terms("hint", setup(student=student, teachers=[teacher]))
+    layer = term.teacher_layers[0]
+    features_s = {"down2": torch.randn(2, 8, 2, 2, 2)}
+    features_t = torch.randn(2, 32, 4, 4, 4)
+    step = context(torch.zeros(2, C, 16, 16, 16), torch.zeros(2, C, 16, 16, 16))
+
+    def hint(teacher_features: torch.Tensor) -> float:
+        step.student_features, step.teacher_features = features_s, [{layer: teacher_features}]
+        return float(term(step).detach())
+
+    assert hint(2000.0 * features_t) == pytest.approx(hint(features_t), rel=1e-5)
+    # The per-item scaling: each item's target is its own feature over its own RMS.
+    lopsided = features_t * torch.tensor([1.0, 50.0]).view(2, 1, 1, 1, 1)
+    assert hint(lopsided) == pytest.approx(hint(features_t), rel=1e-5)
+    # And the loss is the plain mean square error against that target.
+    with torch.no_grad():
+        projected = F.interpolate(term.adapters[0](features_s["down2"]), size=(4, 4, 4), mode="trilinear")
+    unit = features_t / features_t.pow(2).flatten(1).mean(1).sqrt().view(2, 1, 1, 1, 1)
+    assert hint(features_t) == pytest.approx(float(F.mse_loss(projected, unit)), rel=1e-5)
+
 def test_attention_maps_are_normalised_and_ignore_feature_scale_and_channel_count():
     features = torch.randn(2, 6, 4, 4, 4)
     maps = attention_map(features)

@@ -503,7 +503,10 @@ class _FeatureTerm(DistillTerm):
 
 class HintTerm(_FeatureTerm):
     name = "hint"
-    description = "feature hints (FitNets): L2 between a 1×1×1-adapted student feature and the teacher's (resampled)"
+    description = (
+        "feature hints (FitNets): L2 between a 1×1×1-adapted student feature and the teacher's "
+        "(resampled), the teacher's scaled to unit RMS per item"
+    )
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -517,7 +520,12 @@ class HintTerm(_FeatureTerm):
         losses = []
         for adapter, (student, teacher) in zip(self.adapters, self.pairs(context)):
             projected = full_resolution(adapter(student).float(), tuple(teacher.shape[2:]))
-            losses.append((projected - teacher.detach()).pow(2).flatten(1).mean(1))
+            # FitNets' L2 against the teacher feature scaled to unit RMS per item. Raw, the UNet teacher's
+            # bottleneck (RMS in the thousands) made even hint:0.01 swamp Dice + CE, and no adapter learns that scale
+            # in a few hundred steps; scaled, the weight means the same for any teacher.
+            target = teacher.detach().flatten(1)
+            target = target / target.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-6)
+            losses.append((projected.flatten(1) - target).pow(2).mean(1))
         return _weighted_mean(losses, context.teacher_weights)
 
 
