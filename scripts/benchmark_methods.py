@@ -458,7 +458,9 @@ def render(results: dict, chart_name: str = "benchmark_methods.png") -> str:
              "says how many), seed s giving every method the same initial weights and batches. Dice: each test "
              "volume's mean over structures, "
              "averaged over the test volumes and then over seeds; sd over seeds and (mean over seeds of the) sd "
-             "over test volumes. Gap closed: (method − scratch) / (teacher − scratch). `teacher-half-res` is no "
+             "over test volumes. Gap closed: (method − scratch) / (teacher − scratch). A method named without a "
+             "weight ran at its default weight (`medkd methods`: `cwd` 0.02, `at` 0.2, others 1); `name:w` at "
+             "weight w. `teacher-half-res` is no "
              "student: the teacher's class probabilities averaged onto the student's half-resolution output grid "
              "and interpolated back as the student's output is, i.e. what a student that copied the teacher "
              "perfectly at its own output resolution would score.", "",

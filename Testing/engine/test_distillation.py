@@ -433,7 +433,7 @@ def test_cwd_plus_coteacher_learns_on_partly_unlabelled_data_and_is_recorded(tin
     config = TrainingConfig(epochs=4, steps_per_epoch=6, methods="cwd+coteacher", **FAST)
     student = distill_student(tiny_data, teachers[0], tmp_path / "student", config, TINY_STUDENT)
     method = student.info["method"]
-    assert method["name"] == "cwd:1+coteacher:1"
+    assert method["name"] == "cwd:0.02+coteacher:1"  # CWDTerm.default
     assert [m["name"] for m in method["methods"]] == ["cwd", "coteacher"]
     assert method["methods"][0]["temperature"] == 4.0 and method["methods"][1]["alpha"] == 0.99
     assert method["teachers"][0]["weights_sha256"] == teachers[0].weights_sha256
@@ -449,7 +449,7 @@ def test_several_teachers_and_combined_terms_are_recorded_with_weights(tiny_data
     )
     student = distill_student(cases, teachers, tmp_path / "student", config, TINY_STUDENT, weights=[0.7, 0.3])
     method = student.info["method"]
-    assert method["name"] == "kd:1+dist:0.5+hint:0.1+at:1+ctkd:1"
+    assert method["name"] == "kd:1+dist:0.5+hint:0.1+at:0.2+ctkd:1"  # ATTerm.default
     assert [(t["name"], t["weight"]) for t in method["teachers"]] == [("teacher-1", 0.7), ("teacher-2", 0.3)]
     ctkd = method["methods"][-1]
     assert ctkd["initial_temperature"] == 4.0 and 1.0 < ctkd["final_temperature"] < 21.0

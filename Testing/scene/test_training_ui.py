@@ -71,6 +71,7 @@ def listing(folder: Path) -> list[str]:
 def test_method_widgets_match_the_engine_registry():
     """One tick box and one weight per method of the engine's registry; kd ticked by default."""
     from MedKDSegmentLib.engine.distillation import METHODS
+    from MedKDSegmentLib.engine.training import TrainingConfig
 
     assert training.METHOD_NAMES == tuple(METHODS)  # the GUI's list (no torch) is the engine's
     widgets = {w.get("name"): w for w in ET.parse(UI).getroot().iter("widget")}
@@ -82,7 +83,10 @@ def test_method_widgets_match_the_engine_registry():
         assert {box, weight} <= inside, name
         assert widgets[box].findtext("property[@name='text']/string") == name
         assert widgets[box].findtext("property[@name='checked']/bool") == ("true" if name == "kd" else "false")
-        assert float(widgets[weight].findtext("property[@name='value']/double")) == 1.0
+        # The weight box starts where the CLI would without a weight (cwd and at below 1: measured).
+        default = METHODS[name].default_weight(TrainingConfig())
+        assert float(widgets[weight].findtext("property[@name='value']/double")) == pytest.approx(default), name
+    assert METHODS["cwd"].default_weight(TrainingConfig()) < 1  # at 1 CWD's gradient swamps Dice + CE's
     assert training.method_widget_name("ctkd_instance") == "CtkdInstance"
     assert {"trainTemperatureSpinBox", "trainAssistantCheckBox"} <= inside
     assert advanced.findtext("property[@name='collapsed']/bool") == "true"  # collapsed by default

@@ -261,6 +261,7 @@ class DistillTerm(nn.Module):
     needs_teacher: ClassVar[bool] = True
     needs_teacher_logits: ClassVar[bool] = False  # true logits: the offline cache then stores logits
     needs_features: ClassVar[bool] = False  # feature maps: the teachers then also run on the fly
+    default: ClassVar[float] = 1.0  # the weight when the method string gives none
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__()
@@ -270,7 +271,7 @@ class DistillTerm(nn.Module):
 
     @classmethod
     def default_weight(cls, config: Any) -> float:
-        return 1.0
+        return cls.default
 
     @classmethod
     def defaults(cls, config: Any) -> dict:
@@ -427,6 +428,11 @@ class CWDTerm(DistillTerm):
     name = "cwd"
     description = "channel-wise KD (Shu et al. 2021): per (n, c) softmax over space of z/T; T²·Σ KL(t ‖ s)/(N·C)"
     needs_teacher_logits = True
+    # A KL between distributions over every voxel of a 3D patch is large: at weight 1 its gradient was
+    # 31× that of Dice + CE and the student lost 5 Dice points on phantom CT, 3 on MR and on BRATS
+    # (docs/benchmark_methods.md, docs/term_gradients.md). At 0.02 it pulls at most as hard as Dice + CE,
+    # like every default; at 0.05 (1.5×) one MR seed in four lost 10 points.
+    default = 0.02
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -532,6 +538,9 @@ class HintTerm(_FeatureTerm):
 class ATTerm(_FeatureTerm):
     name = "at"
     description = "attention transfer (Zagoruyko & Komodakis): L2 between L2-normalised Σ_c |F|² maps"
+    # At weight 1 its gradient was 3.8× that of Dice + CE and cost 1.5 Dice points on phantom CT; at 0.2
+    # the pulls are comparable (docs/benchmark_methods.md, docs/term_gradients.md).
+    default = 0.2
 
     def forward(self, context: DistillContext) -> torch.Tensor:
         losses = [attention_transfer(student, teacher) for student, teacher in self.pairs(context)]
