@@ -612,7 +612,9 @@ def chart(results: dict, path: Path) -> None:
 
     sections = [(k, v) for k, v in results["sections"].items()
                 if k in ("CT", "MR", "semi", "brats") and "skipped" not in v]
-    figure, axes = plt.subplots(1, max(len(sections), 1), figsize=(5 * max(len(sections), 1), 4), squeeze=False)
+    rows = max((sum(isinstance(e, dict) and "mean" in e for e in v.values()) for _, v in sections), default=0)
+    figure, axes = plt.subplots(1, max(len(sections), 1), figsize=(5 * max(len(sections), 1), max(4, 0.3 * rows + 1)),
+                                squeeze=False)
     for axis, (key, section) in zip(axes[0], sections):
         names = [n for n, e in section.items() if isinstance(e, dict) and "mean" in e]
         means = [section[n]["mean"] for n in names]
