@@ -338,7 +338,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     from .training import TrainingConfig
 
     d = TrainingConfig()
-    parser.add_argument("--method", default=d.methods, help="e.g. kd, cwd+coteacher, kd:1+cwd:0.5 ('medkd methods')")
+    parser.add_argument("--method", default=d.methods,
+                        help="e.g. kd, cwd+coteacher, kd:1+dist:0.5 ('medkd methods' lists the default weights)")
     parser.add_argument("--temperature", type=float, default=d.kd_temperature, help="kd (CTKD: initial) temperature")
     parser.add_argument("--kd-weight", type=float, default=d.kd_weight, help="weight of kd when --method gives none")
     parser.add_argument("--cwd-temperature", type=float, default=d.cwd_temperature)

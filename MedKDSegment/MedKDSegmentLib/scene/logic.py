@@ -694,7 +694,7 @@ class SceneLogic:
         """Distil a student from one or several teachers on a folder of ``images/`` (+ ``labels/``) (blocking).
 
         ``teachers``: model names, folders or ``ModelInfo``s (one alone is fine), mixed with ``weights``
-        (default: equal). ``methods``: an engine method string ("kd", "cwd+coteacher", "kd:1+cwd:0.5",
+        (default: equal). ``methods``: an engine method string ("kd", "cwd+coteacher", "kd:1+dist:0.5",
         see ``distillationMethods()``) or {method: weight}. ``assistant``: teacher(s) -> a mid-size
         assistant (saved as ``<output>-assistant``) -> the student. ``temperature``: the KD temperature.
         The bundle records the methods, the teachers with their weights and the chain."""
