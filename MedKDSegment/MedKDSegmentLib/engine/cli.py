@@ -127,7 +127,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         settings = ", ".join(f"{k}={v}" for k, v in {"weight": row["default_weight"], **row["defaults"]}.items())
         print(f"{'':<14} defaults: {settings}")
     print(f"{'none':<14} no distillation term: Dice + CE on labelled cases only (a from-scratch baseline)")
-    print("\nCombine with '+' and weight with ':', e.g. --method kd:1+cwd:0.5 or --method cwd+coteacher.")
+    print("\nCombine with '+' and weight with ':', e.g. --method kd:1+dist:0.5 or --method cwd+coteacher.")
     return 0
 
 
