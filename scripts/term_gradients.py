@@ -23,12 +23,18 @@ import numpy as np
 import torch
 
 from MedKDSegmentLib.engine.data import sample_batch
-from MedKDSegmentLib.engine.distillation import METHODS, DistillContext, FeatureTap, TermSetup, build_terms
+from MedKDSegmentLib.engine.distillation import METHODS, DistillContext, TermSetup, build_terms
 from MedKDSegmentLib.engine.losses import SupervisedLoss
 from MedKDSegmentLib.engine.measure import machine_description
 from MedKDSegmentLib.engine.networks import full_resolution
 from MedKDSegmentLib.engine.report import markdown_table, write_json, write_text
-from MedKDSegmentLib.engine.training import TrainingConfig, _augment, cache_teacher_outputs, distillation_loss
+from MedKDSegmentLib.engine.training import (
+    TrainingConfig,
+    _augment,
+    cache_teacher_outputs,
+    distillation_loss,
+    feature_taps,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,10 +51,7 @@ def measure(method: str, student, teacher, cases, config: TrainingConfig, batche
     terms = build_terms(config.methods, TermSetup(config, len(bench.ABDOMEN_STRUCTURES) + 1, student, [teacher]))
     cache_teacher_outputs(teacher, cases, torch.device("cpu"), lambda *_: None,
                           any(t.needs_teacher_logits for t in terms))
-    student_layers = sorted({layer for t in terms for layer in t.student_layers})
-    student_tap = FeatureTap(student, student_layers) if student_layers else None
-    teacher_layers = sorted({t.teacher_layers[0] for t in terms if t.needs_features})
-    teacher_taps = [FeatureTap(teacher, teacher_layers)] if teacher_layers else []
+    student_tap, teacher_taps = feature_taps(student, [teacher], terms)
     supervised, rng, rows = SupervisedLoss(), np.random.default_rng(1), []
     try:
         for _ in range(batches):

@@ -304,6 +304,7 @@ def test_hint_target_is_the_teacher_feature_at_unit_rms_whatever_its_scale():
     unit = features_t / features_t.pow(2).flatten(1).mean(1).sqrt().view(2, 1, 1, 1, 1)
     assert hint(features_t) == pytest.approx(float(F.mse_loss(projected, unit)), rel=1e-5)
 
+
 def test_attention_maps_are_normalised_and_ignore_feature_scale_and_channel_count():
     features = torch.randn(2, 6, 4, 4, 4)
     maps = attention_map(features)

@@ -527,8 +527,8 @@ class HintTerm(_FeatureTerm):
         for adapter, (student, teacher) in zip(self.adapters, self.pairs(context)):
             projected = full_resolution(adapter(student).float(), tuple(teacher.shape[2:]))
             # FitNets' L2 against the teacher feature scaled to unit RMS per item. Raw, the UNet teacher's
-            # bottleneck (RMS in the thousands) made even hint:0.01 swamp Dice + CE, and no adapter learns that scale
-            # in a few hundred steps; scaled, the weight means the same for any teacher.
+            # bottleneck (RMS in the thousands) made even hint:0.01 swamp Dice + CE, and no adapter learns
+            # that scale in a few hundred steps; scaled, the weight means the same for any teacher.
             target = teacher.detach().flatten(1)
             target = target / target.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-6)
             losses.append((projected.flatten(1) - target).pow(2).mean(1))

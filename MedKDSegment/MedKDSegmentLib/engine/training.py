@@ -177,18 +177,7 @@ def fit(
     if teachers and terms:
         logits = any(term.needs_teacher_logits for term in terms)
         cache_teacher_outputs(teachers if len(teachers) > 1 else teachers[0], cases, device, report, logits)
-    # Feature terms read intermediate maps through forward hooks; the teachers then also run on the fly.
-    student_layers = sorted({layer for term in terms for layer in term.student_layers})
-    features = any(term.needs_features for term in terms)
-    student_tap = FeatureTap(network, student_layers) if student_layers else None
-    teacher_taps = (
-        [
-            FeatureTap(model, sorted({t.teacher_layers[k] for t in terms if t.needs_features}))
-            for k, model in enumerate(teachers)
-        ]
-        if features
-        else []
-    )
+    student_tap, teacher_taps = feature_taps(network, teachers, terms)
     started = time.monotonic()
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -251,6 +240,22 @@ def fit(
     history.terms = [term.describe() for term in terms]
     network.eval()
     return history
+
+
+def feature_taps(
+    student: nn.Module, teachers: list[nn.Module], terms: nn.ModuleList
+) -> tuple[FeatureTap | None, list[FeatureTap]]:
+    """Forward hooks on the layers the feature terms read: one tap on the student (None if no term reads
+    it) and one per teacher (none without feature terms; the teachers then also run on the fly).
+    The caller removes them."""
+    student_layers = sorted({layer for term in terms for layer in term.student_layers})
+    student_tap = FeatureTap(student, student_layers) if student_layers else None
+    if not any(term.needs_features for term in terms):
+        return student_tap, []
+    return student_tap, [
+        FeatureTap(model, sorted({t.teacher_layers[k] for t in terms if t.needs_features}))
+        for k, model in enumerate(teachers)
+    ]
 
 
 def _teacher_list(teacher: Teachers, config: TrainingConfig) -> tuple[list[nn.Module], list[float]]:
