@@ -93,7 +93,7 @@ WORK = ROOT / "build" / "benchmark_methods"  # teachers trained here, shared by 
 PHANTOM_METHODS = ["teacher-half-res", "scratch", "kd", "ctkd", "dist", "hint", "at", "coteacher", "cwd",
                    "cwd+coteacher", "assistant-chain", "multi-teacher", "assistant-scratch"]
 MR_METHODS = ["teacher-half-res", "scratch", "kd", "cwd", "coteacher", "cwd+coteacher"]
-SEMI_METHODS = ["scratch", "kd", "coteacher", "cwd+coteacher"]
+SEMI_METHODS = ["scratch", "kd", "coteacher", "cwd+coteacher", "all-labels"]
 BRATS_METHODS = ["scratch", "kd", "cwd", "dist", "coteacher"]
 
 
@@ -242,6 +242,9 @@ def record(results: dict, method: str, dice: list[float], network: torch.nn.Modu
         entry["seconds"].append(seconds)
 
 
+UNTRAINED = ("teacher", "teacher-half-res")  # the same for every seed
+
+
 def summarise(results: dict) -> dict:
     """Per method: the mean over seeds of the test-set mean Dice, its sd over seeds, the sd over test
     volumes (averaged over seeds), the share of the scratch→teacher gap closed, and the difference to
@@ -253,16 +256,21 @@ def summarise(results: dict) -> dict:
             if entry.get("seconds"):
                 entry["seconds"] = float(np.mean(entry["seconds"]))
     teacher = results["teacher"]["mean"]
-    scratch = results.get("scratch", {}).get("mean", math.nan)
-    gap = teacher - scratch
+    scratch_runs = results.get("scratch", {}).get("seed_means", [])
     for name, entry in results.items():
-        if isinstance(entry, dict) and "mean" in entry:
-            entry["gap_closed"] = (entry["mean"] - scratch) / gap if gap > 1e-6 else math.nan
-            if "scratch" in results and name not in ("teacher", "scratch") and len(entry["seed_means"]) == len(
-                    results["scratch"]["seed_means"]):
-                differences = np.subtract(entry["seed_means"], results["scratch"]["seed_means"])
-                entry["vs_scratch"] = float(differences.mean())
-                entry["vs_scratch_sd"] = float(differences.std(ddof=1)) if len(differences) > 1 else math.nan
+        if not (isinstance(entry, dict) and "mean" in entry) or name in ("teacher", "scratch"):
+            continue
+        # Seed s is the same start for every method, so a row run with fewer seeds than scratch (a later
+        # re-run of some methods) is compared with scratch's same seeds; untrained rows with all of them.
+        seeds = len(scratch_runs) if name in UNTRAINED else min(len(entry["seed_means"]), len(scratch_runs))
+        gap = teacher - float(np.mean(scratch_runs[:seeds])) if seeds else math.nan
+        if name in UNTRAINED:
+            entry["vs_scratch"] = entry["vs_scratch_sd"] = math.nan
+            gain = entry["mean"] - (teacher - gap)
+        else:
+            entry["vs_scratch"], entry["vs_scratch_sd"] = paired(entry["seed_means"][:seeds], scratch_runs[:seeds])
+            gain = entry["vs_scratch"]
+        entry["gap_closed"] = gain / gap if gap > 1e-6 else math.nan
     return results
 
 
@@ -354,15 +362,17 @@ def semi_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict
     # labels): no label the students are denied reaches them.
     teacher = teacher_for("CT-semi", semi_cases, grid_profile("CT"), ABDOMEN_STRUCTURES, config, teacher_steps,
                           trained_here=True)
-    results = run_methods_semi(teacher.load_network(), semi_cases, test_cases, labels, config, seeds)
+    results = run_methods_semi(teacher.load_network(), semi_cases, test_cases, labels, config, seeds, cases)
     results["labelled"], results["volumes"] = len(labelled), len(cases)
     return results
 
 
-def run_methods_semi(teacher, cases, test_cases, labels, config, seeds: int) -> dict:
+def run_methods_semi(teacher, cases, test_cases, labels, config, seeds: int, all_labelled: list[Case]) -> dict:
     """Supervised-only sees batches of ``batch_size`` labelled patches; the semi-supervised methods see the
     same labelled patches plus as many unlabelled ones (batches twice the size, half labelled), the usual
-    protocol of semi-supervised segmentation benchmarks (e.g. SSL4MIS: 2 labelled + 2 unlabelled)."""
+    protocol of semi-supervised segmentation benchmarks (e.g. SSL4MIS: 2 labelled + 2 unlabelled).
+    ``all-labels``, as in those benchmarks, is the student supervised on every volume's labels: the most
+    that the unlabelled volumes could add."""
     num_classes = len(labels) + 1
     results = {"teacher": {"runs": [dice_per_case(teacher, test_cases, labels)],
                            "parameters": count_parameters(teacher)}}
@@ -374,6 +384,8 @@ def run_methods_semi(teacher, cases, test_cases, labels, config, seeds: int) -> 
             if method == "scratch":  # supervised only: the labelled volumes are all it can use
                 network = train(STUDENT_CONFIG, num_classes, [c for c in cases if c.labels is not None],
                                 replace(seeded, methods="none"))
+            elif method == "all-labels":
+                network = train(STUDENT_CONFIG, num_classes, all_labelled, replace(seeded, methods="none"))
             else:
                 network = train(STUDENT_CONFIG, num_classes, cases,
                                 replace(seeded, methods=method, batch_size=2 * config.batch_size), teacher)
@@ -458,9 +470,9 @@ def render(results: dict, chart_name: str = "benchmark_methods.png") -> str:
              "says how many), seed s giving every method the same initial weights and batches. Dice: each test "
              "volume's mean over structures, "
              "averaged over the test volumes and then over seeds; sd over seeds and (mean over seeds of the) sd "
-             "over test volumes. Gap closed: (method − scratch) / (teacher − scratch). A method named without a "
-             "weight ran at its default weight (`medkd methods`: `cwd` 0.02, `at` 0.2, others 1); `name:w` at "
-             "weight w. `teacher-half-res` is no "
+             "over test volumes. Gap closed: (method − scratch) / (teacher − scratch), over the seeds both ran. "
+             "A method named without a weight ran at its default weight (`medkd methods`: `cwd` 0.02, `at` 0.2, "
+             "others 1); `name:w` at weight w. `teacher-half-res` is no "
              "student: the teacher's class probabilities averaged onto the student's half-resolution output grid "
              "and interpolated back as the student's output is, i.e. what a student that copied the teacher "
              "perfectly at its own output resolution would score.", "",
@@ -508,7 +520,7 @@ def render(results: dict, chart_name: str = "benchmark_methods.png") -> str:
                   markdown_table(rows, {"variant": "student", "modality": "modality", "shared": "shared mean Dice",
                                         "separate": "separate student", "difference": "shared − separate (paired)"}),
                   ""]
-    lines += ["## Against the targets", "", *target_lines(results["sections"]), "",
+    lines += ["## Against the targets", "", *target_lines(results["sections"]), *signal_lines(results), "",
               f"![methods]({chart_name})", ""]
     return "\n".join(lines)
 
@@ -585,9 +597,41 @@ def target_lines(sections: dict) -> list[str]:
         semi = sections["semi"]
         co, sup = semi["coteacher"]["mean"], semi["scratch"]["mean"]
         difference = signed(semi["coteacher"].get("vs_scratch"), semi["coteacher"].get("vs_scratch_sd"))
+        everything = semi.get("all-labels")
+        ceiling = "" if not everything else (
+            f" With every volume's labels the same student scores {everything['mean']:.3f} "
+            f"({signed(everything.get('vs_scratch'), everything.get('vs_scratch_sd'))} paired): the most that "
+            "the unlabelled volumes could add.")
         lines.append(f"- Semi-supervised: co-teacher {co:.3f} vs supervised-only {sup:.3f} with the same labels, "
                      f"paired difference {difference} "
-                     f"(target: co-teacher better: {'met' if co > sup else 'missed'}).")
+                     f"(target: co-teacher better: {'met' if co > sup else 'missed'}).{ceiling}")
+    return lines
+
+
+SIGNAL = ROOT / "docs" / "teacher_signal.json"  # scripts/teacher_signal.py
+OVERFITTING = 0.05  # training minus test Dice above which a student is read as short of data
+
+
+def signal_lines(results: dict) -> list[str]:
+    """Why a distillation loss can or cannot help on each data set, from scripts/teacher_signal.py's figures
+    (measured on the coarse grid at one budget: only for a run of the same)."""
+    signal = json.loads(SIGNAL.read_text()) if SIGNAL.exists() else {}
+    if signal.get("steps") != results.get("steps") or results.get("grid", "coarse") != "coarse":
+        return []
+    targets = {t["section"]: t for t in signal["teacher_targets"]}
+    lines = []
+    for row in signal["fits"]:
+        if not row["network"].startswith("student"):
+            continue
+        target = targets[row["section"]]
+        lines.append(f"- Why ({row['section']}, [teacher_signal.md](teacher_signal.md)): on the training volumes the "
+                     f"teacher's arg-max differs from the labels at {100 * target['disagreement']:.1f} % of voxels "
+                     f"and its targets leave {100 * target['off_label_mass_boundary']:.0f} % of the probability off "
+                     f"the label on boundary voxels; the student trained from labels scores {row['train']:.3f} on "
+                     f"its training volumes and {row['test']:.3f} on the test volumes ("
+                     + (f"within {OVERFITTING:g}: short of capacity, not of data, so a target that only regularises "
+                        "cannot raise it)." if row["train_minus_test"] < OVERFITTING
+                        else f"more than {OVERFITTING:g} apart: short of data, where a teacher's targets can help)."))
     return lines
 
 

@@ -147,10 +147,7 @@ def fit(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         terms = build_terms(config.methods, TermSetup(config, num_classes, network, teachers)).to(device)
-    # They (CTKD's θ, hint adapters) train in the student's optimiser, without weight decay.
-    extra = [p for p in terms.parameters() if p.requires_grad]
-    groups = [{"params": list(network.parameters())}, {"params": extra, "weight_decay": 0.0}] if extra else None
-    optimizer, scheduler = cosine_optimizer(groups or network.parameters(), config)
+    optimizer, scheduler = student_optimizer(network, terms, config)
     total_steps = config.epochs * config.steps_per_epoch
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -159,19 +156,9 @@ def fit(
     history, start_epoch = History(), 0
 
     checkpoint = checkpoint_dir / "checkpoint.pt"
-    state = read_checkpoint(checkpoint, resume)
+    state = resume_from(checkpoint, resume, methods, network, terms, optimizer, scheduler)
     if state is not None:
-        if state.get("methods", methods) != methods:
-            raise InvalidInputError(
-                f"The checkpoint in '{checkpoint_dir}' was made with methods '{state['methods']}', not '{methods}'.",
-                "Resume with the same --method, or delete that folder to start again.",
-            )
-        network.load_state_dict(state["network"])
-        terms.load_state_dict(state.get("terms", {}))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = History(**state["history"])
-        start_epoch = int(state["epoch"])
+        history, start_epoch = History(**state["history"]), int(state["epoch"])
         report(start_epoch / config.epochs, f"resumed after epoch {start_epoch}")
 
     if teachers and terms:
@@ -214,11 +201,7 @@ def fit(
                         loss = loss + distillation_loss(
                             terms, context, student_tap, teachers, weights, cached, teacher_taps, config, device
                         )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                update(loss, optimizer, scaler, scheduler)
                 for term in terms:
                     term.after_step(network)
                 losses.append(float(loss.detach()))
@@ -437,6 +420,45 @@ def cosine_optimizer(parameters, config: TrainingConfig) -> tuple[torch.optim.Op
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
     )
     return optimizer, scheduler
+
+
+def student_optimizer(
+    network: nn.Module, terms: nn.Module, config: TrainingConfig
+) -> tuple[torch.optim.Optimizer, object]:
+    """``cosine_optimizer`` over the student and its terms' own parameters (CTKD's θ, hint adapters); those
+    train without weight decay."""
+    extra = [p for p in terms.parameters() if p.requires_grad]
+    groups = [{"params": list(network.parameters())}, {"params": extra, "weight_decay": 0.0}] if extra else None
+    return cosine_optimizer(groups or network.parameters(), config)
+
+
+def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler) -> None:
+    """One optimiser step through the gradient scaler (a no-op unless mixed precision is on), then the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
+def resume_from(
+    checkpoint: Path, resume: bool, methods: str, network: nn.Module, terms: nn.Module, optimizer, scheduler
+) -> dict | None:
+    """An interrupted run's checkpoint restored into these objects (its ``history`` and ``epoch`` are for the
+    caller), or None when there is none. Refused when it was made with other methods."""
+    state = read_checkpoint(checkpoint, resume)
+    if state is None:
+        return None
+    if state.get("methods", methods) != methods:
+        raise InvalidInputError(
+            f"The checkpoint in '{checkpoint.parent}' was made with methods '{state['methods']}', not '{methods}'.",
+            "Resume with the same --method, or delete that folder to start again.",
+        )
+    network.load_state_dict(state["network"])
+    terms.load_state_dict(state.get("terms", {}))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
 
 
 def read_checkpoint(path: Path, resume: bool) -> dict | None:

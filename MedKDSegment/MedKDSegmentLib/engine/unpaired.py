@@ -454,11 +454,12 @@ def train_unpaired(
     from .training import (  # bundle.py imports this module
         _augment,
         cache_teacher_outputs,
-        cosine_optimizer,
         distillation_loss,
-        read_checkpoint,
+        resume_from,
         save_checkpoint,
         seed_everything,
+        student_optimizer,
+        update,
     )
 
     report = progress or (lambda fraction, stage: None)
@@ -471,9 +472,7 @@ def train_unpaired(
     for teacher in teachers.values():
         teacher.to(device).eval()
     terms = _modality_terms(network, teachers, config).to(device)
-    extra = [p for p in terms.parameters() if p.requires_grad]
-    groups = [{"params": list(network.parameters())}, {"params": extra, "weight_decay": 0.0}] if extra else None
-    optimizer, scheduler = cosine_optimizer(groups or network.parameters(), config)
+    optimizer, scheduler = student_optimizer(network, terms, config)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     supervised = SupervisedLoss()
@@ -482,19 +481,9 @@ def train_unpaired(
     history, start_epoch = UnpairedHistory(), 0
 
     checkpoint = checkpoint_dir / "checkpoint.pt"
-    state = read_checkpoint(checkpoint, resume)
+    state = resume_from(checkpoint, resume, methods, network, terms, optimizer, scheduler)
     if state is not None:
-        if state.get("methods", methods) != methods:
-            raise InvalidInputError(
-                f"The checkpoint in '{checkpoint_dir}' was made with methods '{state['methods']}', not '{methods}'.",
-                "Resume with the same --method, or delete that folder to start again.",
-            )
-        network.load_state_dict(state["network"])
-        terms.load_state_dict(state.get("terms", {}))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = UnpairedHistory(**state["history"])
-        start_epoch = int(state["epoch"])
+        history, start_epoch = UnpairedHistory(**state["history"]), int(state["epoch"])
         report(start_epoch / config.epochs, f"resumed after epoch {start_epoch}")
 
     for modality, teacher in teachers.items():
@@ -568,11 +557,7 @@ def train_unpaired(
                     term = prototype_kl(*outputs[modalities[0]], *outputs[modalities[1]])
                     loss = loss + prototype_weight * term
                     parts.setdefault("prototype", []).append(float(term.detach()))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                update(loss, optimizer, scaler, scheduler)
                 for group in terms.values():
                     for term in group:
                         term.after_step(network)
