@@ -649,27 +649,34 @@ def capacity_line(key: str, section: dict) -> list[str]:
 
 
 def chart(results: dict, path: Path) -> None:
+    """Per section, each row's Dice over scratch (paired by seed, with its sd), the 50 % target (half the
+    scratch→teacher gap) dashed: Dice bars on a 0–1 axis would hide differences of a point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sections = [(k, v) for k, v in results["sections"].items()
-                if k in ("CT", "MR", "semi", "brats") and "skipped" not in v]
+    sections = [(k, results["sections"][k]) for k in ("CT", "MR", "semi", "brats")
+                if k in results["sections"] and "skipped" not in results["sections"][k]]
     rows = max((sum(isinstance(e, dict) and "mean" in e for e in v.values()) for _, v in sections), default=0)
     figure, axes = plt.subplots(1, max(len(sections), 1), figsize=(5 * max(len(sections), 1), max(4, 0.3 * rows + 1)),
                                 squeeze=False)
     for axis, (key, section) in zip(axes[0], sections):
-        names = [n for n, e in section.items() if isinstance(e, dict) and "mean" in e]
-        means = [section[n]["mean"] for n in names]
-        sds = [section[n]["sd_volumes"] if missing(section[n]["sd_seeds"]) else section[n]["sd_seeds"]
-               for n in names]
-        colors = ["#555555" if n in ("teacher", "teacher-half-res") else "#bbbbbb" if n == "scratch" else "#3b7dd8"
-                  for n in names]
-        axis.barh(names, means, xerr=sds, color=colors)
-        axis.set_xlim(0, 1)
-        axis.set_title(key)
-        axis.set_xlabel("mean Dice (bars: sd over seeds; teacher: over volumes)")
+        scratch = section["scratch"]["mean"]
+        names = [n for n, e in section.items() if isinstance(e, dict) and "mean" in e and n != "scratch"]
+        gains = [section[n]["mean"] - scratch if n in UNTRAINED or missing(section[n].get("vs_scratch"))
+                 else section[n]["vs_scratch"] for n in names]
+        spread = [0.0 if missing(section[n].get("vs_scratch_sd")) else section[n]["vs_scratch_sd"] for n in names]
+        colors = ["#555555" if n in UNTRAINED else "#999999" if n.startswith("assistant") or n == "all-labels"
+                  else "#3b7dd8" for n in names]
+        axis.barh(names, gains, xerr=spread, color=colors)
+        axis.axvline(0, color="black", linewidth=0.8)
+        gap = section["teacher"]["mean"] - scratch
+        if gap > 0:
+            axis.axvline(gap / 2, color="#d83b3b", linestyle="--", linewidth=1, label="50 % of the gap")
+            axis.legend(loc="lower right")
+        axis.set_title(f"{key}: scratch {scratch:.3f}, teacher {section['teacher']['mean']:.3f}")
+        axis.set_xlabel("Dice − scratch (paired by seed; bars: sd over seeds)")
         axis.invert_yaxis()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
