@@ -201,12 +201,12 @@ class Coarsened(torch.nn.Module):
 
 
 def run_methods(section: str, methods: list[str], train_cases: list[Case], test_cases: list[Case], teacher,
-                num_classes: int, config: TrainingConfig, labels: list[int], seeds: int) -> dict:
+                num_classes: int, config: TrainingConfig, labels: list[int], seeds: range) -> dict:
     """Every method once per seed (seed s: same initial weights and batches for every method)."""
     results = {"teacher": {"runs": [dice_per_case(teacher, test_cases, labels)],
                            "parameters": count_parameters(teacher)}}
     log(f"{section}: teacher {np.mean(results['teacher']['runs'][0]):.3f}")
-    for seed in range(seeds):
+    for seed in seeds:
         seeded = replace(config, seed=seed)
         assistant = None
         for method in methods:
@@ -278,7 +278,7 @@ def summarise(results: dict) -> dict:
 
 
 def phantom_section(modality: str, methods: list[str], config: TrainingConfig, teacher_steps: int,
-                    seeds: int) -> dict:
+                    seeds: range) -> dict:
     labels = [s.value for s in ABDOMEN_STRUCTURES]
     train_cases = phantom_cases(modality, TRAIN_CASES, 0)
     test_cases = phantom_cases(modality, TEST_CASES, TEST_SEED)
@@ -352,7 +352,7 @@ def seed_summary(runs: list[list[float]]) -> dict:
             "sd_seeds": float(np.std(means, ddof=1)) if len(means) > 1 else math.nan}
 
 
-def semi_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict:
+def semi_section(config: TrainingConfig, teacher_steps: int, seeds: range) -> dict:
     labels = [s.value for s in ABDOMEN_STRUCTURES]
     cases = phantom_cases("CT", 20, 0)
     labelled = {0, 1}  # 10 % of 20
@@ -367,7 +367,7 @@ def semi_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict
     return results
 
 
-def run_methods_semi(teacher, cases, test_cases, labels, config, seeds: int, all_labelled: list[Case]) -> dict:
+def run_methods_semi(teacher, cases, test_cases, labels, config, seeds: range, all_labelled: list[Case]) -> dict:
     """Supervised-only sees batches of ``batch_size`` labelled patches; the semi-supervised methods see the
     same labelled patches plus as many unlabelled ones (batches twice the size, half labelled), the usual
     protocol of semi-supervised segmentation benchmarks (e.g. SSL4MIS: 2 labelled + 2 unlabelled).
@@ -377,7 +377,7 @@ def run_methods_semi(teacher, cases, test_cases, labels, config, seeds: int, all
     results = {"teacher": {"runs": [dice_per_case(teacher, test_cases, labels)],
                            "parameters": count_parameters(teacher)}}
     log(f"semi: teacher {np.mean(results['teacher']['runs'][0]):.3f}")
-    for seed in range(seeds):
+    for seed in seeds:
         for method in SEMI_METHODS:
             started = time.perf_counter()
             seeded = replace(config, seed=seed)
@@ -395,7 +395,7 @@ def run_methods_semi(teacher, cases, test_cases, labels, config, seeds: int, all
     return summarise(results)
 
 
-def brats_section(config: TrainingConfig, teacher_steps: int, seeds: int) -> dict:
+def brats_section(config: TrainingConfig, teacher_steps: int, seeds: range) -> dict:
     if not BRATS.is_dir():
         return {"skipped": f"{BRATS} is absent"}
     labels = [s.value for s in BRATS_STRUCTURES]
@@ -682,6 +682,25 @@ def chart(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
+def check_more_seeds(results: dict, sections: list[str], methods: list[str] | None, first: int, parser) -> None:
+    """--first-seed K adds seeds to existing rows: each must exist with seeds 0..K-1 (checked before training)."""
+    if not methods or "unpaired" in sections:
+        parser.error("--first-seed needs --methods and a section other than unpaired")
+    for section in sections:
+        for method in methods:
+            runs = len(results["sections"].get(section, {}).get(method, {}).get("runs", []))
+            if runs != first:
+                parser.error(f"--first-seed {first}: the {section} row '{method}' has {runs} seed(s), not {first}; "
+                             f"run it with --seeds {first} first")
+
+
+def with_more_seeds(previous: dict, new: dict) -> dict:
+    """A summarised row with another run's seeds after its own (mean training time weighted by seeds)."""
+    before, after = len(previous["runs"]), len(new["runs"])
+    seconds = [t for t, n in ((previous.get("seconds"), before), (new.get("seconds"), after)) for _ in range(n) if t]
+    return {**new, "runs": previous["runs"] + new["runs"], "seconds": float(np.mean(seconds)) if seconds else []}
+
+
 def load_results(output: Path) -> dict:
     path = output.with_suffix(".json")
     return json.loads(path.read_text()) if path.exists() else {"sections": {}}
@@ -693,6 +712,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps per student")
     parser.add_argument("--teacher-steps", type=int, default=1500, help="steps for teachers trained here")
     parser.add_argument("--seeds", type=int, default=1, help="student runs per method (seeds 0..N-1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="with --methods: run seeds K..K+N-1 and add them to rows that have seeds 0..K-1")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature (kd, ctkd start, multi-teacher)")
     parser.add_argument("--methods", nargs="+",
@@ -723,19 +744,22 @@ def main() -> int:
         TRAIN_CASES, TEST_CASES = args.cases
     if args.methods:
         PHANTOM_METHODS[:], SEMI_METHODS[:], BRATS_METHODS[:], MR_METHODS[:] = [args.methods] * 4
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    if args.first_seed:
+        check_more_seeds(load_results(output), args.sections, args.methods, args.first_seed, parser)
     for section in [] if args.render else args.sections:
         started = time.perf_counter()
         if section in ("CT", "MR"):
             methods = PHANTOM_METHODS if section == "CT" else MR_METHODS
-            result = phantom_section(section, methods, config, args.teacher_steps, args.seeds)
+            result = phantom_section(section, methods, config, args.teacher_steps, seeds)
         elif section == "unpaired":
             variants = [v for v in UNPAIRED_VARIANTS if not args.methods or v in args.methods]
             result = unpaired_section(config, args.teacher_steps, args.seeds, variants,
                                       args.unpaired_cases or TRAIN_CASES)
         elif section == "semi":
-            result = semi_section(config, args.teacher_steps, args.seeds)
+            result = semi_section(config, args.teacher_steps, seeds)
         elif section == "brats":
-            result = brats_section(config, args.teacher_steps, args.seeds)
+            result = brats_section(config, args.teacher_steps, seeds)
         else:
             parser.error(f"unknown section {section}")
         result["wall_seconds"] = time.perf_counter() - started
@@ -749,9 +773,14 @@ def main() -> int:
                 result = {**previous, **result, "wall_seconds": previous.get("wall_seconds", 0.0)
                           + result["wall_seconds"]}  # the variants run here replace theirs only
             elif args.methods and previous and "skipped" not in previous:
-                # A re-run of some methods replaces only those rows (same teacher, same seeds).
+                # A re-run of some methods replaces only those rows (same teacher, same seeds); more seeds
+                # (--first-seed) are added to them.
                 wall = previous.get("wall_seconds", 0.0) + result["wall_seconds"]
-                result = summarise({**previous, **{k: v for k, v in result.items() if k != "teacher"}})
+                rows = {k: v for k, v in result.items() if k != "teacher" and isinstance(v, dict) and "runs" in v}
+                if args.first_seed:
+                    rows = {k: with_more_seeds(previous[k], v) for k, v in rows.items()
+                            if len(previous.get(k, {}).get("runs", [])) == args.first_seed}
+                result = summarise({**previous, **rows})
                 result["wall_seconds"] = wall
             results["sections"][section] = result
             results |= {"machine": machine_description(), "steps": args.steps, "batch_size": config.batch_size,
