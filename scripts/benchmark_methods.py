@@ -43,6 +43,7 @@ from build_models import PATCH as BUNDLED_PATCH  # noqa: E402
 from MedKDSegmentLib.engine.bundle import load_bundle, save_bundle  # noqa: E402
 from MedKDSegmentLib.engine.data import Case  # noqa: E402
 from MedKDSegmentLib.engine.device import select_device  # noqa: E402
+from MedKDSegmentLib.engine.distillation import METHODS  # noqa: E402
 from MedKDSegmentLib.engine.errors import BundleError  # noqa: E402
 from MedKDSegmentLib.engine.inference import predict_labels  # noqa: E402
 from MedKDSegmentLib.engine.labels import (  # noqa: E402
@@ -263,6 +264,7 @@ def summarise(results: dict) -> dict:
         # Seed s is the same start for every method, so a row run with fewer seeds than scratch (a later
         # re-run of some methods) is compared with scratch's same seeds; untrained rows with all of them.
         seeds = len(scratch_runs) if name in UNTRAINED else min(len(entry["seed_means"]), len(scratch_runs))
+        entry["paired_seeds"] = seeds
         gap = teacher - float(np.mean(scratch_runs[:seeds])) if seeds else math.nan
         if name in UNTRAINED:
             entry["vs_scratch"] = entry["vs_scratch_sd"] = math.nan
@@ -471,7 +473,8 @@ def render(results: dict, chart_name: str = "benchmark_methods.png") -> str:
              "volume's mean over structures, "
              "averaged over the test volumes and then over seeds; sd over seeds and (mean over seeds of the) sd "
              "over test volumes. Gap closed: (method − scratch) / (teacher − scratch), over the seeds both ran. "
-             "A method named without a weight ran at its default weight (`medkd methods`: `cwd` 0.02, `at` 0.2, "
+             "A method named without a weight ran at its default weight (`medkd methods`: "
+             f"{', '.join(f'`{n}` {m.default:g}' for n, m in METHODS.items() if m.default != 1)}, "
              "others 1); `name:w` at weight w. `teacher-half-res` is no "
              "student: the teacher's class probabilities averaged onto the student's half-resolution output grid "
              "and interpolated back as the student's output is, i.e. what a student that copied the teacher "
@@ -597,7 +600,7 @@ def target_lines(sections: dict) -> list[str]:
         semi = sections["semi"]
         co, sup = semi["coteacher"]["mean"], semi["scratch"]["mean"]
         gain, sd = semi["coteacher"].get("vs_scratch"), semi["coteacher"].get("vs_scratch_sd")
-        seeds = min(len(semi["coteacher"]["seed_means"]), len(semi["scratch"]["seed_means"]))
+        seeds = semi["coteacher"]["paired_seeds"]
         error = math.nan if missing(sd) else sd / math.sqrt(seeds)
         difference = signed(gain, sd) + (f" over {seeds} seeds, standard error {error:.3f}"
                                          + (", within two of zero" if abs(gain) < 2 * error else "")
@@ -709,8 +712,13 @@ def with_more_seeds(previous: dict, new: dict) -> dict:
 
 
 def load_results(output: Path) -> dict:
+    """The results file, each method section re-summarised from its runs (older files then read as new ones)."""
     path = output.with_suffix(".json")
-    return json.loads(path.read_text()) if path.exists() else {"sections": {}}
+    results = json.loads(path.read_text()) if path.exists() else {"sections": {}}
+    for section in results["sections"].values():
+        if "runs" in section.get("teacher", {}):
+            summarise(section)
+    return results
 
 
 def main() -> int:

@@ -63,12 +63,11 @@ def teacher_targets(teacher: torch.nn.Module, cases) -> dict:
             "off_label_mass_boundary": float(np.mean(off_boundary)), "boundary_share": float(np.mean(boundary_share))}
 
 
-def mean_dice(prediction_of, cases, labels: list[int], reference_of=None) -> float:
+def mean_dice(predicted: dict[str, np.ndarray], cases, labels: list[int],
+              reference: dict[str, np.ndarray] | None = None) -> float:
     """Mean over volumes of each volume's mean Dice over structures (reference: the labels by default)."""
-    means = []
-    for case in cases:
-        reference = case.labels if reference_of is None else reference_of(case)
-        means.append(np.nanmean(list(dice_per_label(prediction_of(case), reference, labels).values())))
+    means = [np.nanmean(list(dice_per_label(predicted[case.name], case.labels if reference is None
+                                            else reference[case.name], labels).values())) for case in cases]
     return float(np.mean(means))
 
 
@@ -94,19 +93,20 @@ def section(name: str, config: TrainingConfig, teacher_steps: int) -> tuple[dict
         teacher = bench.teacher_for(name, train_cases, profile, structures, config, teacher_steps)
     labels = [s.value for s in structures]
     teacher = teacher.load_network().eval()
-    teacher_labels = {case.name: predict_labels(teacher, case.image, CPU) for case in train_cases + test_cases}
+    cases = train_cases + test_cases
+
+    def predictions(network: torch.nn.Module) -> dict[str, np.ndarray]:  # once per network and volume
+        return {case.name: predict_labels(network, case.image, CPU) for case in cases}
+
+    by_teacher = predictions(teacher)
     targets = {"section": name, **teacher_targets(teacher, train_cases)}
     fits = []
     for role, architecture in (("teacher", None), *STUDENTS.items()):
-        if architecture is None:
-            predicted = lambda case: teacher_labels[case.name]  # noqa: E731
-        else:
-            network = bench.train(architecture, len(labels) + 1, train_cases, replace(config, methods="none"))
-            predicted = lambda case, network=network: predict_labels(network, case.image, CPU)  # noqa: E731
+        predicted = by_teacher if architecture is None else predictions(
+            bench.train(architecture, len(labels) + 1, train_cases, replace(config, methods="none")))
         train, test = mean_dice(predicted, train_cases, labels), mean_dice(predicted, test_cases, labels)
         fits.append({"section": name, "network": role, "train": train, "test": test, "train_minus_test": train - test,
-                     "vs_teacher_train": mean_dice(predicted, train_cases, labels,
-                                                   lambda case: teacher_labels[case.name])})
+                     "vs_teacher_train": mean_dice(predicted, train_cases, labels, by_teacher)})
         bench.log(f"{name} {role}: Dice train {train:.3f}, test {test:.3f}")
     return targets, fits
 
