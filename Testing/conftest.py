@@ -22,3 +22,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real cases not found at {SHARED_DATA} (../shared/data beside the repository)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_package(tmp_path, monkeypatch):
+    """(registry entry, pinned package file) of a tiny published teacher (``tiny_teacher.py``)."""
+    from tiny_teacher import tiny_teacher_package
+
+    return tiny_teacher_package(tmp_path, monkeypatch)

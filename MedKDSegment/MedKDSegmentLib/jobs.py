@@ -60,12 +60,14 @@ class ModelRun:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     parameters: int = 0
     windows: int = 0
+    warnings: list[str] = field(default_factory=list)  # the scan looks outside the model's world
 
     def summary(self) -> dict:
         """Everything but the labels, JSON-ready (label keys become strings in JSON)."""
         return {
             "model": self.model, "role": self.role, "device": self.device, "seconds": self.seconds,
             "stage_seconds": self.stage_seconds, "parameters": self.parameters, "windows": self.windows,
+            "warnings": list(self.warnings),
             "names": {str(k): v for k, v in self.names.items()},
             "colors": {str(k): list(v) for k, v in self.colors.items()},
         }
@@ -108,7 +110,7 @@ def segment_volume(
         model=bundle.name, role=bundle.role, labels=result.labels, names=bundle.labels, colors=bundle.colors,
         device=result.device, seconds=time.perf_counter() - started,
         stage_seconds={k: round(v, 4) for k, v in result.seconds.items()},
-        parameters=bundle.parameters, windows=result.windows,
+        parameters=bundle.parameters, windows=result.windows, warnings=list(result.warnings),
     )
 
 
@@ -451,9 +453,14 @@ def run_spec(spec: dict, progress: Progress | None = None, cancel: Cancel | None
                               spec.get("teacher"), bool(spec.get("resume")), progress, cancel, user_folders)
     if job in TRAINING_JOBS:
         return train_model({**spec, "user_folders": user_folders}, progress, cancel)
+    if job == "install-teacher":
+        from .engine.published import install_teacher
+
+        bundle = install_teacher(spec["name"], spec["models_dir"], spec.get("package_file"), progress)
+        return {"name": bundle.name, "path": str(bundle.path), "parameters": bundle.parameters}
     if job == "devices":
         from .engine.device import available_devices, describe_device, select_device
 
         return {"devices": available_devices(), "auto": describe_device(select_device("auto"))}
-    raise InvalidInputError(f"Unknown job '{job}'.",
-                            f"Use one of: segment, compare, finetune, {', '.join(TRAINING_JOBS)}, devices.")
+    known = ", ".join(["segment", "compare", "finetune", *TRAINING_JOBS, "install-teacher", "devices"])
+    raise InvalidInputError(f"Unknown job '{job}'.", f"Use one of: {known}.")

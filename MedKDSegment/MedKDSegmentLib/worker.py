@@ -17,6 +17,8 @@ Protocol (one JSON object per line, UTF-8):
   ``architecture``...), and ``resume``; they run ``jobs.train_model``, report ``epoch E/N loss L`` (a
   chain prefixes ``assistant: `` / ``student: ``) and answer with the new bundle's path, name, the methods
   and teachers its metadata records, and the epoch losses;
+* ``install-teacher`` (``name``, ``models_dir``, optional ``package_file``) fetches or takes a published
+  teacher's pinned file and converts it into a bundle (``engine.published``); it answers with its path;
 * the worker answers ``{"event": "progress", "id": ..., "fraction": 0.42, "stage": "inference"}`` lines,
   then ``{"event": "done", "id": ..., "outputs": {...}, "seconds": ...}`` or ``{"event": "error", "id": ...,
   "message": ..., "problem": ..., "fix": ..., "type": ...}``, and waits for the next job (it stays warm:

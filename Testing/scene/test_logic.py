@@ -149,6 +149,9 @@ def test_compare_models_table_has_run_time_parameters_and_device(compared, model
         assert row["Parameters"] == metadata["medkdsegment"]["parameters"]
         assert row["Run time"] > 0
         assert row["Device"].startswith("cpu")
+        assert row["Warning"] == ""  # phantoms are these tiny models' own world (they record none)
+    assert rows[0]["Speed-up"] == 1.0
+    assert rows[1]["Speed-up"] == pytest.approx(rows[0]["Run time"] / rows[1]["Run time"])
 
 
 def test_compare_layout_shows_each_model_only_in_its_own_linked_view(compared):
@@ -190,3 +193,12 @@ def test_compare_rejects_a_reference_without_known_structures(logic, scene, ct_n
     with pytest.raises(InvalidInputError, match="named like a structure"):
         logic.compare(ct_node, referenceSegmentationNode=other, device="cpu")
     assert scene_state(scene) == state
+
+
+def test_models_table_carries_the_speed_up_and_each_models_warning(scene):
+    runs = [{"role": "teacher", "model": "t", "seconds": 12.0, "parameters": 10, "device": "cpu", "windows": 1},
+            {"role": "student", "model": "s", "seconds": 0.5, "parameters": 1, "device": "cpu", "windows": 8,
+             "warnings": ["This scan looks unlike what 's' was trained on."]}]
+    rows = comparison.table_rows(comparison.models_table("models", runs))
+    assert [r["Speed-up"] for r in rows] == [1.0, 24.0]
+    assert rows[0]["Warning"] == "" and rows[1]["Warning"].startswith("This scan looks unlike")

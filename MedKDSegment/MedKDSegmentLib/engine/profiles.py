@@ -171,6 +171,19 @@ def _resample_box(
     )
 
 
+def resample_probabilities(channels: np.ndarray, source: sitk.Image, target: sitk.Image) -> np.ndarray:
+    """Class probabilities (C, z, y, x) on ``source``'s grid, linearly onto ``target``'s; beyond the source
+    lies background (1 for channel 0, 0 for the others)."""
+    out = []
+    for index, channel in enumerate(channels):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
+        image.CopyInformation(source)
+        outside = 1.0 if index == 0 else 0.0
+        out.append(sitk.GetArrayFromImage(
+            sitk.Resample(image, target, sitk.Transform(), sitk.sitkLinear, outside, sitk.sitkFloat32)))
+    return np.stack(out)
+
+
 def labels_to_model_grid(labels: Volume, grid: sitk.Image) -> np.ndarray:
     """Training labels on the model grid (nearest neighbour keeps label values)."""
     image = canonical(labels.to_sitk())

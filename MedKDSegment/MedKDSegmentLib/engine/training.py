@@ -25,6 +25,7 @@ from .data import Case, load_cases, sample_batch
 from .device import select_device
 from .distillation import (
     DEFAULT_METHODS,
+    METHODS,
     DistillContext,
     FeatureTap,
     TermSetup,
@@ -34,12 +35,14 @@ from .distillation import (
     teacher_sample_weights,
     validate_teacher_weights,
 )
+from .domain import record, scan_statistics
 from .errors import CancelledError, InvalidInputError
 from .inference import OVERLAP, ROI_SIZE, pad_to_multiple_of_8, predict_labels, predict_scores
 from .labels import ABDOMEN_STRUCTURES
 from .losses import SupervisedLoss
 from .metrics import dice_per_label
 from .networks import ASSISTANT_CONFIG, STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution, output_stride
+from .pipelines import PipelineTeacher
 from .profiles import DEFAULT_PROFILES, Profile
 from .volume import normalize_modality
 
@@ -331,15 +334,23 @@ def cache_teacher_outputs(
         )
         if case.teacher is None or stale:
             z, y, x = case.image.shape
-            outputs = [_teacher_output(model, case.image, device, logits)[:, :z, :y, :x] for model in teachers]
+            outputs = [_case_output(model, case, device, logits)[:, :z, :y, :x] for model in teachers]
             pad = float(case.image.min())
             for k, model in enumerate(teachers):
                 if (k, pad) not in fills:  # cases normalised alike share their padding value: probe once
-                    fills[(k, pad)] = _padding_output(model, pad, device, logits)
+                    fills[(k, pad)] = (model.padding_output() if isinstance(model, PipelineTeacher)
+                                       else _padding_output(model, pad, device, logits))
             case.teacher_fill = np.concatenate([fills[(k, pad)] for k in range(len(teachers))]).astype(np.float16)
             case.teacher = np.concatenate(outputs).astype(np.float16)
             case.teacher_source = key
         report(0.0, f"teacher outputs cached for {index + 1}/{len(cases)} cases")
+
+
+def _case_output(model: nn.Module, case: Case, device: torch.device, logits: bool) -> np.ndarray:
+    """A teacher's output on a whole case: a published teacher through its own pipeline, else on the image."""
+    if isinstance(model, PipelineTeacher):
+        return model.outputs_on(case, device)
+    return _teacher_output(model, case.image, device, logits)
 
 
 def _teacher_output(model: nn.Module, image: np.ndarray, device: torch.device, logits: bool) -> np.ndarray:
@@ -539,9 +550,14 @@ def distill_student(
     weights: Sequence[float] | None = None,
     role: str = "student",
     half_precision: bool = False,
+    profile: Profile | None = None,
 ) -> Bundle:
     """Distil a student (``role="assistant"``: a teacher assistant) from one or several teachers
     with ``config.methods``: Dice+CE where labels exist plus each method's term on all items.
+
+    The student learns the teachers' label table and prepares its input with ``profile`` (default:
+    the first teacher's ``student_profile``). A published teacher with its own pipeline (HD-BET) runs
+    once per whole volume of a folder; its outputs are resampled onto the student's grid and cached.
 
     ``data`` is a folder (images/, labels/) or a list of ``Case`` already on the teachers' model
     grid (a script's in-memory data; their cached teacher outputs are filled in place and reused
@@ -558,7 +574,7 @@ def distill_student(
         Path(output),
         role,
         architecture or STUDENT_CONFIG,
-        bundles[0].profile,
+        profile or bundles[0].student_profile,
         config,
         bundles,
         resume,
@@ -602,8 +618,7 @@ def distill_chain(
     bundles = _resolve_teachers(teacher)
     validate_teacher_weights(config.teacher_weights, len(bundles))
     if not isinstance(data, (list, tuple)):  # read once, for both stages
-        num_classes = len(ABDOMEN_STRUCTURES) + 1
-        data = load_cases(data, bundles[0].profile, num_classes, lambda f, m: report(0.02 * f, m))
+        data = load_cases(data, bundles[0].student_profile, bundles[0].num_classes, lambda f, m: report(0.02 * f, m))
     if assistant_output.exists():
         if not resume:
             raise InvalidInputError(
@@ -621,7 +636,7 @@ def distill_chain(
             assistant_output,
             "assistant",
             assistant_architecture or ASSISTANT_CONFIG,
-            bundles[0].profile,
+            bundles[0].student_profile,
             assistant_config or config,
             bundles,
             resume,
@@ -653,7 +668,7 @@ def _resolve_teachers(teacher: TeacherRef | Sequence[TeacherRef]) -> list[Bundle
         raise InvalidInputError("No teacher was given.", "Give at least one teacher bundle (--teacher).")
     bundles = [item if isinstance(item, Bundle) else resolve_bundle(item) for item in items]
     for bundle in bundles[1:]:
-        if bundle.profile.to_dict() != bundles[0].profile.to_dict():
+        if bundle.student_profile.to_dict() != bundles[0].student_profile.to_dict():
             raise InvalidInputError(
                 f"Teachers '{bundles[0].name}' and '{bundle.name}' use different preprocessing (model grid, "
                 "modality or intensity profile).",
@@ -685,20 +700,35 @@ def _train_bundle(
             f"'{output}' already exists; models are never overwritten.", "Choose a new output name."
         )
     report = progress or (lambda fraction, stage: None)
-    structures = ABDOMEN_STRUCTURES
-    num_classes = len(structures) + 1
     if teacher_bundle is None:
         teacher_bundles = []
     elif isinstance(teacher_bundle, Bundle):
         teacher_bundles = [teacher_bundle]
     else:
         teacher_bundles = list(teacher_bundle)
+    # A student learns its (first) teacher's label table; phantom abdomen when trained from labels alone.
+    structures = teacher_bundles[0].structures if teacher_bundles else ABDOMEN_STRUCTURES
+    num_classes = len(structures) + 1
     for bundle in teacher_bundles:
-        if bundle.num_classes != num_classes:
+        if bundle.labels != teacher_bundles[0].labels:
             raise InvalidInputError(
-                f"Teacher '{bundle.name}' has {bundle.num_classes} classes, expected {num_classes}."
+                f"Teacher '{bundle.name}' labels {list(bundle.labels.values())}, but "
+                f"'{teacher_bundles[0].name}' labels {list(teacher_bundles[0].labels.values())}.",
+                "Mix only teachers with the same label table.",
             )
     specs = parse_methods(config.methods)  # a typo fails now, before any data is read
+    published = [b for b in teacher_bundles if b.pipeline is not None]
+    if published and any(METHODS[spec.name].needs_features for spec in specs):
+        raise InvalidInputError(
+            f"Teacher '{published[0].name}' runs through its own pipeline on whole volumes, so it has no "
+            "features on the student's input for hint or at.",
+            "Use output-based methods with it: kd, ctkd, dist or cwd.",
+        )
+    if published and isinstance(data, (list, tuple)) and any(c.source is None for c in data):
+        raise InvalidInputError(
+            f"Teacher '{published[0].name}' needs each training volume's file.",
+            "Give a data folder (images/, labels optional).",
+        )
     if isinstance(data, (list, tuple)):
         cases = list(data)
         if not cases:
@@ -708,7 +738,10 @@ def _train_bundle(
     train_cases, validation = split_cases(cases, config.validation_fraction, config.seed)
     seed_everything(config.seed)
     network = build_network(architecture, num_classes)
-    teachers = [bundle.load_network() for bundle in teacher_bundles]
+    teachers = [
+        PipelineTeacher(bundle, bundle.load_network()) if bundle.pipeline else bundle.load_network()
+        for bundle in teacher_bundles
+    ]
     weights = validate_teacher_weights(config.teacher_weights, len(teachers)) if teachers else []
     teacher = teachers[0] if len(teachers) == 1 else list(zip(teachers, weights)) or None
     checkpoint_dir = checkpoint_dir_for(output)
@@ -732,6 +765,11 @@ def _train_bundle(
         dice = evaluate(network, validation, num_classes, device)
         metrics["validation_dice"] = {structures[label - 1].name: value for label, value in dice.items()}
     method = _method_record(config, specs, history, teacher_bundles, weights) | (extra_method or {})
+    report(0.97, "recording the model's domain")
+    inherited = _inherited_from(teacher_bundles)
+    kind = inherited.get("task") or f"{profile.modality} phantom abdomen"
+    domain = domain_record(network, cases, f"{len(cases)} {profile.modality} volumes: {kind}", device)
+    inherited["extra"] = {**inherited.get("extra", {}), "domain": domain}
     report(0.98, "writing the bundle")
     bundle = save_bundle(
         output,
@@ -744,12 +782,40 @@ def _train_bundle(
         method=method,
         teacher=teacher_bundles[0] if teacher_bundles else None,
         metrics=metrics,
-        description=f"{profile.modality} phantom-abdomen {role} ({method['name']}) trained on {len(train_cases)} cases",
+        description=f"{profile.modality} {role} ({method['name']}) trained on {len(train_cases)} cases"
+        + (f" from {teacher_bundles[0].name}" if teacher_bundles else ""),
         half_precision=half,
+        **inherited,
     )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     report(1.0, "done")
     return bundle
+
+
+def domain_record(network: nn.Module, cases: list[Case], volumes: str, device: torch.device) -> dict:
+    """``domain.record`` over ``cases`` (the model's own volumes, training and validation)."""
+    statistics, entropies = [], []
+    for case in cases:
+        features, entropy = scan_statistics(network.to(device), pad_to_multiple_of_8(case.image), case.image.shape)
+        statistics.append(features)
+        entropies.append(entropy)
+    return record(statistics, entropies, volumes)
+
+
+def _inherited_from(teachers: list[Bundle]) -> dict:
+    """What a student of published teachers carries from them: task, licences, citations, research use."""
+    published = [b for b in teachers if b.info.get("citation")]
+    if not teachers or not published:
+        return {}
+    return {
+        "task": teachers[0].metadata.get("task"),
+        "extra": {
+            "licence": " + ".join(dict.fromkeys(b.info.get("licence", "unknown") for b in published)),
+            "citation": " | ".join(dict.fromkeys(b.info["citation"] for b in published)),
+            "intended_use": "research use only",
+        },
+        "references": list(dict.fromkeys(b.info["citation"] for b in published)),
+    }
 
 
 def _method_record(

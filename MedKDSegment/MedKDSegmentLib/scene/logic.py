@@ -24,6 +24,7 @@ import slicer
 
 from .. import catalog, jobs
 from ..engine.errors import BundleError, CancelledError, InvalidInputError, MedKDError
+from ..engine.locations import MODELS_DIR_ENV, user_models_dir
 from ..engine.volume import Volume, normalize_modality, read_volume, write_volume
 from ..worker import WorkerClient, WorkerError
 from . import comparison, dependencies, finetune, segmentations, training, volumes
@@ -32,19 +33,15 @@ from .training import TrainingReport
 
 Progress = Callable[[float, str], None]
 logger = logging.getLogger(__name__)
-MODELS_DIR_ENV = "MEDKDSEGMENT_MODELS_DIR"
 
 
 def default_models_folder() -> Path:
-    """Where the user's own models (fine-tuned versions) go when no *User models* folder is set: the
-    ONE place that decides it. ``$MEDKDSEGMENT_MODELS_DIR`` if set; in Slicer ``MedKDSegment/Models``
-    beside the user settings file (per user, kept across Slicer versions); else ``~/.MedKDSegment/Models``."""
-    override = os.environ.get(MODELS_DIR_ENV)
-    if override:
-        return Path(override)
-    if dependencies.in_slicer_application():
-        return Path(slicer.app.slicerUserSettingsFilePath).parent / "MedKDSegment" / "Models"
-    return Path.home() / ".MedKDSegment" / "Models"
+    """Where the user's own models (fine-tuned versions, fetched teachers) go when no *User models* folder
+    is set. ``$MEDKDSEGMENT_MODELS_DIR`` if set; in Slicer ``MedKDSegment/Models`` beside the user settings
+    file (per user, kept across Slicer versions); else the engine's ``user_models_dir``."""
+    if os.environ.get(MODELS_DIR_ENV) or not dependencies.in_slicer_application():
+        return user_models_dir()
+    return Path(slicer.app.slicerUserSettingsFilePath).parent / "MedKDSegment" / "Models"
 
 
 def worker_python() -> str:
@@ -285,6 +282,8 @@ class SceneLogic:
         colors = {int(k): tuple(v) for k, v in run["colors"].items()}
         attributes = {"Model": run["model"], "Role": run["role"], "Device": run["device"],
                       "Seconds": f"{run['seconds']:.3f}", "Parameters": run["parameters"]}
+        if run.get("warnings"):  # the scan looks outside the model's world: kept with the result
+            attributes["Warning"] = " ".join(run["warnings"])
         return segmentations.segmentation_from_labels(labels, volumeNode, result_name(volumeNode, run["model"]),
                                                       names, colors, attributes)
 
@@ -449,6 +448,33 @@ class SceneLogic:
                 on_abort()
             raise MedKDError(f"{description} could not start: {error}", "Retry; if it persists, restart Slicer.") \
                 from error
+
+    # published teachers ------------------------------------------------------------------------------
+
+    def publishedTeachers(self) -> list[dict]:
+        """The published teachers MedKDSegment can fetch (name, title, task, modality, labels, download
+        size, licence, citation, whether installed in the models folder); no torch needed."""
+        from ..engine.published import PUBLISHED_TEACHERS
+
+        folder = self.modelsFolder()
+        return [{**teacher.row(folder), "title": teacher.title, "citation": teacher.citation,
+                 "folder": str(folder)} for teacher in PUBLISHED_TEACHERS.values()]
+
+    def startInstallTeacher(self, name: str, packageFile=None) -> BackgroundJob:
+        """Fetch (or take ``packageFile``), verify and convert a published teacher into the models folder,
+        in the worker; the job's ``result`` is the new model's ``ModelInfo``."""
+        dependencies.ensure_dependencies()
+        spec = {"job": "install-teacher", "name": name, "models_dir": str(self.modelsFolder()),
+                "package_file": str(packageFile) if packageFile else None}
+        return self._submit(spec, lambda outputs: self.findModel(outputs["path"]), self._jobFolder(),
+                            f"Installing teacher {name}")
+
+    def installTeacher(self, name: str, packageFile=None, progress: Progress | None = None) -> catalog.ModelInfo:
+        """``startInstallTeacher`` in this process (blocking): the console's and batch scripts' way."""
+        dependencies.ensure_dependencies()
+        outputs = jobs.run_spec({"job": "install-teacher", "name": name, "models_dir": str(self.modelsFolder()),
+                                 "package_file": str(packageFile) if packageFile else None}, progress)
+        return self.findModel(outputs["path"])
 
     # fine-tuning -------------------------------------------------------------------------------------
 

@@ -1,0 +1,94 @@
+"""Published teachers' own pipelines: segmenting with them, and teaching with them on a student's grid.
+
+A published teacher (``bundle.pipeline`` set, e.g. HD-BET) prepares its input its own way (its
+spacing, orientation and intensity normalisation), so it cannot run on a student's prepared patches.
+As a teacher it runs once per whole training volume through its own pipeline; its probabilities are
+resampled onto the student's model grid and cached (offline distillation). Only output-based
+distillation terms can use it: there are no teacher features on the student's input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bundle import Bundle
+from .data import Case
+from .deepbet import segment_deepbet
+from .errors import BundleError, InvalidInputError
+from .hdbet import probabilities_on, segment_hdbet
+from .profiles import resample_probabilities
+from .volume import Volume, read_volume
+
+# Floor of cached probabilities before the log: float16 holds log(1e-30) = -69 exactly enough, and a
+# target this small is zero for every temperature used (unlike the old 1e-6 floor, see issue 16).
+PROBABILITY_FLOOR = 1e-30
+
+
+def run_pipeline(
+    bundle: Bundle,
+    network: nn.Module,
+    volume,
+    device: torch.device,
+    cancel: Callable[[], bool] | None = None,
+    **overrides,
+):
+    """``bundle``'s own pipeline on ``volume`` with its recorded settings (``overrides`` replace them);
+    the result has ``labels`` on the volume's array and ``seconds``."""
+    settings = {**bundle.pipeline, **overrides}
+    name = settings.pop("name")
+    if name == "hd-bet":
+        return segment_hdbet(volume, network, device, cancel=cancel, **settings)
+    if name == "deepbet":
+        if settings:
+            raise InvalidInputError(f"deepbet takes no options (given: {sorted(settings)}).", "Leave them out.")
+        return segment_deepbet(volume, network, device)
+    raise BundleError(f"Bundle '{bundle.name}' needs the pipeline '{name}', unknown to this MedKDSegment.",
+                      "Update MedKDSegment.")
+
+
+def teacher_probabilities(bundle: Bundle, network: nn.Module, volume: Volume, device: torch.device,
+                          target) -> np.ndarray:
+    """The teacher's class probabilities (C, z, y, x) on ``target`` (a student's model grid)."""
+    result = run_pipeline(bundle, network, volume, device)
+    if bundle.pipeline["name"] == "hd-bet":
+        return probabilities_on(result, volume, target)
+    brain = result.probability  # deepbet: the brain probability on the volume's own grid
+    return resample_probabilities(np.stack([1 - brain, brain]), volume.to_sitk(), target)
+
+
+class PipelineTeacher(nn.Module):
+    """A published teacher as ``fit`` sees it: its cached outputs come from ``outputs_on`` (whole volumes
+    through its own pipeline), never from running it on a student's patch."""
+
+    def __init__(self, bundle: Bundle, network: nn.Module) -> None:
+        super().__init__()
+        self.bundle = bundle
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise InvalidInputError(
+            f"Teacher '{self.bundle.name}' runs only on whole volumes through its own pipeline.",
+            "Use output-based methods with it (kd, ctkd, dist, cwd), not feature hints (hint, at).",
+        )
+
+    def outputs_on(self, case: Case, device: torch.device) -> np.ndarray:
+        """Log-probabilities (C, z, y, x) on ``case``'s model grid, from its source volume. For an
+        ensemble they are the log of the averaged probabilities, which also serve as its logits."""
+        if case.source is None or case.grid is None:
+            raise InvalidInputError(
+                f"Case '{case.name}' has no source volume, which teacher '{self.bundle.name}' needs.",
+                "Load training data from a folder (images/), so the teacher can read each volume.",
+            )
+        volume = read_volume(case.source, self.bundle.profile.modality)
+        probabilities = teacher_probabilities(self.bundle, self.network, volume, device, case.grid)
+        return np.log(np.maximum(probabilities, PROBABILITY_FLOOR))
+
+    def padding_output(self) -> np.ndarray:
+        """Beyond a volume's edge lies background, whatever the padding value."""
+        fill = np.full(self.bundle.num_classes, np.log(PROBABILITY_FLOOR), dtype=np.float32)
+        fill[0] = 0.0
+        return fill

