@@ -161,14 +161,16 @@ def default_model(modality: str, role: str, models: list[ModelInfo]) -> ModelInf
 
 
 def teacher_of(student: ModelInfo, models: list[ModelInfo], modality: str | None = None) -> ModelInfo | None:
-    """The teacher a student was distilled from when it is installed, else any teacher of its modality.
+    """The teacher a student was distilled from when it is installed, else the first teacher of its modality
+    that labels the same structures (None if there is none: a brain student has no abdominal teacher).
     A CT+MR student had one teacher per modality: ``modality`` picks which (else its first modality's)."""
     modality = _modality_name(modality) if modality else student.modalities[0]
     wanted = student.teachers.get(modality) or student.teacher
     for model in models:
         if model.role == "teacher" and model.name == wanted:
             return model
-    return default_model(modality, "teacher", models)
+    alike = [m for m in models_for(modality, models, "teacher") if m.labels == student.labels]
+    return alike[0] if alike else None
 
 
 def parent_of(model: ModelInfo, models: list[ModelInfo]) -> ModelInfo | None:

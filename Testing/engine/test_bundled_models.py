@@ -10,6 +10,7 @@ from MedKDSegmentLib.engine.demo import model_name
 from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.metrics import dice_per_label
 from MedKDSegmentLib.engine.phantom import generate_phantom
+from MedKDSegmentLib.engine.volume import read_volume
 
 MODALITIES = ["CT", "MR"]
 
@@ -44,3 +45,28 @@ def test_student_segments_a_held_out_phantom(modality):
     dice = dice_per_label(labels.array, truth.array, sorted(student.labels))
     assert dice[1] > 0.85  # liver
     assert float(np.nanmean(list(dice.values()))) > 0.6
+
+
+BRAIN_STUDENT = "hdbet-brain-mr-student"
+
+
+def test_bundled_brain_student_records_its_published_teacher_licence_and_research_use():
+    student = resolve_bundle(BRAIN_STUDENT)
+    assert student.role == "student" and student.labels == {1: "brain"} and student.modality == "MR"
+    assert student.info["teacher"]["name"] == "hd-bet" and len(student.info["teacher"]["weights_sha256"]) == 64
+    assert student.info["licence"] == "Apache-2.0" and "Hum Brain Mapp" in student.info["citation"]
+    assert student.info["intended_use"] == "research use only"
+    assert student.info["domain"]["count"] == 3
+    assert student.parameters < 16_349_655 / 100  # >= 100x fewer than one HD-BET fold
+    assert (student.path / "models" / "model.pt").stat().st_size < 1e6
+
+
+def test_bundled_brain_student_finds_a_brain_in_a_real_head_and_flags_an_abdomen(shared_data):
+    student = resolve_bundle(BRAIN_STUDENT)
+    head = read_volume(shared_data / "mr-brain-itk" / "t1_head.nii.gz", "MR")
+    result = segment(head, student, "cpu")
+    millilitres = (result.labels.array > 0).sum() * np.prod(head.spacing) / 1000
+    assert 800 < millilitres < 2000 and result.warnings == []  # one of its own three heads
+    assert np.median(head.array[result.labels.array > 0]) > np.percentile(head.array, 60)
+    abdomen = segment(read_volume(shared_data / "ct-mr-abdomen-totalseg" / "mr.nii.gz", "MR"), student, "cpu")
+    assert abdomen.warnings, "an abdominal MR is outside a brain model's world"

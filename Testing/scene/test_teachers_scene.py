@@ -41,3 +41,18 @@ def test_a_refused_file_reaches_the_logic_as_an_error_from_the_worker(own_logic,
         job.wait(timeout=300)
     assert "not the pinned" in caught.value.problem and caught.value.fix
     assert not (tmp_path / "my-models" / "hd-bet").exists()
+
+
+def test_a_student_is_paired_only_with_a_teacher_of_the_same_structures(tmp_path):
+    from MedKDSegmentLib import catalog
+
+    def info(name, role, labels, teacher=None):
+        return catalog.ModelInfo(name, role, "MR", labels, {}, 1, 0.1, tmp_path / name, teacher=teacher)
+
+    abdomen = {1: "liver", 2: "spleen"}
+    models = [info("abdomen-teacher", "teacher", abdomen), info("brain-student", "student", {1: "brain"}, "hd-bet"),
+              info("abdomen-student", "student", abdomen, "gone-teacher")]
+    assert catalog.teacher_of(models[1], models, "MR") is None  # its hd-bet is not installed; no abdomen stand-in
+    assert catalog.teacher_of(models[2], models, "MR").name == "abdomen-teacher"
+    models.append(info("hd-bet", "teacher", {1: "brain"}))
+    assert catalog.teacher_of(models[1], models, "MR").name == "hd-bet"

@@ -356,7 +356,10 @@ class SceneLogic:
             return studentInfo, self._model(teacher, modality, "teacher")
         teacherInfo = catalog.teacher_of(studentInfo, self.listModels(), modality)
         if teacherInfo is None:
-            raise InvalidInputError(f"No teacher model for {modality} is installed.", "Pick a teacher model.")
+            raise InvalidInputError(
+                f"No {modality} teacher that labels the structures of '{studentInfo.name}' is installed "
+                f"(it learned from '{studentInfo.teacher}').",
+                "Pick a teacher model, or get its teacher ('Get teacher models…', 'medkd teachers get').")
         return studentInfo, teacherInfo
 
     # in the worker (GUI) -----------------------------------------------------------------------------
