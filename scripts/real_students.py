@@ -1,22 +1,23 @@
 """Real teachers and the students distilled from them, on the real heads in ../shared/data.
 
-    scripts/medkd teachers get hd-bet                       # once: fetch and convert the teacher
+    scripts/medkd teachers get hd-bet; scripts/medkd teachers get deepbet     # once
     scripts/medkd-python scripts/real_students.py --reference REFERENCE_DIR [--bundle] [--mirror]
 
-Measures, in one run on one machine (recorded with the figures):
-1. **Port check**: MedKDSegment's HD-BET (rebuilt network and pipeline) against the original package's
-   masks made by ``scripts/hdbet_reference.py`` in a throwaway environment: Dice and differing voxels
-   per head, for one fold and for the 5-fold ensemble (target: Dice >= 0.99).
+Measures on one machine (recorded with the figures):
+1. **Port check**: MedKDSegment's HD-BET (1 fold, 5 folds) and deepbet against the original packages'
+   masks made by ``scripts/teacher_reference.py`` in a throwaway environment: Dice and differing voxels
+   per head (target: Dice >= 0.99).
 2. **Leave-one-subject-out**: for each head, a student distilled from 5-fold HD-BET on the other heads
-   (no labels; settings fixed below before any result was seen) and its Dice to the teacher on the
-   held-out head (target >= 0.95). Only three heads with the skull on exist here: the figures are few.
-3. **Speed**, end to end from the command line in a fresh process per run (start-up, read, preprocess,
-   network, write), on each head in the same run: the student, HD-BET with 1 fold and with 5 folds
-   (``--mirror``: also 5 folds with test-time mirroring, 8x the 5-fold time); seconds and peak memory.
-   Targets: student >= 100x faster than 5 folds and >= 20x faster than 1 fold; parameters >= 100x fewer.
+   (no labels; settings fixed below before any result was seen), its Dice to HD-BET (target >= 0.95) and
+   to deepbet on the held-out head. Only three heads with the skull on exist here: the figures are few.
+3. **Speed** on each head, in one run: the student, HD-BET with 1 and with 5 folds, and deepbet, from the
+   command line in a fresh process per run and in a warm process (``--mirror``: also 5 folds with
+   test-time mirroring on one head, 8x the 5-fold time); seconds and peak memory. Targets: student >= 100x
+   faster than 5 folds and >= 20x faster than 1 fold; parameters >= 100x fewer.
 4. ``--bundle``: the bundled student, distilled with the same settings from all heads, written to
-   ``Resources/Models`` (refused if it exists: delete it first to rebuild).
-Writes ``<output>.md``, ``<output>.json`` and ``<output>.png`` (overlays of teacher and student).
+   ``Resources/Models`` (refused if it exists: delete it first to rebuild); speed is then timed with it.
+``--no-students`` (port check only) and ``--speed-only`` (bundled student) merge into an earlier run's
+output. Writes ``<output>.md``, ``<output>.json`` and ``<output>.png`` (overlays of teacher and student).
 """
 
 from __future__ import annotations
