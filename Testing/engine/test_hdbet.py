@@ -117,7 +117,7 @@ def test_working_grid_covers_the_inputs_box_and_labels_come_back_on_the_inputs_a
     assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8
     target = sitk.Image([5, 6, 7], sitk.sitkFloat32)
     target.SetOrigin((-500.0, 0, 0))  # far outside the head: background
-    outside = hdbet.probabilities_on(result, volume, target)
+    outside = result.probabilities_on(volume, target)
     assert outside.shape == (2, 7, 6, 5) and np.allclose(outside[0], 1) and np.allclose(outside[1], 0)
 
 

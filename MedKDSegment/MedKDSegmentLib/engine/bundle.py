@@ -281,17 +281,23 @@ def find_bundles(*folders: str | os.PathLike) -> list[Bundle]:
     return bundles
 
 
+def default_model_folders() -> tuple[Path, ...]:
+    """Where models are found by name: the bundled models, then the user's models folder (where
+    ``medkd teachers get`` puts published teachers) when it exists."""
+    user = user_models_dir()
+    return (BUNDLED_MODELS, user) if user.is_dir() else (BUNDLED_MODELS,)
+
+
 def resolve_bundle(name_or_path: str | os.PathLike, *folders: str | os.PathLike) -> Bundle:
-    """A bundle given by path, or by name among ``folders`` (by default the bundled models, then the
-    user's models folder, where ``medkd teachers get`` puts published teachers)."""
+    """A bundle given by path, or by name among ``folders`` (``default_model_folders()`` by default)."""
     path = Path(name_or_path)
     if path.is_dir():
         return load_bundle(path)
-    folders = folders or (BUNDLED_MODELS, user_models_dir())
+    folders = folders or default_model_folders()
     for folder in folders:
         if (Path(folder) / str(name_or_path)).is_dir():
             return load_bundle(Path(folder) / str(name_or_path))
-    known = [b.name for b in find_bundles(*(f for f in folders if Path(f).is_dir()))]
+    known = [b.name for b in find_bundles(*folders)]
     raise BundleError(f"No model bundle named '{name_or_path}'.", f"Known models: {', '.join(known) or 'none'}.")
 
 

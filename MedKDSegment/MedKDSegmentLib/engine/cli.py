@@ -224,8 +224,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .bundle import BUNDLED_MODELS, find_bundles, resolve_bundle
-    from .locations import user_models_dir
+    from .bundle import default_model_folders, find_bundles, resolve_bundle
     from .report import text_table
 
     if args.model:
@@ -233,8 +232,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         bundle.load_network()  # verifies the checksum
         print(json.dumps({**bundle.summary(), "weights": "sha256 verified", "medkdsegment": bundle.info}, indent=2))
         return 0
-    user = [user_models_dir()] if user_models_dir().is_dir() else []
-    rows = [b.summary() for b in find_bundles(*(args.models_dir or [BUNDLED_MODELS, *user]))]
+    rows = [b.summary() for b in find_bundles(*(args.models_dir or default_model_folders()))]
     for row in rows:
         row["labels"] = len(row["labels"])
     print(

@@ -27,6 +27,8 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import InvalidInputError
+from .profiles import resample_probabilities
 from .volume import Volume
 
 BOX_SHAPE = (128, 128, 128)
@@ -128,6 +130,10 @@ class DeepBETResult:
     probability: np.ndarray  # float32 brain probability on the input's array, before the threshold
     seconds: dict[str, float]
 
+    def probabilities_on(self, volume: Volume, target: sitk.Image) -> np.ndarray:
+        """Background and brain probabilities (2, z, y, x) resampled linearly onto ``target``."""
+        return resample_probabilities(np.stack([1 - self.probability, self.probability]), volume.to_sitk(), target)
+
 
 def _normalize(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     x = ((x - low) / (high - low)).clamp(0, 1)
@@ -155,8 +161,6 @@ def _box(mask: torch.Tensor, shape: tuple[int, ...], margin: float = BOX_MARGIN)
 
 def segment_deepbet(volume: Volume, network: DeepBETModels, device: torch.device | str = "cpu") -> DeepBETResult:
     """deepbet's published pipeline on ``volume`` (see the module docstring); labels on its array."""
-    from .errors import InvalidInputError
-
     device = torch.device(device)
     network = network.to(device).eval()
     started = time.perf_counter()
@@ -183,17 +187,15 @@ def segment_deepbet(volume: Volume, network: DeepBETModels, device: torch.device
     probability = probability.cpu().numpy()
     mask = probability > THRESHOLD
     mask[box] = ndimage.binary_fill_holes(_largest_component(mask[box]))
-    back = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0).astype(np.uint8)))
-    back.CopyInformation(canonical)
-    labels = sitk.GetArrayFromImage(sitk.DICOMOrient(back, _orientation(volume)))
-    chance = sitk.GetImageFromArray(np.ascontiguousarray(probability.transpose(2, 1, 0)))
-    chance.CopyInformation(canonical)
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(v) for v in volume.direction])
+    labels, probability = (_from_canonical(array, canonical, orientation) for array in (mask.astype(np.uint8),
+                                                                                         probability))
     seconds["total"] = time.perf_counter() - started
-    return DeepBETResult(labels=labels.astype(np.uint8),
-                         probability=sitk.GetArrayFromImage(sitk.DICOMOrient(chance, _orientation(volume))),
-                         seconds=seconds)
+    return DeepBETResult(labels=labels, probability=probability, seconds=seconds)
 
 
-def _orientation(volume: Volume) -> str:
-    """The volume's own orientation code, to turn a canonical array back."""
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(v) for v in volume.direction])
+def _from_canonical(array: np.ndarray, canonical: sitk.Image, orientation: str) -> np.ndarray:
+    """An (i, j, k) array on the canonical grid, back in the volume's own orientation as (z, y, x)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.CopyInformation(canonical)
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, orientation))

@@ -188,6 +188,11 @@ class HDBETResult:
     probabilities: np.ndarray  # float32 (2, z, y, x) averaged softmax on the 1.5 mm grid (unpadded)
     seconds: dict[str, float]
 
+    def probabilities_on(self, volume: Volume, target: sitk.Image) -> np.ndarray:
+        """The averaged probabilities (C, z, y, x) resampled linearly onto ``target`` (any grid, e.g. a
+        student's model grid); background beyond the head. ``volume`` is the one segmented."""
+        return resample_probabilities(self.probabilities, working_grid(volume), target)
+
 
 def resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
     """scikit-image's ``resize(array, shape, order, mode="edge", anti_aliasing=False)``, without the
@@ -287,12 +292,6 @@ def working_grid(volume: Volume) -> sitk.Image:
     grid.SetOrigin((np.array(volume.origin) + direction @ ((spacing - old_spacing) / 2)).tolist())
     grid.SetDirection([float(v) for v in volume.direction])
     return grid
-
-
-def probabilities_on(result: HDBETResult, volume: Volume, target: sitk.Image) -> np.ndarray:
-    """HD-BET's averaged probabilities (C, z, y, x) resampled linearly onto ``target`` (any grid, for
-    example a student's model grid); background beyond the head's volume."""
-    return resample_probabilities(result.probabilities, working_grid(volume), target)
 
 
 def segment_hdbet(

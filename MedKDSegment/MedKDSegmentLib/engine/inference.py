@@ -25,6 +25,7 @@ from .device import describe_device, select_device
 from .domain import domain_warnings, scan_statistics
 from .errors import CancelledError, InvalidInputError
 from .networks import full_resolution, output_stride
+from .pipelines import run_pipeline
 from .profiles import model_grid, resample_to_input, to_model_grid
 from .unpaired import use_modality
 from .volume import Volume, check_image, detect_modality
@@ -119,8 +120,6 @@ def segment(
 
 def _segment_with_pipeline(volume, bundle, device, progress, cancel, network, options) -> Segmentation:
     """A published teacher's own pipeline (``bundle.pipeline``), which does its own preprocessing."""
-    from .pipelines import run_pipeline
-
     report = progress or (lambda fraction, stage: None)
     started = time.perf_counter()
     torch_device = select_device(device)

@@ -19,9 +19,8 @@ from .bundle import Bundle
 from .data import Case
 from .deepbet import segment_deepbet
 from .errors import BundleError, InvalidInputError
-from .hdbet import probabilities_on, segment_hdbet
-from .profiles import resample_probabilities
-from .volume import Volume, read_volume
+from .hdbet import segment_hdbet
+from .volume import read_volume
 
 # Floor of cached probabilities before the log: float16 holds log(1e-30) = -69 exactly enough, and a
 # target this small is zero for every temperature used (unlike the old 1e-6 floor, see issue 16).
@@ -37,7 +36,7 @@ def run_pipeline(
     **overrides,
 ):
     """``bundle``'s own pipeline on ``volume`` with its recorded settings (``overrides`` replace them);
-    the result has ``labels`` on the volume's array and ``seconds``."""
+    the result has ``labels`` on the volume's array, ``seconds`` and ``probabilities_on(volume, grid)``."""
     settings = {**bundle.pipeline, **overrides}
     name = settings.pop("name")
     if name == "hd-bet":
@@ -48,16 +47,6 @@ def run_pipeline(
         return segment_deepbet(volume, network, device)
     raise BundleError(f"Bundle '{bundle.name}' needs the pipeline '{name}', unknown to this MedKDSegment.",
                       "Update MedKDSegment.")
-
-
-def teacher_probabilities(bundle: Bundle, network: nn.Module, volume: Volume, device: torch.device,
-                          target) -> np.ndarray:
-    """The teacher's class probabilities (C, z, y, x) on ``target`` (a student's model grid)."""
-    result = run_pipeline(bundle, network, volume, device)
-    if bundle.pipeline["name"] == "hd-bet":
-        return probabilities_on(result, volume, target)
-    brain = result.probability  # deepbet: the brain probability on the volume's own grid
-    return resample_probabilities(np.stack([1 - brain, brain]), volume.to_sitk(), target)
 
 
 class PipelineTeacher(nn.Module):
@@ -84,7 +73,7 @@ class PipelineTeacher(nn.Module):
                 "Load training data from a folder (images/), so the teacher can read each volume.",
             )
         volume = read_volume(case.source, self.bundle.profile.modality)
-        probabilities = teacher_probabilities(self.bundle, self.network, volume, device, case.grid)
+        probabilities = run_pipeline(self.bundle, self.network, volume, device).probabilities_on(volume, case.grid)
         return np.log(np.maximum(probabilities, PROBABILITY_FLOOR))
 
     def padding_output(self) -> np.ndarray:

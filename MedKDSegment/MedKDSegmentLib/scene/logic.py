@@ -467,17 +467,17 @@ class SceneLogic:
         """Fetch (or take ``packageFile``), verify and convert a published teacher into the models folder,
         in the worker; the job's ``result`` is the new model's ``ModelInfo``."""
         dependencies.ensure_dependencies()
-        spec = {"job": "install-teacher", "name": name, "models_dir": str(self.modelsFolder()),
-                "package_file": str(packageFile) if packageFile else None}
-        return self._submit(spec, lambda outputs: self.findModel(outputs["path"]), self._jobFolder(),
-                            f"Installing teacher {name}")
+        return self._submit(self._installSpec(name, packageFile), lambda outputs: self.findModel(outputs["path"]),
+                            self._jobFolder(), f"Installing teacher {name}")
 
     def installTeacher(self, name: str, packageFile=None, progress: Progress | None = None) -> catalog.ModelInfo:
         """``startInstallTeacher`` in this process (blocking): the console's and batch scripts' way."""
         dependencies.ensure_dependencies()
-        outputs = jobs.run_spec({"job": "install-teacher", "name": name, "models_dir": str(self.modelsFolder()),
-                                 "package_file": str(packageFile) if packageFile else None}, progress)
-        return self.findModel(outputs["path"])
+        return self.findModel(jobs.run_spec(self._installSpec(name, packageFile), progress)["path"])
+
+    def _installSpec(self, name: str, packageFile) -> dict:
+        return {"job": "install-teacher", "name": name, "models_dir": str(self.modelsFolder()),
+                "package_file": str(packageFile) if packageFile else None}
 
     # fine-tuning -------------------------------------------------------------------------------------
 
