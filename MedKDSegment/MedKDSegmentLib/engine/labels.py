@@ -1,4 +1,5 @@
-"""Label tables (phantom abdomen, BRATS brain tumour): the one place that names structures and colours."""
+"""Label tables (phantom abdomen, BRATS brain tumour, brain, brain tissue): the one place that names structures
+and colours."""
 
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ BRATS_STRUCTURES: tuple[Structure, ...] = (
     Structure(2, "oedema", (0.196, 0.804, 0.196)),
     Structure(3, "non-enhancing tumour", (0.118, 0.565, 1.000)),
     Structure(4, "enhancing tumour", (1.000, 0.843, 0.000)),
+)
+
+# The published brain-extraction teachers' one label.
+BRAIN: tuple[Structure, ...] = (Structure(1, "brain", (0.863, 0.608, 0.529)),)
+
+# The tissue VNet's classes (colours of FreeSurfer's table: ventricle, cortex, cerebral white matter).
+BRAIN_TISSUE_STRUCTURES: tuple[Structure, ...] = (
+    Structure(1, "cerebrospinal fluid", (0.471, 0.071, 0.525)),
+    Structure(2, "grey matter", (0.804, 0.243, 0.306)),
+    Structure(3, "white matter", (0.961, 0.961, 0.961)),
 )
 
 

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from .deepbet import DeepBETModels
 from .hdbet import HDBETEnsemble
+from .tissue_vnet import SpacingVNet
 
 
 class FastStudent(nn.Module):
@@ -72,7 +73,13 @@ def full_resolution(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor
     return F.interpolate(logits, size=size, mode="trilinear", align_corners=False)
 
 
-NETWORKS = {"UNet": UNet, "FastStudent": FastStudent, "HDBETEnsemble": HDBETEnsemble, "DeepBETModels": DeepBETModels}
+NETWORKS = {
+    "UNet": UNet,
+    "FastStudent": FastStudent,
+    "HDBETEnsemble": HDBETEnsemble,
+    "DeepBETModels": DeepBETModels,
+    "SpacingVNet": SpacingVNet,
+}
 
 TEACHER_CONFIG = {
     "name": "UNet",

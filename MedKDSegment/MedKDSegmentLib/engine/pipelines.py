@@ -20,6 +20,7 @@ from .data import Case
 from .deepbet import segment_deepbet
 from .errors import BundleError, InvalidInputError
 from .hdbet import segment_hdbet
+from .tissue_vnet import segment_tissue_vnet
 from .volume import read_volume
 
 # Floor of cached probabilities before the log: float16 holds log(1e-30) = -69 exactly enough, and a
@@ -41,10 +42,10 @@ def run_pipeline(
     name = settings.pop("name")
     if name == "hd-bet":
         return segment_hdbet(volume, network, device, cancel=cancel, **settings)
-    if name == "deepbet":
+    if name in ("deepbet", "tissue-vnet"):
         if settings:
-            raise InvalidInputError(f"deepbet takes no options (given: {sorted(settings)}).", "Leave them out.")
-        return segment_deepbet(volume, network, device)
+            raise InvalidInputError(f"{name} takes no options (given: {sorted(settings)}).", "Leave them out.")
+        return (segment_deepbet if name == "deepbet" else segment_tissue_vnet)(volume, network, device)
     raise BundleError(f"Bundle '{bundle.name}' needs the pipeline '{name}', unknown to this MedKDSegment.",
                       "Update MedKDSegment.")
 

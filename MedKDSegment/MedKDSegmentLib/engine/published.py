@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import BundleError, InvalidInputError
-from .labels import Structure
+from .labels import BRAIN, BRAIN_TISSUE_STRUCTURES, Structure
 from .locations import user_models_dir
 from .profiles import Profile
 
@@ -72,8 +72,6 @@ class PublishedTeacher:
             "installed": "yes" if (models_dir / self.name).is_dir() else "no",
         }
 
-
-BRAIN = (Structure(1, "brain", (0.863, 0.608, 0.529)),)
 
 HD_BET = PublishedTeacher(
     name="hd-bet",
@@ -139,7 +137,35 @@ DEEPBET = PublishedTeacher(
     homepage="https://github.com/wwu-mmll/deepbet",
 )
 
-PUBLISHED_TEACHERS: dict[str, PublishedTeacher] = {t.name: t for t in (HD_BET, DEEPBET)}
+TISSUE_VNET = PublishedTeacher(
+    name="tissue-vnet",
+    title="NeuroModex VNet brain tissue",
+    task="cerebrospinal fluid, grey and white matter from skull-stripped T1-weighted MRI (raw intensities)",
+    modality="MR",
+    structures=BRAIN_TISSUE_STRUCTURES,
+    package="neuromodex-vnet-dbs",
+    version="0.2.2",
+    filename="neuromodex_vnet_dbs-0.2.2-py3-none-any.whl",
+    sha256="4677411d617ee6611d482fa9fbfe745d2b7def31ea0156cfa5aed92ab4ded57f",
+    size_mb=28.3,
+    weights=(("neuromodex_vnet_dbs/weights/SpacingAwareVNetS/best.pth",
+              "05eca007f974f6bcdf5b3fc6af699f93b461f0cc17ea7d69de99260e58168597", ""),),
+    weights_format="state_dict",
+    architecture={"name": "SpacingVNet", "kwargs": {}},
+    pipeline={"name": "tissue-vnet"},
+    # It runs at the input's own spacing (its FiLM layers take the spacing); 1 mm is its typical input.
+    profile=Profile("MR", (1.0, 1.0, 1.0), percentiles=(0.0, 100.0)),
+    student_profile=Profile("MR", (1.0, 1.0, 1.0), percentiles=(0.5, 99.5)),
+    licence="MIT",
+    citation=(
+        "Ruchti M. NeuroModex VNet DBS: segmentation and conductivity mapping utilities "
+        "(neuromodex-vnet-dbs 0.2.2, software). FHNW University of Applied Sciences and Arts Northwestern "
+        "Switzerland; 2025. https://pypi.org/project/neuromodex-vnet-dbs/"
+    ),
+    homepage="https://pypi.org/project/neuromodex-vnet-dbs/",
+)
+
+PUBLISHED_TEACHERS: dict[str, PublishedTeacher] = {t.name: t for t in (HD_BET, DEEPBET, TISSUE_VNET)}
 
 
 def published_teacher(name: str) -> PublishedTeacher:
