@@ -21,7 +21,7 @@ import pytest
 import torch
 from tiny_teacher import MEMBERS, fold_state, register_teacher, write_package
 
-from MedKDSegmentLib.engine import published
+from MedKDSegmentLib.engine import pipelines, published
 from MedKDSegmentLib.engine.bundle import load_bundle
 from MedKDSegmentLib.engine.errors import BundleError, InvalidInputError
 from MedKDSegmentLib.engine.inference import segment
@@ -169,12 +169,14 @@ def _head(seed: int) -> Volume:
     return Volume(array.astype(np.float32), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
 
 
-def test_a_student_distils_from_a_published_teacher_on_unlabelled_volumes(tiny_package, tmp_path):
+@pytest.mark.parametrize("spatial", [0.0, 0.5])  # 0.5: cached teacher outputs rotated and scaled with the patch
+def test_a_student_distils_from_a_published_teacher_on_unlabelled_volumes(tiny_package, tmp_path, spatial):
     teacher = published.install_teacher("tiny-bet", tmp_path / "models", tiny_package[1])
     data = tmp_path / "heads"
     for index in range(2):
         write_volume(_head(index), data / "images" / f"head{index}.nii.gz")
-    config = TrainingConfig(epochs=4, steps_per_epoch=3, batch_size=2, patch_size=(16, 16, 16), device="cpu")
+    config = TrainingConfig(epochs=4, steps_per_epoch=3, batch_size=2, patch_size=(16, 16, 16), device="cpu",
+                            spatial_augmentation=spatial)
     student = distill_student(data, teacher, tmp_path / "models" / "tiny-bet-student", config)
     assert student.labels == teacher.labels and student.profile == teacher.student_profile
     assert student.info["teacher"]["weights_sha256"] == teacher.weights_sha256
@@ -203,6 +205,31 @@ def test_published_bundle_loads_like_any_other(tiny_package, tmp_path):
     assert labels.array.shape == (18, 20, 20)
     with pytest.raises(InvalidInputError, match="published teachers"):
         segment(_head(3), load_student(tmp_path), "cpu", pipeline_options={"folds": 1})
+
+
+def test_a_pipeline_that_runs_out_of_gpu_memory_runs_again_on_the_cpu(tiny_package, tmp_path, monkeypatch):
+    bundle = published.install_teacher("tiny-bet", tmp_path / "models", tiny_package[1])
+    real, devices = pipelines.segment_hdbet, []
+
+    def short_of_memory(volume, network, device, **options):
+        devices.append(device.type)
+        if device.type == "cuda":  # as CUDA would, without needing a GPU here
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(volume, network, device, **options)
+
+    monkeypatch.setattr(pipelines, "segment_hdbet", short_of_memory)
+    network = bundle.load_network()
+    result = pipelines.run_pipeline(bundle, network, _head(4), torch.device("cuda"))
+    assert devices == ["cuda", "cpu"] and result.labels.shape == (18, 20, 20)
+    assert next(network.parameters()).device.type == "cpu"
+    def always_short(volume, network, device, **options):
+        devices.append(f"{device.type} again")
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(pipelines, "segment_hdbet", always_short)
+    with pytest.raises(torch.OutOfMemoryError):  # on the CPU there is nowhere else to go
+        pipelines.run_pipeline(bundle, network, _head(4), torch.device("cpu"))
+    assert devices[2:] == ["cpu again"]
 
 
 def load_student(tmp_path: Path):

@@ -43,6 +43,7 @@ def _training_config(args: argparse.Namespace):
         patch_size=tuple(args.patch_size),
         learning_rate=args.learning_rate,
         seed=args.seed,
+        spatial_augmentation=args.spatial_augmentation,
         **({"kd_temperature": args.temperature, "kd_weight": args.kd_weight} if hasattr(args, "temperature") else {}),
         device=args.device,
         **_method_options(args),
@@ -358,6 +359,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser, data: bool = True) 
     parser.add_argument("--patch-size", type=int, nargs=3, default=list(defaults.patch_size), metavar=("Z", "Y", "X"))
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--spatial-augmentation", type=float, default=defaults.spatial_augmentation, metavar="P",
+                        help="per-patch probability of a rotation (±30°) and of a scaling (0.7–1.4), applied alike "
+                             "to labels and teacher outputs (nnU-Net: 0.2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
 

@@ -128,7 +128,11 @@ def _segment_with_pipeline(volume, bundle, device, progress, cancel, network, op
     result = run_pipeline(bundle, network, volume, torch_device, cancel, **options)
     report(1.0, "done")
     seconds = {**result.seconds, "total": time.perf_counter() - started}
-    return Segmentation(volume.with_array(result.labels), bundle.name, describe_device(torch_device), seconds, 1)
+    used = next(network.parameters()).device
+    warnings = [] if used.type == torch_device.type else [
+        f"The GPU ran out of memory for {bundle.name}'s pipeline: it ran on the CPU instead."]
+    return Segmentation(volume.with_array(result.labels), bundle.name, describe_device(used), seconds, 1,
+                        warnings=warnings)
 
 
 def _output_grid(grid: sitk.Image, padded_shape: tuple[int, ...], stride: int) -> sitk.Image:

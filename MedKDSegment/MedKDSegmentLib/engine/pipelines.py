@@ -38,18 +38,29 @@ def run_pipeline(
     **overrides,
 ):
     """``bundle``'s own pipeline on ``volume`` with its recorded settings (``overrides`` replace them);
-    the result has ``labels`` on the volume's array, ``seconds`` and ``probabilities_on(volume, grid)``."""
+    the result has ``labels`` on the volume's array, ``seconds`` and ``probabilities_on(volume, grid)``.
+    When CUDA runs out of memory the whole pipeline runs again on the CPU, with ``network`` moved there
+    (so the caller can tell from where the network is)."""
     settings = {**bundle.pipeline, **overrides}
     name = settings.pop("name")
-    if name == "hd-bet":
-        return segment_hdbet(volume, network, device, cancel=cancel, **settings)
     simple = {"deepbet": segment_deepbet, "tissue-vnet": segment_tissue_vnet, "liver-unet": segment_liver_unet}
-    if name in simple:
+    if name == "hd-bet":
+        pipeline, options = segment_hdbet, {"cancel": cancel, **settings}
+    elif name in simple:
         if settings:
             raise InvalidInputError(f"{name} takes no options (given: {sorted(settings)}).", "Leave them out.")
-        return simple[name](volume, network, device)
-    raise BundleError(f"Bundle '{bundle.name}' needs the pipeline '{name}', unknown to this MedKDSegment.",
-                      "Update MedKDSegment.")
+        pipeline, options = simple[name], {}
+    else:
+        raise BundleError(f"Bundle '{bundle.name}' needs the pipeline '{name}', unknown to this MedKDSegment.",
+                          "Update MedKDSegment.")
+    try:
+        return pipeline(volume, network, device, **options)
+    except torch.OutOfMemoryError:
+        if device.type != "cuda":
+            raise
+        network.to("cpu")
+        torch.cuda.empty_cache()
+        return pipeline(volume, network, torch.device("cpu"), **options)
 
 
 class PipelineTeacher(nn.Module):

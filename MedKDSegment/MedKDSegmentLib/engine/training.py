@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .augment import augment_batch
 from .bundle import Bundle, load_bundle, resolve_bundle, save_bundle
 from .data import Case, load_cases, sample_batch
 from .device import select_device
@@ -81,6 +82,14 @@ class TrainingConfig:
     hint_teacher_layer: str = ""
     teacher_weights: tuple[float, ...] = ()  # several teachers: their weights (equal when empty)
     teacher_confidence: bool = False  # several teachers: also weight each patch by each teacher's confidence
+    # Per-item probability of a rotation and of a scaling, co-transformed with labels and cached teacher
+    # outputs (engine/augment.py; nnU-Net uses 0.2). 0 keeps the intensity augmentation alone.
+    spatial_augmentation: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.spatial_augmentation <= 1.0:
+            raise InvalidInputError(f"The spatial augmentation probability is {self.spatial_augmentation}.",
+                                    "Give a probability from 0 to 1 (nnU-Net uses 0.2).")
 
 
 @dataclass
@@ -184,8 +193,8 @@ def fit(
                 if cancel is not None and cancel():
                     raise CancelledError()
                 images, labels, labelled, cached = sample_batch(cases, config.batch_size, config.patch_size, rng)
-                images, labels = images.to(device), labels.to(device)
-                images = _augment(images, rng)
+                images, labels, cached = augment_batch(images.to(device), labels.to(device), cached, rng,
+                                                       config.spatial_augmentation)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     logits = full_resolution(network(images), images.shape[2:]).float()
                     loss = logits.new_zeros(())
@@ -412,15 +421,6 @@ def recalibrate_batch_norm(network: nn.Module, cases: list[Case], device: torch.
     with torch.no_grad():
         torch.optim.swa_utils.update_bn(volumes, network, device)
     network.eval()
-
-
-def _augment(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Random intensity scale, shift and noise per item: cheap robustness to scanner differences."""
-    n = images.shape[0]
-    scale = torch.from_numpy(rng.uniform(0.9, 1.1, n)).float().to(images.device).view(n, 1, 1, 1, 1)
-    shift = torch.from_numpy(rng.uniform(-0.1, 0.1, n)).float().to(images.device).view(n, 1, 1, 1, 1)
-    noise = torch.randn_like(images) * float(rng.uniform(0, 0.05))
-    return images * scale + shift + noise
 
 
 def cosine_optimizer(parameters, config: TrainingConfig) -> tuple[torch.optim.Optimizer, object]:

@@ -451,8 +451,8 @@ def train_unpaired(
     learnt parts (CTKD's temperature, hint adapters) are per modality, like the normalisation layers,
     and the co-teacher's copy of the network runs with that modality's normalisation layers.
     """
+    from .augment import augment_batch
     from .training import (  # bundle.py imports this module
-        _augment,
         cache_teacher_outputs,
         distillation_loss,
         resume_from,
@@ -521,7 +521,8 @@ def train_unpaired(
                     loss = torch.zeros((), device=device)
                     for modality in modalities:
                         images, labels, labelled, cached = batches[modality]
-                        images, labels = _augment(images.to(device), rng), labels.to(device)
+                        images, labels, cached = augment_batch(images.to(device), labels.to(device), cached, rng,
+                                                               config.spatial_augmentation)
                         use_modality(network, modality)
                         logits = full_resolution(network(images), images.shape[2:]).float()
                         outputs[modality] = (logits[labelled.to(device)], labels[labelled.to(device)])
