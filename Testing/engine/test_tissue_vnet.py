@@ -107,3 +107,10 @@ def test_published_tissue_vnet_equals_the_original_package_on_real_brains(tissue
         for label in (1, 2, 3):
             overlap = 2 * ((found == label) & (expected == label)).sum()
             assert overlap / ((found == label).sum() + (expected == label).sum()) >= 0.99, (case, label)
+
+
+def test_a_volume_without_contrast_is_refused_with_a_reason():
+    flat = np.zeros((20, 20, 20), np.float32)
+    flat[5:15, 5:15, 5:15] = 700.0
+    with pytest.raises(InvalidInputError, match="one intensity"):
+        tissue_vnet.preprocess(sitk.GetImageFromArray(flat))

@@ -342,7 +342,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, args.device)
+    run_demo(args.output, args.device, head=args.head)
     return 0
 
 
@@ -506,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="the main job on the embedded default (sample CT + MR)")
     p.add_argument("--output", default="demo-output")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--head", help="also segment this MR head (skull on) with the bundled real brain student")
     p.set_defaults(run=cmd_demo)
     return parser
 

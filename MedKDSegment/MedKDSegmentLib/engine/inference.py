@@ -189,7 +189,7 @@ def predict_scores(
         try:
             scores = _sliding_window(network.to(compute), padded, compute, stitch, windows, report, cancel)
             return scores, compute, padded_shape
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             if index == len(attempts) - 1:
                 raise
             torch.cuda.empty_cache()

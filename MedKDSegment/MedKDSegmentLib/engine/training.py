@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import augment_batch
+from .augment import training_batch
 from .bundle import Bundle, load_bundle, resolve_bundle, save_bundle
-from .data import Case, load_cases, sample_batch
+from .data import Case, load_cases
 from .device import select_device
 from .distillation import (
     DEFAULT_METHODS,
@@ -192,9 +192,8 @@ def fit(
             for step in range(config.steps_per_epoch):
                 if cancel is not None and cancel():
                     raise CancelledError()
-                images, labels, labelled, cached = sample_batch(cases, config.batch_size, config.patch_size, rng)
-                images, labels, cached = augment_batch(images.to(device), labels.to(device), cached, rng,
-                                                       config.spatial_augmentation)
+                images, labels, labelled, cached = training_batch(
+                    cases, config.batch_size, config.patch_size, rng, device, config.spatial_augmentation)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     logits = full_resolution(network(images), images.shape[2:]).float()
                     loss = logits.new_zeros(())

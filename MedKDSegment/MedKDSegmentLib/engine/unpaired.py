@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .augment import augment_batch, sampling_shape
 from .data import Case, load_cases, sample_batch
 from .device import select_device
 from .distillation import (
@@ -451,7 +452,6 @@ def train_unpaired(
     learnt parts (CTKD's temperature, hint adapters) are per modality, like the normalisation layers,
     and the co-teacher's copy of the network runs with that modality's normalisation layers.
     """
-    from .augment import augment_batch
     from .training import (  # bundle.py imports this module
         cache_teacher_outputs,
         distillation_loss,
@@ -515,14 +515,16 @@ def train_unpaired(
                 if cancel is not None and cancel():
                     raise CancelledError()
                 # Both batches are drawn before any forward pass so the random stream is fixed per step.
-                batches = {m: sample_batch(cases[m], config.batch_size, config.patch_size, rng) for m in modalities}
+                region = sampling_shape(config.patch_size, config.spatial_augmentation)
+                batches = {m: sample_batch(cases[m], config.batch_size, region, rng) for m in modalities}
                 outputs = {}
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     loss = torch.zeros((), device=device)
                     for modality in modalities:
                         images, labels, labelled, cached = batches[modality]
+                        cached = cached.to(device) if cached is not None else None
                         images, labels, cached = augment_batch(images.to(device), labels.to(device), cached, rng,
-                                                               config.spatial_augmentation)
+                                                               config.spatial_augmentation, config.patch_size)
                         use_modality(network, modality)
                         logits = full_resolution(network(images), images.shape[2:]).float()
                         outputs[modality] = (logits[labelled.to(device)], labels[labelled.to(device)])
