@@ -155,7 +155,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .bundle import resolve_bundle
     from .inference import segment
     from .segfile import write_seg_nrrd
-    from .volume import VOLUME_SUFFIXES, detect_modality, normalize_modality, read_volume, write_volume
+    from .volume import VOLUME_SUFFIXES, check_outputs, detect_modality, normalize_modality, read_volume, write_volume
 
     bundle = resolve_bundle(args.model)
     source = Path(args.input)
@@ -177,16 +177,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"'{source}' holds no volumes.", "Give a volume file, a DICOM folder or a folder of volumes."
         )
+    suffixes = {"nifti": [".nii.gz"], "seg.nrrd": [".seg.nrrd"], "both": [".nii.gz", ".seg.nrrd"]}[args.format]
+    check_outputs([source, *inputs], [Path(f"{t}{s}") for t in targets for s in suffixes], args.overwrite)
     for path, target in zip(inputs, targets):
         volume = read_volume(path, normalize_modality(args.modality) if args.modality != "auto" else None)
         volume.modality = detect_modality(volume)
         with progress_bar(f"{path.name}", not args.quiet) as update:
             result = segment(volume, bundle, args.device, update, pipeline_options=_pipeline_options(args))
         written = []
-        if args.format in ("nifti", "both"):
-            written.append(write_volume(result.labels, f"{target}.nii.gz"))
-        if args.format in ("seg.nrrd", "both"):
-            written.append(write_seg_nrrd(result.labels, f"{target}.seg.nrrd", bundle.labels, bundle.colors))
+        for suffix in suffixes:
+            written.append(write_volume(result.labels, f"{target}{suffix}") if suffix == ".nii.gz" else
+                           write_seg_nrrd(result.labels, f"{target}{suffix}", bundle.labels, bundle.colors))
         print(f"{path.name}: {result.seconds['total']:.2f} s on {result.device} -> {', '.join(map(str, written))}")
         for warning in result.warnings:
             print(f"warning: {path.name}: {warning}", file=sys.stderr)
@@ -449,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="both", choices=["nifti", "seg.nrrd", "both"])
     p.add_argument("--fast", action="store_true", help="published teachers: first fold only (HD-BET's fast mode)")
     p.add_argument("--mirror", action="store_true", help="published teachers: test-time mirroring (8x slower)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs never)")
     p.set_defaults(run=cmd_segment)
 
     p = commands.add_parser("compare", help="per-structure Dice/HD95/volumes of two label volumes")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .volume import Volume, atomic_path
+from .volume import Volume, write_image
 
 
 def write_seg_nrrd(
@@ -39,10 +39,7 @@ def write_seg_nrrd(
         image.SetMetaData(prefix + "Layer", "0")
         image.SetMetaData(prefix + "Extent", extent)
         image.SetMetaData(prefix + "Tags", "Segmentation.Status:inprogress|")
-    with atomic_path(path) as temporary:
-        # The temporary name must end in .nrrd for SimpleITK to pick the NRRD writer.
-        sitk.WriteImage(image, str(temporary), True)
-    return Path(path)
+    return write_image(image, path)  # its temporary name ends in .seg.nrrd: SimpleITK picks the NRRD writer
 
 
 def read_seg_nrrd_names(path: str | os.PathLike) -> dict[int, str]:

@@ -7,7 +7,9 @@ in SimpleITK's (x, y, z) LPS convention, so a volume round-trips exactly.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -21,6 +23,7 @@ from .errors import InvalidInputError
 MODALITIES = ("CT", "MR")
 # Suffixes SimpleITK writes; a folder is read as a DICOM series.
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 @dataclass
@@ -101,6 +104,8 @@ def read_volume(path: str | os.PathLike, modality: str | None = None) -> Volume:
             if reader.HasMetaDataKey(0, "0008|0060"):
                 dicom_modality = reader.GetMetaData(0, "0008|0060").strip()
         else:
+            if path.name.lower().endswith(NIFTI_SUFFIXES):
+                check_nifti_payload(path)
             image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InvalidInputError(
@@ -118,6 +123,43 @@ def read_volume(path: str | os.PathLike, modality: str | None = None) -> Volume:
         modality = dicom_modality
     volume.modality = normalize_modality(modality)
     return volume
+
+
+def check_nifti_payload(path: Path) -> None:
+    """SimpleITK's NIfTI reader fills a payload shorter than its header promises with zeros, and reads NaN
+    and infinity as 0, without a word. nibabel reads the raw payload first: a short or damaged one fails
+    there, and floats are checked as stored."""
+    import nibabel
+
+    try:
+        stored = nibabel.load(str(path)).dataobj
+        raw = np.asanyarray(stored.get_unscaled() if hasattr(stored, "get_unscaled") else stored)
+    except (EOFError, OSError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError) as error:
+        raise InvalidInputError(
+            f"'{path}' could not be read: it is cut short or damaged ({str(error)[:160]}).",
+            "Copy or export the file again from its source.",
+        ) from error
+    if raw.dtype.kind in "fc" and not np.isfinite(raw).all():
+        raise InvalidInputError(f"'{path}' contains NaN or infinite values.",
+                                "Fix or mask those voxels before segmenting.")
+
+
+def check_outputs(inputs: list[Path], outputs: list[Path], overwrite: bool = False) -> None:
+    """Before any work: refuse an output that is an input (the same file, a link to it, or a file inside
+    an input DICOM folder), and one that exists unless ``overwrite``."""
+    for output in outputs:
+        for source in inputs:
+            inside = source.is_dir() and output.resolve().is_relative_to(source.resolve())
+            if inside or (output.exists() and source.exists() and os.path.samefile(output, source)):
+                raise InvalidInputError(f"The output '{output}' would replace the input '{source}'.",
+                                        "Give an --output elsewhere; inputs are never written to.")
+        if output.exists() and not overwrite:
+            raise InvalidInputError(f"'{output}' exists already.",
+                                    "Choose another --output, or add --overwrite to replace it.")
+        folder = next((p for p in (output.parent, *output.parent.parents) if p.exists()), Path("."))
+        if not os.access(folder, os.W_OK):
+            raise InvalidInputError(f"'{folder}' cannot be written to, so '{output}' cannot be made.",
+                                    "Give an --output in a folder you can write to.")
 
 
 def check_dimension(dimension: int, size: tuple[int, ...], name: str) -> None:
@@ -176,10 +218,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write atomically: a failed write leaves no partial file behind."""
+    """Write atomically and verified (``write_image``)."""
+    return write_image(volume.to_sitk(), path, compress)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``image`` to a temporary file beside ``path``, read it back, and only when it holds the same
+    voxels move it into place: SimpleITK does not report every failed write (a full disk leaves a short
+    NIfTI file), and a failed write must leave nothing behind."""
+    path = Path(path)
     with atomic_path(path) as temporary:
-        sitk.WriteImage(volume.to_sitk(), str(temporary), compress)
-    return Path(path)
+        sitk.WriteImage(image, str(temporary), compress)
+        try:
+            if path.name.lower().endswith(NIFTI_SUFFIXES):
+                check_nifti_payload(temporary)
+            written = sitk.ReadImage(str(temporary))
+            complete = written.GetSize() == image.GetSize() and np.array_equal(
+                sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image))
+        except (InvalidInputError, RuntimeError):
+            complete = False
+        if not complete:
+            free = shutil.disk_usage(path.parent).free / 1e6
+            raise InvalidInputError(
+                f"Writing '{path}' failed: the file came out incomplete ({free:.0f} MB free on that disk).",
+                "Free space on that disk, or write the output elsewhere.",
+            )
+    return path
 
 
 def detect_modality(volume: Volume) -> str:

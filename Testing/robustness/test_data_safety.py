@@ -1,0 +1,136 @@
+"""Attacks that used to destroy or falsify a user's data with exit code 0 (issue 19, critical cases): each test
+builds its bad input, runs the command line in this process, and checks exit code 2, that nothing partial is
+left and that nothing that existed before changed."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from tiny import make_bundle
+
+from MedKDSegmentLib.engine import volume as volume_module
+from MedKDSegmentLib.engine.cli import EXIT_ERROR, main
+from MedKDSegmentLib.engine.errors import InvalidInputError
+from MedKDSegmentLib.engine.phantom import generate_phantom
+from MedKDSegmentLib.engine.volume import read_volume, write_volume
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("models") / "tiny-student").path
+
+
+@pytest.fixture
+def scan(tmp_path) -> Path:
+    image, _ = generate_phantom("CT", 5, size=(40, 36, 24), spacing=(8.0, 8.0, 8.0))
+    return write_volume(image, tmp_path / "scan.nii.gz")
+
+
+def segment(model: Path, source: Path, output: Path, *extra: str) -> int:
+    return main(["--quiet", "segment", "--model", str(model), "--input", str(source), "--output", str(output),
+                 "--device", "cpu", *extra])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("output", ["scan.nii.gz", "scan", "scan.seg.nrrd", "link"])
+def test_an_output_that_is_the_input_is_refused_and_the_scan_kept(model, scan, output, capsys):
+    if output == "link":
+        os.link(scan, scan.parent / "link.nii.gz")  # the same file under another name
+    before = snapshot(scan.parent)
+    assert segment(model, scan, scan.parent / output, "--overwrite") == EXIT_ERROR
+    assert "would replace the input" in capsys.readouterr().err
+    assert snapshot(scan.parent) == before
+
+
+def test_an_output_inside_an_input_dicom_folder_is_refused(model, tmp_path, capsys):
+    image, _ = generate_phantom("CT", 6, size=(24, 24, 6), spacing=(8.0, 8.0, 8.0))
+    series = tmp_path / "series"
+    series.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for index in range(image.shape[0]):
+        slice_image = sitk.Cast(image.to_sitk()[:, :, index], sitk.sitkInt16)
+        slice_image.SetMetaData("0020|0013", str(index))
+        slice_image.SetMetaData("0008|0060", "CT")
+        writer.SetFileName(str(series / f"{index:03d}.dcm"))
+        writer.Execute(slice_image)
+    before = snapshot(series)
+    assert segment(model, series, series / "labels") == EXIT_ERROR
+    assert "would replace the input" in capsys.readouterr().err and snapshot(series) == before
+
+
+def test_an_existing_output_is_kept_unless_overwrite_is_given(model, scan, tmp_path, capsys):
+    existing = tmp_path / "out.nii.gz"
+    existing.write_bytes(b"someone's work")
+    assert segment(model, scan, tmp_path / "out", "--format", "nifti") == EXIT_ERROR
+    assert "--overwrite" in capsys.readouterr().err and existing.read_bytes() == b"someone's work"
+    assert segment(model, scan, tmp_path / "out", "--format", "nifti", "--overwrite") == 0
+    assert read_volume(existing).shape == read_volume(scan).shape
+
+
+def test_a_write_that_comes_out_short_is_not_published(model, scan, tmp_path, monkeypatch, capsys):
+    real = volume_module.sitk.WriteImage
+
+    def full_disk(image, path, *args):  # what SimpleITK does on a full disk: a short file, no error
+        real(image, path, *args)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+
+    monkeypatch.setattr(volume_module.sitk, "WriteImage", full_disk)
+    before = snapshot(tmp_path)
+    assert segment(model, scan, tmp_path / "out", "--format", "nifti") == EXIT_ERROR
+    error = capsys.readouterr().err
+    assert "came out incomplete" in error and "free on that disk" in error
+    assert snapshot(tmp_path) == before  # neither the output nor a .partial- file
+    with pytest.raises(InvalidInputError, match="came out incomplete"):
+        write_volume(read_volume(scan), tmp_path / "direct.nii.gz")
+    assert not (tmp_path / "direct.nii.gz").exists()
+
+
+def _nifti_bytes(array: np.ndarray) -> bytes:
+    """An uncompressed NIfTI file of ``array`` as SimpleITK writes it."""
+    image = sitk.GetImageFromArray(array)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"medkd-attack-{os.getpid()}.nii"
+    sitk.WriteImage(image, str(path))
+    try:
+        return path.read_bytes()
+    finally:
+        path.unlink()
+
+
+@pytest.mark.parametrize("damage", ["gzip cut short", "complete gzip of half the data", "short .nii"])
+def test_a_truncated_nifti_is_refused_not_zero_filled(model, tmp_path, damage, capsys):
+    data = _nifti_bytes(np.random.default_rng(0).normal(0, 100, (24, 36, 40)).astype(np.float32))
+    if damage == "gzip cut short":
+        whole = gzip.compress(data)
+        path, content = tmp_path / "scan.nii.gz", whole[: len(whole) * 2 // 3]
+    elif damage == "complete gzip of half the data":
+        path, content = tmp_path / "scan.nii.gz", gzip.compress(data[: len(data) // 2])
+    else:
+        path, content = tmp_path / "scan.nii", data[: len(data) - 4000]
+    path.write_bytes(content)
+    with pytest.raises(InvalidInputError, match="cut short or damaged"):
+        read_volume(path)
+    assert segment(model, path, tmp_path / "out") == EXIT_ERROR
+    assert "cut short" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name] and path.read_bytes() == content
+
+
+def test_nan_and_infinity_in_a_nifti_are_refused_not_read_as_zero(model, tmp_path, capsys):
+    array = np.random.default_rng(1).normal(0, 100, (24, 36, 40)).astype(np.float32)
+    array[10:12] = np.nan
+    array[3, 4, 5] = np.inf
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(gzip.compress(_nifti_bytes(array)))
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        read_volume(path)
+    assert segment(model, path, tmp_path / "out") == EXIT_ERROR
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
