@@ -107,6 +107,10 @@ def main() -> int:
         except json.JSONDecodeError as error:
             send({"event": "error", "id": None, "message": f"Not a JSON job spec: {error}", "type": "protocol"})
             continue
+        if not isinstance(spec, dict):
+            send({"event": "error", "id": None, "message": f"A job spec is a JSON object, not {type(spec).__name__}",
+                  "type": "protocol"})
+            continue
         job_id = spec.get("id")
         if spec.get("job") == "shutdown":
             break
@@ -198,6 +202,8 @@ class WorkerClient:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
+                event = {"event": "log", "message": line}
+            if not isinstance(event, dict):
                 event = {"event": "log", "message": line}
             if event.get("event") == "ready" and process is self.process:
                 self.ready = event

@@ -134,3 +134,17 @@ def test_nan_and_infinity_in_a_nifti_are_refused_not_read_as_zero(model, tmp_pat
         read_volume(path)
     assert segment(model, path, tmp_path / "out") == EXIT_ERROR
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", "-3"), ("--epochs", "0"), ("--steps-per-epoch", "0"),
+                                           ("--batch-size", "0"), ("--learning-rate", "0"),
+                                           ("--spatial-augmentation", "2")])
+def test_a_training_option_no_run_can_use_is_refused_before_anything_is_written(tmp_path, option, value, capsys):
+    image, labels = generate_phantom("CT", 7, size=(32, 32, 16), spacing=(8.0, 8.0, 8.0))
+    write_volume(image, tmp_path / "data" / "images" / "case.nii.gz")
+    write_volume(labels, tmp_path / "data" / "labels" / "case.nii.gz")
+    code = main(["--quiet", "train-teacher", "--modality", "CT", "--data", str(tmp_path / "data"), "--output",
+                 str(tmp_path / "model"),
+                 "--device", "cpu", option, value])
+    assert code == EXIT_ERROR and "fix:" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 import random
 import shutil
@@ -87,6 +88,20 @@ class TrainingConfig:
     spatial_augmentation: float = 0.0
 
     def __post_init__(self) -> None:
+        """Refuse settings no run can use, before anything is built (exit code 2 on the command line)."""
+        for name in ("epochs", "steps_per_epoch", "batch_size", "ctkd_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InvalidInputError(f"{name.replace('_', ' ')} is {value!r}.", "Give a whole number of 1 or more.")
+        if len(self.patch_size) != 3 or any(not isinstance(p, numbers.Integral) or p < 8 for p in self.patch_size):
+            raise InvalidInputError(f"The patch size is {self.patch_size!r}.", "Give three whole numbers of 8 or more.")
+        if not self.learning_rate > 0:  # the methods' settings are checked where the methods are built
+            raise InvalidInputError(f"The learning rate is {self.learning_rate!r}.", "Give a number above 0.")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise InvalidInputError(f"The validation fraction is {self.validation_fraction}.",
+                                    "Give 0 or more, below 1.")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise InvalidInputError(f"The time budget is {self.time_budget_s} s.", "Give a number of seconds above 0.")
         if not 0.0 <= self.spatial_augmentation <= 1.0:
             raise InvalidInputError(f"The spatial augmentation probability is {self.spatial_augmentation}.",
                                     "Give a probability from 0 to 1 (nnU-Net uses 0.2).")
