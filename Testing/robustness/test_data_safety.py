@@ -148,3 +148,15 @@ def test_a_training_option_no_run_can_use_is_refused_before_anything_is_written(
                  "--device", "cpu", option, value])
     assert code == EXIT_ERROR and "fix:" in capsys.readouterr().err
     assert not (tmp_path / "model").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_outputs_and_models_get_the_users_umask_not_private_modes(model, scan, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert segment(model, scan, tmp_path / "out") == 0
+        shared = make_bundle(tmp_path / "shared-model").path
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "out.nii.gz", tmp_path / "out.seg.nrrd"):
+        assert path.stat().st_mode & 0o777 == 0o644, oct(path.stat().st_mode)
+    assert shared.stat().st_mode & 0o777 == 0o755

@@ -29,7 +29,7 @@ from .locations import user_models_dir
 from .networks import build_network, count_macs, count_parameters
 from .profiles import Profile
 from .unpaired import make_modality_specific, network_modalities
-from .volume import MODALITIES, normalize_modality
+from .volume import MODALITIES, normalize_modality, usual_permissions
 
 # 2 added medkdsegment.modalities (CT+MR bundles). Only those are written as 2: older readers,
 # which would rebuild the network without per-modality norms, refuse them by version; others stay 1.
@@ -439,6 +439,7 @@ def save_bundle(
                 for index, m in enumerate(modalities)
             }
         (staging / METADATA).write_text(json.dumps(metadata, indent=2))
+        usual_permissions(staging)
         os.rename(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -201,6 +201,14 @@ def check_labels_match(image: Volume, labels: Volume, name: str = "the label vol
     return labels
 
 
+def usual_permissions(path: Path) -> None:
+    """Give ``path`` the mode a plain file or folder gets under the user's umask: mkstemp and mkdtemp make
+    private ones (0600, 0700), and colleagues must be able to read outputs in a shared folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
@@ -211,6 +219,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        usual_permissions(Path(temporary))
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
