@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,26 @@ def test_outputs_and_models_get_the_users_umask_not_private_modes(model, scan, t
     for path in (tmp_path / "out.nii.gz", tmp_path / "out.seg.nrrd"):
         assert path.stat().st_mode & 0o777 == 0o644, oct(path.stat().st_mode)
     assert shared.stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("spacing", [60.0, 0.001])
+def test_a_spacing_no_scan_has_is_refused_before_any_grid_is_allocated(model, tmp_path, spacing, capsys):
+    image, _ = generate_phantom("CT", 8, size=(48, 48, 48), spacing=(8.0, 8.0, 8.0))
+    image.spacing = (spacing, spacing, spacing)
+    path = write_volume(image, tmp_path / "scan.nii.gz")
+    assert segment(model, path, tmp_path / "out") == EXIT_ERROR
+    assert "Check the voxel spacing" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+def test_a_crash_leftover_and_a_broken_bundle_do_not_hide_the_good_models(tmp_path, capsys):
+    good = make_bundle(tmp_path / "models" / "good").path
+    leftover = tmp_path / "models" / ".partial-good-x1"  # what kill -9 during a bundle write leaves
+    shutil.copytree(good, leftover)
+    broken = tmp_path / "models" / "broken"
+    shutil.copytree(good, broken)
+    (broken / "configs" / "metadata.json").write_text("{ not json")
+    assert main(["info", "--models-dir", str(tmp_path / "models")]) == 0
+    captured = capsys.readouterr()
+    assert "good" in captured.out and ".partial" not in captured.out
+    assert "broken" in captured.err and "skipped a broken model" in captured.err

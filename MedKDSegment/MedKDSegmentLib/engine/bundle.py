@@ -272,12 +272,20 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     return bundle
 
 
-def find_bundles(*folders: str | os.PathLike) -> list[Bundle]:
-    """Every valid bundle directly inside ``folders`` (the bundled models by default)."""
+def find_bundles(*folders: str | os.PathLike, problems: list[str] | None = None) -> list[Bundle]:
+    """Every valid bundle directly inside ``folders`` (the bundled models by default). Folders still being
+    written or left by a crash (``.partial-*``) are passed over; so is a broken bundle, whose problem is
+    added to ``problems`` when given, so one bad folder never hides the others."""
     bundles = []
     for folder in folders or (BUNDLED_MODELS,):
         for candidate in sorted(Path(folder).glob(f"*/{METADATA}")):
-            bundles.append(load_bundle(candidate.parents[1]))
+            if candidate.parents[1].name.startswith("."):
+                continue
+            try:
+                bundles.append(load_bundle(candidate.parents[1]))
+            except BundleError as error:
+                if problems is not None:
+                    problems.append(f"{candidate.parents[1]}: {error.problem}")
     return bundles
 
 

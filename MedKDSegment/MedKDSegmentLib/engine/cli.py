@@ -234,7 +234,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         bundle.load_network()  # verifies the checksum
         print(json.dumps({**bundle.summary(), "weights": "sha256 verified", "medkdsegment": bundle.info}, indent=2))
         return 0
-    rows = [b.summary() for b in find_bundles(*(args.models_dir or default_model_folders()))]
+    problems: list[str] = []
+    rows = [b.summary() for b in find_bundles(*(args.models_dir or default_model_folders()), problems=problems)]
+    for problem in problems:
+        print(f"warning: skipped a broken model: {problem}", file=sys.stderr)
     for row in rows:
         row["labels"] = len(row["labels"])
     print(

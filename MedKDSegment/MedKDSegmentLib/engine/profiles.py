@@ -67,12 +67,26 @@ def canonical(image: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(image, "LPS")
 
 
+# A scan spans more than a few millimetres and less than a whole body: outside this, its spacing is wrong.
+EXTENT_MM = (5.0, 2500.0)
+MAX_GRID_VOXELS = 2**30  # 4 GB as float32, before any network runs
+
+
 def model_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> sitk.Image:
     """An empty image covering the same physical box as ``image`` at ``spacing``."""
     old_spacing = np.array(image.GetSpacing())
     new_spacing = np.array(spacing, dtype=float)
     extent = old_spacing * np.array(image.GetSize())
+    if extent.min() < EXTENT_MM[0] or extent.max() > EXTENT_MM[1]:
+        raise InvalidInputError(
+            f"The volume spans {np.round(extent, 1).tolist()} mm ({list(image.GetSize())} voxels of "
+            f"{np.round(old_spacing, 4).tolist()} mm): no scan is this {'small' if extent.min() < 5 else 'large'}.",
+            f"Check the voxel spacing in the file's header (a scan spans {EXTENT_MM[0]:g} to {EXTENT_MM[1]:g} mm).")
     size = np.maximum(np.round(extent / new_spacing).astype(int), 1)
+    if np.prod(size.astype(float)) > MAX_GRID_VOXELS:
+        raise InvalidInputError(
+            f"At {new_spacing.tolist()} mm the volume would need a {size.tolist()} model grid, too large to hold.",
+            "Crop the volume to the region of interest first.")
     direction = np.array(image.GetDirection()).reshape(3, 3)
     # Keep the box centre: corner of the first voxel stays where it was.
     origin = np.array(image.GetOrigin()) + direction @ ((new_spacing - old_spacing) / 2)
