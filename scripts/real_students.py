@@ -312,8 +312,9 @@ def render(results: dict) -> str:
     lines = [
         "# Real teachers and their distilled students",
         "",
-        "Reproduce: `scripts/medkd teachers get hd-bet` and `... get deepbet`, the one-off reference of "
-        "`scripts/teacher_reference.py` (a throwaway environment with the original packages), then "
+        "Reproduce: `scripts/medkd teachers get hd-bet` (and `deepbet`, `tissue-vnet`, `liver-unet`), the "
+        "one-off references of `scripts/teacher_reference.py` and `scripts/liver_reference.py` (throwaway "
+        "environments with the original packages; the liver one needs Python 3.6 and TensorFlow 1.12), then "
         "`scripts/medkd-python scripts/real_students.py --reference DIR --bundle --mirror`.",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
@@ -376,6 +377,12 @@ def render(results: dict) -> str:
         if truth is not None:
             lines += [f"Dice to the TotalSegmentator liver on `ct` (model output, not a manual label): {truth:.3f}.",
                       ""]
+        ml = {row["case"]: row["liver_ml"] for row in rows}
+        if ml.get("ct_large", 1e9) < ml.get("ct", 0):  # the larger volume holds the smaller one's slices
+            lines += [f"`ct_large` holds `ct`, yet its liver is smaller ({ml['ct_large']:.0f} against "
+                      f"{ml['ct']:.0f} ml): there the package's own crop (lung base + 70 mm) ends below the top of "
+                      "the liver, so its mask, and MedKDSegment's with it, misses the upper slices. A limit of the "
+                      "teacher, reproduced faithfully.", ""]
     loso = results["loso"]
     mean = float(np.mean([row["dice_to_teacher"] for row in loso]))
     columns = {"held_out": "held-out head", "dice_to_teacher": "Dice to HD-BET (5 folds)"}
@@ -396,8 +403,8 @@ def render(results: dict) -> str:
         f"{settings['batch_size']}, patches {tuple(settings['patch_size'])}, seed {settings['seed']}, "
         f"co-transformed rotation/scaling probability {settings.get('spatial_augmentation', 0.0)}; all fixed "
         "before any result was seen). HD-BET ↔ deepbet shows how far two published teachers agree."
-        + (" The earlier run without rotation and scaling (otherwise identical) is shown beside it." if before
-           else ""),
+        + (" Beside it, the run without rotation and scaling, otherwise identical (commit c902790's "
+           "`loso`, kept in the JSON as `loso_intensity_only`)." if before else ""),
         "",
         markdown_table(loso, columns),
         "",

@@ -155,16 +155,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .bundle import resolve_bundle
     from .inference import segment
     from .segfile import write_seg_nrrd
-    from .volume import VOLUME_SUFFIXES, check_outputs, detect_modality, normalize_modality, read_volume, write_volume
+    from .volume import (
+        VOLUME_SUFFIXES,
+        check_outputs,
+        detect_modality,
+        dicom_series,
+        normalize_modality,
+        read_volume,
+        write_volume,
+    )
 
     bundle = resolve_bundle(args.model)
     source = Path(args.input)
-    is_series = (
-        source.is_dir()
-        and not (source / "images").is_dir()
-        and any(p.suffix.lower() in ("", ".dcm") and p.is_file() for p in source.iterdir())
-        and not any(p.name.endswith(VOLUME_SUFFIXES) for p in source.iterdir())
-    )
+    # A DICOM folder is known by its content (files may be named by UID, without a suffix).
+    is_series = source.is_dir() and not any(p.name.endswith(VOLUME_SUFFIXES) for p in source.iterdir()) and bool(
+        dicom_series(source))
     if source.is_dir() and not is_series:
         inputs = sorted(p for p in source.iterdir() if p.name.endswith(VOLUME_SUFFIXES) or p.is_dir())
         output_dir = Path(args.output)
@@ -180,7 +185,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     suffixes = {"nifti": [".nii.gz"], "seg.nrrd": [".seg.nrrd"], "both": [".nii.gz", ".seg.nrrd"]}[args.format]
     check_outputs([source, *inputs], [Path(f"{t}{s}") for t in targets for s in suffixes], args.overwrite)
     for path, target in zip(inputs, targets):
-        volume = read_volume(path, normalize_modality(args.modality) if args.modality != "auto" else None)
+        volume = read_volume(path, normalize_modality(args.modality) if args.modality != "auto" else None,
+                             series=args.series if path == source else None)
         volume.modality = detect_modality(volume)
         with progress_bar(f"{path.name}", not args.quiet) as update:
             result = segment(volume, bundle, args.device, update, pipeline_options=_pipeline_options(args))
@@ -454,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="published teachers: first fold only (HD-BET's fast mode)")
     p.add_argument("--mirror", action="store_true", help="published teachers: test-time mirroring (8x slower)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs never)")
+    p.add_argument("--series", help="the series UID to read from a DICOM folder holding several")
     p.set_defaults(run=cmd_segment)
 
     p = commands.add_parser("compare", help="per-structure Dice/HD95/volumes of two label volumes")

@@ -82,22 +82,71 @@ def normalize_modality(modality: str | None) -> str | None:
     return key
 
 
-def read_volume(path: str | os.PathLike, modality: str | None = None) -> Volume:
-    """Read a NIfTI, NRRD or MHA file, or a DICOM series folder, as a 3D volume."""
+def dicom_series(folder: Path) -> dict[str, list[str]]:
+    """The DICOM series in ``folder`` (found by content, whatever the file names): UID -> its files, in
+    GDCM's slice order."""
+    reader = sitk.ImageSeriesReader()
+    return {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in reader.GetGDCMSeriesIDs(str(folder))}
+
+
+def _describe_series(uid: str, files: list[str]) -> str:
+    header = sitk.ImageFileReader()
+    header.SetFileName(files[0])
+    header.ReadImageInformation()
+    modality, description = (header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else "?"
+                             for key in ("0008|0060", "0008|103e"))
+    return f"{uid} ({modality}, '{description}', {len(files)} slices)"
+
+
+def check_slice_positions(files: list[str], name: str) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing or corrupt slice): ITK would read it with
+    one mean spacing and misplace every slice past the gap, with only a warning."""
+    positions = []
+    for file in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(file)
+        header.ReadImageInformation()
+        if not header.HasMetaDataKey("0020|0032"):
+            return  # no positions to check (a single-file volume, or a series without them)
+        positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+    if len(positions) < 3:
+        return
+    steps = np.linalg.norm(np.diff(np.array(positions), axis=0), axis=1)
+    typical = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - typical) > max(0.01 * typical, 1e-3))
+    if typical == 0 or len(uneven):
+        where = int(uneven[0]) if len(uneven) else 0
+        raise InvalidInputError(
+            f"The slices of {name} are not evenly spaced: {steps[where]:.3f} mm between slices {where} and "
+            f"{where + 1}, {typical:.3f} mm elsewhere (a missing, duplicated or corrupt slice).",
+            "Export the complete series again; reading it would misplace the slices past the gap.")
+
+
+def read_volume(path: str | os.PathLike, modality: str | None = None, series: str | None = None) -> Volume:
+    """Read a NIfTI, NRRD or MHA file, or a DICOM series folder, as a 3D volume. A folder holding several
+    series needs ``series`` (a series UID)."""
     path = Path(path)
     if not path.exists():
         raise InvalidInputError(f"'{path}' does not exist.", "Check the path.")
     dicom_modality = None
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
+            found = dicom_series(path)
+            if not found:
                 raise InvalidInputError(
                     f"'{path}' is a folder without a DICOM series.",
                     "Give a NIfTI/NRRD/MHA file or a folder holding one DICOM series.",
                 )
-            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            if series is None and len(found) > 1:
+                listed = "; ".join(_describe_series(uid, files) for uid, files in found.items())
+                raise InvalidInputError(f"'{path}' holds {len(found)} DICOM series: {listed}.",
+                                        "Choose one with --series UID.")
+            if series is not None and series not in found:
+                raise InvalidInputError(f"'{path}' holds no DICOM series '{series}'.",
+                                        f"Choose one of: {', '.join(found)}.")
+            files = found[series or next(iter(found))]
+            check_slice_positions(files, f"'{path}'")
+            reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             reader.MetaDataDictionaryArrayUpdateOn()
             image = reader.Execute()
