@@ -184,3 +184,29 @@ def test_a_crash_leftover_and_a_broken_bundle_do_not_hide_the_good_models(tmp_pa
     captured = capsys.readouterr()
     assert "good" in captured.out and ".partial" not in captured.out
     assert "broken" in captured.err and "skipped a broken model" in captured.err
+
+
+@pytest.mark.parametrize("bad", ["float", "negative", "huge", "not in the table"])
+def test_compare_refuses_label_values_it_would_truncate_drop_or_allocate_for(tmp_path, bad, capsys):
+    grid = {"spacing": (2.0, 2.0, 2.0), "origin": (0.0, 0.0, 0.0)}
+    good = np.zeros((12, 12, 12), np.int32)
+    good[3:8, 3:8, 3:8] = 1
+    values = {"float": 1.5, "negative": -2, "huge": 60_000, "not in the table": 9}[bad]
+    other = good.astype(np.float32 if bad == "float" else np.int32)
+    other[4:6, 4:6, 4:6] = values
+    first = write_volume(volume_module.Volume(good, **grid), tmp_path / "first.nii.gz")
+    second = write_volume(volume_module.Volume(other, **grid), tmp_path / "second.nii.gz")
+    code = main(["compare", "--first", str(first), "--second", str(second), "--no-hd95",
+                 "--json", str(tmp_path / "report.json")])
+    assert code == EXIT_ERROR and "outside the label table" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.nii.gz", "second.nii.gz"]
+
+
+def test_a_compare_report_never_replaces_an_input(tmp_path, capsys):
+    labels = np.zeros((12, 12, 12), np.uint8)
+    labels[3:8, 3:8, 3:8] = 1
+    first = write_volume(volume_module.Volume(labels, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), tmp_path / "first.nii.gz")
+    before = first.read_bytes()
+    code = main(["compare", "--first", str(first), "--second", str(first), "--json", str(first), "--overwrite"])
+    assert code == EXIT_ERROR and "would replace the input" in capsys.readouterr().err
+    assert first.read_bytes() == before

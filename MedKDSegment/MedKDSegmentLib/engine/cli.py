@@ -210,9 +210,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .labels import label_names
     from .metrics import compare_labels, mean_of
     from .report import markdown_table, text_table, write_json, write_text
-    from .volume import read_volume
+    from .volume import check_outputs, read_volume
 
     names = resolve_bundle(args.model).labels if args.model else label_names()
+    inputs = [Path(p) for p in (args.first, args.second, args.reference) if p]
+    check_outputs(inputs, [Path(p) for p in (args.json, args.markdown) if p], args.overwrite)
     first, second = read_volume(args.first), read_volume(args.second)
     reference = read_volume(args.reference) if args.reference else None
     rows = compare_labels(first, second, names, reference, hd95=not args.no_hd95)
@@ -471,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--json")
     p.add_argument("--markdown")
+    p.add_argument("--overwrite", action="store_true", help="replace existing reports (inputs never)")
     p.set_defaults(run=cmd_compare)
 
     p = commands.add_parser("info", help="list models, or show one bundle's information")

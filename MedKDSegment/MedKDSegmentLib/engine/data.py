@@ -17,7 +17,7 @@ import torch
 
 from .errors import InvalidInputError
 from .profiles import Profile, labels_to_model_grid, to_model_grid
-from .volume import VOLUME_SUFFIXES, check_image, check_labels_match, read_volume
+from .volume import VOLUME_SUFFIXES, check_image, check_label_values, check_labels_match, read_volume
 
 
 @dataclass
@@ -87,12 +87,7 @@ def load_cases(
         if label_path is not None:
             label_volume = read_volume(label_path)
             label_volume = check_labels_match(image, label_volume, f"'{label_path}'")
-            values = np.unique(label_volume.array)
-            if values.min() < 0 or values.max() >= num_classes or not np.all(values == values.astype(int)):
-                raise InvalidInputError(
-                    f"'{label_path}' holds label values {values.tolist()[:12]}, outside 0..{num_classes - 1}.",
-                    "Map the labels to the model's label table (see 'medkd info').",
-                )
+            check_label_values(label_volume, set(range(1, num_classes)), f"'{label_path}'")
             labels = labels_to_model_grid(label_volume, grid)
         cases.append(Case(image_path.name.split(".")[0], array, labels, source=image_path, grid=grid))
         if progress:

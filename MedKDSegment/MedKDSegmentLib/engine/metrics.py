@@ -9,7 +9,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
-from .volume import Volume, check_labels_match
+from .volume import Volume, check_label_values, check_labels_match
 
 
 def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> dict[int, float]:
@@ -49,6 +49,10 @@ def compare_labels(
     second = check_labels_match(first, second, "the second label volume")
     if reference is not None:
         reference = check_labels_match(first, reference, "the reference label volume")
+    for volume, name in ((first, "the first label volume"), (second, "the second label volume"),
+                         (reference, "the reference label volume")):
+        if volume is not None:
+            check_label_values(volume, set(names), name)
     labels = sorted(names)
     voxel_ml = float(np.prod(first.spacing)) / 1000.0
     spacing_zyx = tuple(first.spacing[::-1])

@@ -233,6 +233,19 @@ def check_image(volume: Volume, name: str = "the image") -> None:
         )
 
 
+def check_label_values(labels: Volume, known: set[int], name: str = "the label volume") -> None:
+    """Refuse label values that are not whole numbers or not in ``known`` (0, background, always is): they
+    would be truncated, dropped or used to size arrays."""
+    values = np.unique(labels.array)
+    unknown = [v for v in values.tolist() if v != int(v) or (int(v) != 0 and int(v) not in known)]
+    if unknown:
+        raise InvalidInputError(
+            f"{name} holds label values {unknown[:12]}{'…' if len(unknown) > 12 else ''} outside the label table "
+            f"(0, {', '.join(str(v) for v in sorted(known))}).",
+            "Map the labels to the model's label table (see 'medkd info MODEL'), or give --model for its names.",
+        )
+
+
 def check_labels_match(image: Volume, labels: Volume, name: str = "the label volume") -> Volume:
     """``labels`` on ``image``'s grid. Labels stored in another axis order or flip of the same
     voxels (common between DICOM and NIfTI tools) are reoriented; any other grid is an error."""
