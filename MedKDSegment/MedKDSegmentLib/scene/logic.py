@@ -479,6 +479,15 @@ class SceneLogic:
         return {"job": "install-teacher", "name": name, "models_dir": str(self.modelsFolder()),
                 "package_file": str(packageFile) if packageFile else None}
 
+    def importBundle(self, archive) -> catalog.ModelInfo:
+        """Import a zipped model bundle into the models folder (checked before it lands; never replaces)."""
+        dependencies.ensure_dependencies()
+        from ..engine.bundle import extract_bundle_archive
+
+        folder = self.modelsFolder()
+        folder.mkdir(parents=True, exist_ok=True)
+        return self.findModel(extract_bundle_archive(archive, folder).path)
+
     # fine-tuning -------------------------------------------------------------------------------------
 
     def matchSegments(self, segmentationNode, model=None, mapping: dict | None = None, skip=(),
