@@ -241,3 +241,41 @@ def test_a_zipped_bundle_imports_from_the_command_line_and_bad_archives_are_refu
         assert main(["import-bundle", str(archive), "--models-dir", str(models)]) == EXIT_ERROR
         assert problem in capsys.readouterr().err
     assert sorted(p.name for p in models.iterdir()) == ["shared-student"]  # nothing partial left
+
+
+def test_an_interrupted_pair_of_outputs_leaves_neither(model, scan, tmp_path, monkeypatch, capsys):
+    from MedKDSegmentLib.engine import segfile
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the .seg.nrrd is written, after the .nii.gz
+
+    monkeypatch.setattr(segfile, "write_image", interrupted)
+    before = snapshot(tmp_path)
+    assert segment(model, scan, tmp_path / "out") != 0
+    assert "nothing partial was written" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_two_runs_never_write_one_model_and_crash_leftovers_are_cleared(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    image, labels = generate_phantom("CT", 7, size=(32, 32, 16), spacing=(8.0, 8.0, 8.0))
+    write_volume(image, tmp_path / "data" / "images" / "case.nii.gz")
+    write_volume(labels, tmp_path / "data" / "labels" / "case.nii.gz")
+    run = ["--quiet", "train-teacher", "--modality", "CT", "--data", str(tmp_path / "data"), "--output",
+           str(tmp_path / "model"), "--device", "cpu", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size",
+           "1", "--patch-size", "16", "16", "16"]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".model.lock").write_text(str(other.pid))  # a run that is still going
+        assert main(run) == EXIT_ERROR and "Another run" in capsys.readouterr().err
+        assert not (tmp_path / "model").exists()
+    finally:
+        other.kill()
+        other.wait()
+    leftover = tmp_path / ".partial-model-k1ll9"  # what kill -9 during the bundle write leaves
+    (leftover / "models").mkdir(parents=True)
+    assert main(run) == 0  # the dead run's lock is taken over
+    assert (tmp_path / "model" / "models" / "model.pt").is_file()
+    assert not leftover.exists() and not (tmp_path / ".model.lock").exists()

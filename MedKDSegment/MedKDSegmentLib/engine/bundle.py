@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -453,6 +455,47 @@ def save_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(folder)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def exclusive_output(output: Path) -> Iterator[None]:
+    """One run at a time writes the bundle ``output``: a lock file beside it refuses a second run while the
+    first lives (a lock whose process has died is taken over), and the staging folders of writes that
+    crashed (``.partial-NAME-*``, which nothing else can own while the lock is held) are removed."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock = output.parent / f".{output.name}.lock"
+    while True:
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _running(owner):
+                raise InvalidInputError(f"Another run (process {owner}) is writing '{output}'.",
+                                        "Wait for it to finish, or choose another output name.") from None
+            lock.unlink(missing_ok=True)
+    os.write(handle, str(os.getpid()).encode())
+    os.close(handle)
+    try:
+        for leftover in output.parent.glob(f".partial-{output.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _reference(bundle: Bundle | None) -> dict | None:

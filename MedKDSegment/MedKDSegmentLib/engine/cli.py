@@ -191,9 +191,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         with progress_bar(f"{path.name}", not args.quiet) as update:
             result = segment(volume, bundle, args.device, update, pipeline_options=_pipeline_options(args))
         written = []
-        for suffix in suffixes:
-            written.append(write_volume(result.labels, f"{target}{suffix}") if suffix == ".nii.gz" else
-                           write_seg_nrrd(result.labels, f"{target}{suffix}", bundle.labels, bundle.colors))
+        try:  # the outputs of one volume are one unit: an interrupted pair leaves neither
+            for suffix in suffixes:
+                written.append(write_volume(result.labels, f"{target}{suffix}") if suffix == ".nii.gz" else
+                               write_seg_nrrd(result.labels, f"{target}{suffix}", bundle.labels, bundle.colors))
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         print(f"{path.name}: {result.seconds['total']:.2f} s on {result.device} -> {', '.join(map(str, written))}")
         for warning in result.warnings:
             print(f"warning: {path.name}: {warning}", file=sys.stderr)

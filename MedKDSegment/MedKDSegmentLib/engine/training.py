@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .augment import training_batch
-from .bundle import Bundle, load_bundle, resolve_bundle, save_bundle
+from .bundle import Bundle, exclusive_output, load_bundle, resolve_bundle, save_bundle
 from .data import Case, load_cases
 from .device import select_device
 from .distillation import (
@@ -695,7 +695,13 @@ def _bundle_reference(bundle: Bundle) -> dict:
     return {"name": bundle.name, "version": bundle.metadata.get("version"), "weights_sha256": bundle.weights_sha256}
 
 
-def _train_bundle(
+def _train_bundle(data, output: Path, *args, **kwargs) -> Bundle:
+    """``_train_unlocked`` while holding ``output`` (``exclusive_output``)."""
+    with exclusive_output(output):
+        return _train_unlocked(data, output, *args, **kwargs)
+
+
+def _train_unlocked(
     data,
     output: Path,
     role,
