@@ -279,3 +279,24 @@ def test_two_runs_never_write_one_model_and_crash_leftovers_are_cleared(tmp_path
     assert main(run) == 0  # the dead run's lock is taken over
     assert (tmp_path / "model" / "models" / "model.pt").is_file()
     assert not leftover.exists() and not (tmp_path / ".model.lock").exists()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: m["medkdsegment"].update(architecture={"name": "os.system", "kwargs": {}}),
+    lambda m: m["medkdsegment"].update(architecture={"name": "FastStudent", "kwargs": {"features": [10**6, 8, 8]}}),
+    lambda m: m["medkdsegment"].update(architecture={"name": "FastStudent", "kwargs": {"features": "x" * 10}}),
+    lambda m: m["medkdsegment"].update(architecture={"name": "FastStudent", "kwargs": {"colour": 3}}),
+    lambda m: m["medkdsegment"].update(format_version="1"),
+    lambda m: m["medkdsegment"].update(role=["student"]),
+    lambda m: m["network_data_format"]["outputs"]["pred"].update(channel_def={"zero": "background"}),
+], ids=["unknown network", "huge setting", "wrong type", "unknown setting", "version as text", "role as list",
+        "channel not a number"])
+def test_damaged_bundle_metadata_is_refused_before_anything_is_built(tmp_path, damage, capsys):
+    import json
+
+    bundle = make_bundle(tmp_path / "models" / "damaged").path
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    damage(metadata)
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    assert main(["info", str(bundle)]) == EXIT_ERROR
+    assert "error:" in capsys.readouterr().err

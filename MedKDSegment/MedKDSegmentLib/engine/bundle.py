@@ -28,7 +28,7 @@ from torch import nn
 from .errors import BundleError, InvalidInputError
 from .labels import Structure
 from .locations import user_models_dir
-from .networks import build_network, count_macs, count_parameters
+from .networks import architecture_problem, build_network, count_macs, count_parameters
 from .profiles import Profile
 from .unpaired import make_modality_specific, network_modalities
 from .volume import MODALITIES, normalize_modality, usual_permissions
@@ -177,7 +177,11 @@ class Bundle:
                 f"The weights of bundle '{self.name}' could not be read ({error}).",
                 "Re-create or re-download the bundle.",
             ) from error
-        network = build_network(self.info["architecture"], self.num_classes)
+        try:
+            network = build_network(self.info["architecture"], self.num_classes)
+        except (TypeError, ValueError) as error:  # settings the network does not take
+            raise BundleError(f"Bundle '{self.name}' describes a network that cannot be built ({error}).",
+                              "The bundle is inconsistent; re-create it.") from error
         if self.modality_specific:  # per-modality normalisation layers, in the recorded norm-index order
             _check_modalities(self.info, self.path)
             network = make_modality_specific(network, self.modalities)
@@ -256,14 +260,22 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     except (KeyError, TypeError):
         _require(False, path, "network_data_format.outputs.pred.channel_def or the medkdsegment section is missing")
     _require(
-        isinstance(channel_def, dict) and sorted(int(k) for k in channel_def) == list(range(len(channel_def))),
+        isinstance(channel_def, dict) and all(str(k).isdigit() for k in channel_def)
+        and sorted(int(k) for k in channel_def) == list(range(len(channel_def))) and 2 <= len(channel_def) <= 256,
         path,
-        "channel_def must name every output channel 0..N-1",
+        "channel_def must name every output channel 0..N-1 (2 to 256 of them)",
     )
+    _require(isinstance(info, dict), path, "the medkdsegment section is not an object")
     for key in ("role", "architecture", "preprocessing", "weights_sha256", "parameters", "format_version"):
         _require(key in info, path, f"medkdsegment.{key} is missing")
-    _require(info["role"] in ROLES, path, f"role '{info['role']}' is not one of {ROLES}")
+    _require(isinstance(info["role"], str) and info["role"] in ROLES, path,
+             f"role '{info['role']}' is not one of {ROLES}")
+    _require(isinstance(info["format_version"], int), path, "format_version is not a whole number")
     _require(info["format_version"] <= FORMAT_VERSION, path, "it was made by a newer MedKDSegment")
+    _require(isinstance(info["weights_sha256"], str) and len(info["weights_sha256"]) == 64, path,
+             "weights_sha256 is not a sha256")
+    problem = architecture_problem(info["architecture"])
+    _require(problem is None, path, str(problem))
     _require("name" in metadata, path, "name is missing")
     bundle = Bundle(path, metadata)
     try:

@@ -98,6 +98,28 @@ TEACHER_CONFIG = {
 STUDENT_CONFIG = {"name": "FastStudent", "kwargs": {"in_channels": 1, "features": [8, 16, 20]}}
 
 
+# Bounds on a bundle's architecture settings, checked before anything is built: no network here needs
+# more, and a hostile or damaged bundle must not make the machine allocate gigabytes first.
+MAX_SETTING = 4096
+MAX_LIST = 16
+
+
+def architecture_problem(config) -> str | None:
+    """What is wrong with an architecture ``{"name": ..., "kwargs": {...}}`` from a bundle, or None."""
+    if not isinstance(config, dict) or config.get("name") not in NETWORKS:
+        return f"architecture must name one of {', '.join(NETWORKS)}"
+    kwargs = config.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        return "architecture kwargs must be an object"
+    for key, value in kwargs.items():
+        items = value if isinstance(value, list) else [value]
+        if len(items) > MAX_LIST or not all(isinstance(v, (bool, int, float, str)) for v in items):
+            return f"architecture setting '{key}' must be a number, a word or a short list of numbers"
+        if any(not isinstance(v, (bool, str)) and not -MAX_SETTING <= v <= MAX_SETTING for v in items):
+            return f"architecture setting '{key}' = {value!r} is beyond any network's size"
+    return None
+
+
 def build_network(config: dict, out_channels: int) -> nn.Module:
     """Instantiate ``config = {"name": ..., "kwargs": {...}}`` with ``out_channels`` classes."""
     name = config.get("name")
