@@ -258,7 +258,7 @@ def main() -> int:
         (work / "all" / "images").mkdir(parents=True)
         for case, path in HEADS.items():  # links, never copies, of the real data
             (work / "all" / "images" / f"{case}{''.join(path.suffixes)}").symlink_to(path)
-        cases = load_cases(work / "all", teacher.student_profile, teacher.num_classes)  # teacher cached once
+        cases = load_cases(work / "all", teacher.student_profile, teacher.labels)  # teacher cached once
         loso, panels = [], []
         network = teacher.load_network()
         for held_out, path in HEADS.items():

@@ -33,6 +33,7 @@ from MedKDSegmentLib.engine.distillation import (
     validate_teacher_weights,
 )
 from MedKDSegmentLib.engine.errors import CancelledError, InvalidInputError
+from MedKDSegmentLib.engine.labels import label_names
 from MedKDSegmentLib.engine.losses import (
     ChannelWiseKD,
     PixelKD,
@@ -444,7 +445,7 @@ def test_cwd_plus_coteacher_learns_on_partly_unlabelled_data_and_is_recorded(tin
 
 
 def test_several_teachers_and_combined_terms_are_recorded_with_weights(tiny_data, teachers, tmp_path):
-    cases = load_cases(tiny_data, TINY_CT, NUM_CLASSES)  # an in-memory list works as data too
+    cases = load_cases(tiny_data, TINY_CT, label_names())  # an in-memory list works as data too
     config = TrainingConfig(
         epochs=2, steps_per_epoch=1, methods="kd:1+dist:0.5+hint:0.1+at+ctkd", ctkd_epochs=1, **FAST
     )
@@ -483,7 +484,7 @@ def test_teacher_assistant_chain_records_both_stages(tiny_data, teachers, tmp_pa
 
 
 def test_resumed_combined_run_equals_an_uninterrupted_one(tiny_data, teachers, tmp_path):
-    cases = load_cases(tiny_data, TINY_CT, NUM_CLASSES)
+    cases = load_cases(tiny_data, TINY_CT, label_names())
     config = TrainingConfig(epochs=2, steps_per_epoch=2, methods="ctkd+hint:0.1+coteacher", ctkd_epochs=1, **FAST)
     teacher = teachers[0].load_network()
     torch.manual_seed(0)

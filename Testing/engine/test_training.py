@@ -13,6 +13,7 @@ from tiny import TINY_CT, TINY_STUDENT, TINY_TEACHER
 from MedKDSegmentLib.engine.data import Case, load_cases, sample_batch
 from MedKDSegmentLib.engine.errors import CancelledError, InvalidInputError
 from MedKDSegmentLib.engine.inference import segment
+from MedKDSegmentLib.engine.labels import label_names
 from MedKDSegmentLib.engine.metrics import dice_per_label
 from MedKDSegmentLib.engine.networks import STUDENT_CONFIG, build_network
 from MedKDSegmentLib.engine.phantom import generate_phantom, write_phantom_dataset
@@ -109,7 +110,7 @@ def test_bad_labels_are_rejected_before_training(dataset, tmp_path):
 
 
 def test_resumed_run_equals_an_uninterrupted_one(dataset, tmp_path):
-    cases = load_cases(dataset, TINY_CT, 9)
+    cases = load_cases(dataset, TINY_CT, label_names())
     config = TrainingConfig(epochs=4, steps_per_epoch=3, learning_rate=5e-3, **FAST)
 
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from MedKDSegmentLib.engine.cli import main
 from MedKDSegmentLib.engine.data import load_cases
 from MedKDSegmentLib.engine.errors import BundleError, CancelledError, InvalidInputError
 from MedKDSegmentLib.engine.inference import predict_scores, segment
-from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES
+from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, label_names
 from MedKDSegmentLib.engine.metrics import dice_per_label
 from MedKDSegmentLib.engine.networks import build_network
 from MedKDSegmentLib.engine.phantom import generate_phantom, write_phantom_dataset
@@ -318,7 +318,7 @@ def test_catalog_offers_a_ct_mr_model_for_both_modalities(student, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_cases(folders):
-    return {m: load_cases(folders / m.lower(), PROFILES[m], NUM_CLASSES)[:2] for m in ("CT", "MR")}
+    return {m: load_cases(folders / m.lower(), PROFILES[m], label_names())[:2] for m in ("CT", "MR")}
 
 
 def test_teachers_add_per_modality_kd_and_are_recorded(small_cases, tmp_path):

@@ -300,3 +300,22 @@ def test_damaged_bundle_metadata_is_refused_before_anything_is_built(tmp_path, d
     (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
     assert main(["info", str(bundle)]) == EXIT_ERROR
     assert "error:" in capsys.readouterr().err
+
+
+def test_training_matches_a_slicer_segmentation_by_segment_name_and_refuses_an_unknown_one(tmp_path, capsys):
+    from MedKDSegmentLib.engine.data import load_cases
+    from MedKDSegmentLib.engine.labels import label_names
+    from MedKDSegmentLib.engine.profiles import CT_PROFILE
+    from MedKDSegmentLib.engine.segfile import write_seg_nrrd
+
+    image, labels = generate_phantom("CT", 9, size=(32, 32, 16), spacing=(8.0, 8.0, 8.0))
+    write_volume(image, tmp_path / "data" / "images" / "case.nii.gz")
+    liver = labels.with_array((labels.array == 1).astype(np.uint8) * 7)  # value 7, named "Liver"
+    write_seg_nrrd(liver, tmp_path / "data" / "labels" / "case.seg.nrrd", {7: "Liver"})
+    case = load_cases(tmp_path / "data", CT_PROFILE, label_names())[0]
+    assert set(np.unique(case.labels).tolist()) == {0, 1}  # 7 "Liver" became the table's liver, 1
+    write_seg_nrrd(liver, tmp_path / "data" / "labels" / "case.seg.nrrd", {7: "Tumour"})
+    run = ["--quiet", "train-teacher", "--modality", "CT", "--data", str(tmp_path / "data"), "--output",
+           str(tmp_path / "model"), "--device", "cpu", "--epochs", "1"]
+    assert main(run) == EXIT_ERROR
+    assert "'Tumour' do not match any label" in capsys.readouterr().err and not (tmp_path / "model").exists()

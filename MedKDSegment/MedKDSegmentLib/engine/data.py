@@ -17,6 +17,8 @@ import torch
 
 from .errors import InvalidInputError
 from .profiles import Profile, labels_to_model_grid, to_model_grid
+from .segfile import read_seg_nrrd_names
+from .segment_names import labels_by_segment_name
 from .volume import VOLUME_SUFFIXES, check_image, check_label_values, check_labels_match, read_volume
 
 
@@ -63,8 +65,9 @@ def find_pairs(folder: str | Path) -> list[tuple[Path, Path | None]]:
         )
     pairs = []
     for image in sorted(p for p in images.iterdir() if _is_volume(p) and not p.name.startswith(".")):
-        label = folder / "labels" / image.name
-        pairs.append((image, label if label.exists() else None))
+        # The same file name, or a Slicer segmentation of it (<stem>.seg.nrrd)
+        candidates = [folder / "labels" / image.name, folder / "labels" / f"{image.name.split('.')[0]}.seg.nrrd"]
+        pairs.append((image, next((c for c in candidates if c.exists()), None)))
     if not pairs:
         raise InvalidInputError(f"'{images}' holds no volumes.", "Add NIfTI/NRRD/MHA files or DICOM folders.")
     return pairs
@@ -73,10 +76,12 @@ def find_pairs(folder: str | Path) -> list[tuple[Path, Path | None]]:
 def load_cases(
     folder: str | Path,
     profile: Profile,
-    num_classes: int,
+    label_table: dict[int, str],
     progress: Callable[[float, str], None] | None = None,
 ) -> list[Case]:
-    """Read, check and prepare every case; bad cases are reported by name, not skipped silently."""
+    """Read, check and prepare every case; bad cases are reported by name, not skipped silently.
+    ``label_table`` is the model's (value -> name): a Slicer segmentation's values are matched to it by
+    segment name, a plain label map's must be its values."""
     pairs = find_pairs(folder)
     cases = []
     for index, (image_path, label_path) in enumerate(pairs):
@@ -87,7 +92,11 @@ def load_cases(
         if label_path is not None:
             label_volume = read_volume(label_path)
             label_volume = check_labels_match(image, label_volume, f"'{label_path}'")
-            check_label_values(label_volume, set(range(1, num_classes)), f"'{label_path}'")
+            segments = read_seg_nrrd_names(label_path)  # {} unless it is a Slicer segmentation
+            if segments:
+                label_volume = label_volume.with_array(
+                    labels_by_segment_name(label_volume.array, segments, label_table, what=f"'{label_path}'"))
+            check_label_values(label_volume, set(label_table), f"'{label_path}'")
             labels = labels_to_model_grid(label_volume, grid)
         cases.append(Case(image_path.name.split(".")[0], array, labels, source=image_path, grid=grid))
         if progress:

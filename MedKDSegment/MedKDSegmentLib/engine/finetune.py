@@ -52,7 +52,14 @@ from .inference import predict_labels
 from .labels import Structure
 from .metrics import dice_per_label
 from .profiles import labels_to_model_grid, to_model_grid
-from .segment_names import SegmentMatch, label_value, match_segment_names, normalize_name, parse_mapping  # noqa: F401
+from .segment_names import (  # noqa: F401
+    SegmentMatch,
+    label_value,
+    labels_by_segment_name,
+    match_segment_names,
+    normalize_name,
+    parse_mapping,
+)
 from .training import History, TrainingConfig, checkpoint_dir_for, fit, recalibrate_batch_norm
 from .volume import Volume, atomic_path, check_image, check_labels_match
 
@@ -107,17 +114,7 @@ def annotated_case(
     source = labelmap.array.astype(np.int64)
     target = np.zeros(source.shape, np.uint8)
     if segment_names is not None:
-        match = match_segment_names([segment_names[v] for v in sorted(segment_names)], model_labels, mapping)
-        match.raise_if_unknown()
-        for value, segment in segment_names.items():
-            if segment in match.matched:
-                target[source == value] = match.matched[segment]
-        stray = sorted(set(values.astype(int).tolist()) - set(segment_names) - {0})
-        if stray:
-            raise InvalidInputError(
-                f"The labels of case '{name}' hold values {stray[:8]} that belong to no named segment.",
-                "Save the segmentation from Slicer again, or give a label map with the model's values.",
-            )
+        target = labels_by_segment_name(source, segment_names, model_labels, mapping, f"The labels of case '{name}'")
     else:
         unknown = sorted(set(values.astype(int).tolist()) - set(model_labels) - {0})
         if unknown:

@@ -86,6 +86,32 @@ def match_segment_names(
     return result
 
 
+def labels_by_segment_name(
+    array: np.ndarray,
+    segment_names: dict[int, str],
+    model_labels: dict[int, str],
+    mapping: dict[str, int | str | None] | None = None,
+    what: str = "The labels",
+) -> np.ndarray:
+    """A segmentation's label values (``segment_names``: value -> segment name) turned into the model's by
+    name (``match_segment_names``): unknown names and values of no named segment are refused, skipped
+    segments become background."""
+    match = match_segment_names([segment_names[v] for v in sorted(segment_names)], model_labels, mapping)
+    match.raise_if_unknown()
+    source = np.asarray(array).astype(np.int64)
+    target = np.zeros(source.shape, np.uint8)
+    for value, segment in segment_names.items():
+        if segment in match.matched:
+            target[source == value] = match.matched[segment]
+    stray = sorted(set(np.unique(source).tolist()) - set(segment_names) - {0})
+    if stray:
+        raise InvalidInputError(
+            f"{what} hold values {stray[:8]} that belong to no named segment.",
+            "Save the segmentation from Slicer again, or give a label map with the model's values.",
+        )
+    return target
+
+
 def parse_mapping(maps: Iterable[str] = (), skips: Iterable[str] = ()) -> dict[str, str | None]:
     """CLI ``--map NAME=LABEL`` and ``--skip NAME`` options as a ``mapping`` dict."""
     mapping: dict[str, str | None] = {}

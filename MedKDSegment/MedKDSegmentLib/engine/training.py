@@ -40,7 +40,7 @@ from .distillation import (
 from .domain import record, scan_statistics
 from .errors import CancelledError, InvalidInputError
 from .inference import OVERLAP, ROI_SIZE, pad_to_multiple_of_8, predict_labels, predict_scores
-from .labels import ABDOMEN_STRUCTURES
+from .labels import ABDOMEN_STRUCTURES, label_names
 from .losses import SupervisedLoss
 from .metrics import dice_per_label
 from .networks import ASSISTANT_CONFIG, STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution, output_stride
@@ -632,7 +632,7 @@ def distill_chain(
     bundles = _resolve_teachers(teacher)
     validate_teacher_weights(config.teacher_weights, len(bundles))
     if not isinstance(data, (list, tuple)):  # read once, for both stages
-        data = load_cases(data, bundles[0].student_profile, bundles[0].num_classes, lambda f, m: report(0.02 * f, m))
+        data = load_cases(data, bundles[0].student_profile, bundles[0].labels, lambda f, m: report(0.02 * f, m))
     if assistant_output.exists():
         if not resume:
             raise InvalidInputError(
@@ -754,7 +754,7 @@ def _train_unlocked(
         if not cases:
             raise InvalidInputError("No training cases were given.", "Give a folder with images/ or a list of cases.")
     else:
-        cases = load_cases(data, profile, num_classes, lambda f, m: report(0.05 * f, m))
+        cases = load_cases(data, profile, label_names(structures), lambda f, m: report(0.05 * f, m))
     train_cases, validation = split_cases(cases, config.validation_fraction, config.seed)
     seed_everything(config.seed)
     network = build_network(architecture, num_classes)

@@ -50,7 +50,7 @@ from .distillation import (
     probe_channels,
 )
 from .errors import CancelledError, InvalidInputError
-from .labels import ABDOMEN_STRUCTURES
+from .labels import ABDOMEN_STRUCTURES, label_names
 from .losses import SupervisedLoss
 from .networks import STUDENT_CONFIG, build_network, full_resolution
 from .profiles import DEFAULT_PROFILES, Profile
@@ -305,7 +305,7 @@ def distill_unpaired(
             cases[modality] = source
         else:
             cases[modality] = load_cases(
-                source, chosen[modality], num_classes, lambda f, m, p=position: report(0.025 * (p + f), m)
+                source, chosen[modality], label_names(structures), lambda f, m, p=position: report(0.025 * (p + f), m)
             )
         if not cases[modality]:
             raise InvalidInputError(f"No {modality} cases were given.", f"Give a folder of {modality} images/labels.")
