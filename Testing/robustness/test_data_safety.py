@@ -319,3 +319,11 @@ def test_training_matches_a_slicer_segmentation_by_segment_name_and_refuses_an_u
            str(tmp_path / "model"), "--device", "cpu", "--epochs", "1"]
     assert main(run) == EXIT_ERROR
     assert "'Tumour' do not match any label" in capsys.readouterr().err and not (tmp_path / "model").exists()
+
+
+def test_a_layered_segmentation_is_named_as_such(tmp_path):
+    layers = sitk.Compose([sitk.Image([16, 16, 8], sitk.sitkUInt8)] * 2)
+    layers.SetMetaData("Segment0_Name", "liver")
+    sitk.WriteImage(layers, str(tmp_path / "case.seg.nrrd"))
+    with pytest.raises(InvalidInputError, match="overlapping segments"):
+        read_volume(tmp_path / "case.seg.nrrd")

@@ -161,6 +161,12 @@ def read_volume(path: str | os.PathLike, modality: str | None = None, series: st
             f"'{path}' could not be read as an image ({str(error).splitlines()[0][:200]}).",
             "Use a NIfTI, NRRD or MHA file or a DICOM series folder.",
         ) from error
+    if image.GetNumberOfComponentsPerPixel() != 1 and path.name.lower().endswith(".seg.nrrd"):
+        raise InvalidInputError(
+            f"'{path}' is a segmentation with overlapping segments ({image.GetNumberOfComponentsPerPixel()} "
+            "layers); one label per voxel is needed.",
+            "In Slicer, remove the overlaps (or export the segments you want as a labelmap) and save again.",
+        )
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InvalidInputError(
             f"'{path}' has {image.GetNumberOfComponentsPerPixel()} components per voxel.",
