@@ -327,3 +327,30 @@ def test_a_layered_segmentation_is_named_as_such(tmp_path):
     sitk.WriteImage(layers, str(tmp_path / "case.seg.nrrd"))
     with pytest.raises(InvalidInputError, match="overlapping segments"):
         read_volume(tmp_path / "case.seg.nrrd")
+
+
+@pytest.mark.parametrize("where", ["parent is a file", "name too long", "not UTF-8", "empty"])
+def test_an_output_path_no_file_can_have_is_refused_before_any_work(model, scan, tmp_path, where, capsys):
+    (tmp_path / "afile").write_text("x")
+    output = {"parent is a file": str(tmp_path / "afile" / "out"), "name too long": str(tmp_path / ("n" * 300)),
+              "not UTF-8": os.fsdecode(bytes(tmp_path) + b"/\xff\xfe"), "empty": ""}[where]
+    before = snapshot(tmp_path)
+    assert segment(model, scan, Path(output)) == EXIT_ERROR if output else main(
+        ["--quiet", "phantom", "--modality", "CT", "--size", "8", "8", "8", "--spacing", "8", "8", "8",
+         "--output", ""]) == EXIT_ERROR
+    assert "fix:" in capsys.readouterr().err and snapshot(tmp_path) == before
+    if where != "empty":
+        assert main(["--quiet", "phantom", "--modality", "CT", "--size", "8", "8", "8", "--spacing", "8", "8", "8",
+                     "--output", output]) == EXIT_ERROR
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("option, value", [("--seed", "-5"), ("--patch-size", "100000"), ("--learning-rate", "inf"),
+                                           ("--kd-weight", "nan"), ("--kd-weight", "-1")])
+def test_distillation_settings_no_run_can_use_are_refused(tmp_path, option, value, capsys):
+    image, labels = generate_phantom("CT", 7, size=(32, 32, 16), spacing=(8.0, 8.0, 8.0))
+    write_volume(image, tmp_path / "data" / "images" / "case.nii.gz")
+    values = [value] * 3 if option == "--patch-size" else [value]
+    code = main(["--quiet", "distill", "--teacher", "phantom-abdomen-ct-teacher", "--data", str(tmp_path / "data"),
+                 "--output", str(tmp_path / "model"), "--device", "cpu", option, *values])
+    assert code == EXIT_ERROR and "fix:" in capsys.readouterr().err and not (tmp_path / "model").exists()

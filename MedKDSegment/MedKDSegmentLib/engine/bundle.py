@@ -31,7 +31,7 @@ from .locations import user_models_dir
 from .networks import architecture_problem, build_network, count_macs, count_parameters
 from .profiles import Profile
 from .unpaired import make_modality_specific, network_modalities
-from .volume import MODALITIES, normalize_modality, usual_permissions
+from .volume import MODALITIES, check_output_path, normalize_modality, usual_permissions
 
 # 2 added medkdsegment.modalities (CT+MR bundles). Only those are written as 2: older readers,
 # which would rebuild the network without per-modality norms, refuse them by version; others stay 1.
@@ -485,6 +485,7 @@ def exclusive_output(output: Path) -> Iterator[None]:
     first lives (a lock whose process has died is taken over), and the staging folders of writes that
     crashed (``.partial-NAME-*``, which nothing else can own while the lock is held) are removed."""
     output = Path(output)
+    check_output_path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     lock = output.parent / f".{output.name}.lock"
     while True:

@@ -21,7 +21,7 @@ import torch
 
 from .errors import InvalidInputError
 from .labels import ABDOMEN_STRUCTURES
-from .volume import Volume, atomic_path, normalize_modality, write_volume
+from .volume import Volume, atomic_path, check_output_path, normalize_modality, write_volume
 
 DEFAULT_SIZE = (128, 128, 80)  # (x, y, z) voxels
 DEFAULT_SPACING = (3.0, 3.0, 3.0)  # (x, y, z) mm
@@ -974,7 +974,10 @@ def write_phantom_dataset(
     seed = _check_seed(seed)
     size, spacing = _check_grid(size, spacing)
     shift = _check_shift(shift)
+    if not str(folder).strip():
+        raise InvalidInputError("The dataset folder is empty.", "Give a folder path for the dataset.")
     folder = Path(folder)
+    check_output_path(folder / "dataset.json")
     if folder.exists() and not folder.is_dir():
         raise InvalidInputError(f"'{folder}' is a file, not a folder.", "Give a folder path for the dataset.")
 

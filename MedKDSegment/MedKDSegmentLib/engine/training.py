@@ -93,10 +93,17 @@ class TrainingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise InvalidInputError(f"{name.replace('_', ' ')} is {value!r}.", "Give a whole number of 1 or more.")
-        if len(self.patch_size) != 3 or any(not isinstance(p, numbers.Integral) or p < 8 for p in self.patch_size):
-            raise InvalidInputError(f"The patch size is {self.patch_size!r}.", "Give three whole numbers of 8 or more.")
-        if not self.learning_rate > 0:  # the methods' settings are checked where the methods are built
-            raise InvalidInputError(f"The learning rate is {self.learning_rate!r}.", "Give a number above 0.")
+        if len(self.patch_size) != 3 or any(not isinstance(p, numbers.Integral) or not 8 <= p <= 512
+                                            for p in self.patch_size):
+            raise InvalidInputError(f"The patch size is {self.patch_size!r}.",
+                                    "Give three whole numbers from 8 to 512.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise InvalidInputError(f"The seed is {self.seed!r}.", "Give a whole number of 0 or more.")
+        # the methods' own settings are checked where the methods are built
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise InvalidInputError(f"The learning rate is {self.learning_rate!r}.", "Give a finite number above 0.")
+        if not (math.isfinite(self.kd_weight) and self.kd_weight >= 0):
+            raise InvalidInputError(f"The KD weight is {self.kd_weight!r}.", "Give a finite number of 0 or more.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise InvalidInputError(f"The validation fraction is {self.validation_fraction}.",
                                     "Give 0 or more, below 1.")

@@ -199,10 +199,34 @@ def check_nifti_payload(path: Path) -> None:
                                 "Fix or mask those voxels before segmenting.")
 
 
+def check_output_path(path: Path) -> None:
+    """Refuse a path no file can be written to, before any work: a parent that is a file, a name longer than
+    the file system allows, or a name SimpleITK cannot take (not UTF-8)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"The output path {str(path)!r} is not valid UTF-8.",
+                                "Give an output path in plain characters.") from None
+    if not str(path):
+        raise InvalidInputError("The output path is empty.", "Give an output path.")
+    long = [part for part in path.parts if len(os.fsencode(part)) > 255]  # NAME_MAX of every common file system
+    if long:
+        raise InvalidInputError(f"The name '{long[0][:40]}…' is longer than file systems allow (255 bytes).",
+                                "Give a shorter output name.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInputError(f"'{parent}' is a file, so '{path}' cannot be made.",
+                                        "Give an output in a folder.")
+            break
+
+
 def check_outputs(inputs: list[Path], outputs: list[Path], overwrite: bool = False) -> None:
-    """Before any work: refuse an output that is an input (the same file, a link to it, or a file inside
-    an input DICOM folder), and one that exists unless ``overwrite``."""
+    """Before any work: refuse an output that cannot be written (``check_output_path``), one that is an
+    input (the same file, a link to it, or a file inside an input DICOM folder), and one that exists
+    unless ``overwrite``."""
     for output in outputs:
+        check_output_path(output)
         for source in inputs:
             inside = source.is_dir() and output.resolve().is_relative_to(source.resolve())
             if inside or (output.exists() and source.exists() and os.path.samefile(output, source)):
@@ -281,6 +305,7 @@ def usual_permissions(path: Path) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
     path = Path(path)
+    check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
     handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
