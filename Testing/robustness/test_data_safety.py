@@ -354,3 +354,14 @@ def test_distillation_settings_no_run_can_use_are_refused(tmp_path, option, valu
     code = main(["--quiet", "distill", "--teacher", "phantom-abdomen-ct-teacher", "--data", str(tmp_path / "data"),
                  "--output", str(tmp_path / "model"), "--device", "cpu", option, *values])
     assert code == EXIT_ERROR and "fix:" in capsys.readouterr().err and not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--seed", "-1"), ("--kd-weight", "nan"), ("--learning-rate", "inf")])
+def test_fine_tuning_settings_no_run_can_use_are_refused(scan, tmp_path, option, value, capsys):
+    image = read_volume(scan)
+    labels = image.with_array((image.array > 100).astype(np.uint8))
+    write_volume(labels, tmp_path / "labels.nii.gz")
+    code = main(["--quiet", "finetune", "--model", "phantom-abdomen-ct-student", "--image", str(scan), "--labels",
+                 str(tmp_path / "labels.nii.gz"), "--output", str(tmp_path / "tuned"), "--device", "cpu",
+                 option, value])
+    assert code == EXIT_ERROR and "fix:" in capsys.readouterr().err and not (tmp_path / "tuned").exists()

@@ -60,7 +60,7 @@ from .segment_names import (  # noqa: F401
     normalize_name,
     parse_mapping,
 )
-from .training import History, TrainingConfig, checkpoint_dir_for, fit, recalibrate_batch_norm
+from .training import History, TrainingConfig, check_run_settings, checkpoint_dir_for, fit, recalibrate_batch_norm
 from .volume import Volume, atomic_path, check_image, check_labels_match
 
 Progress = Callable[[float, str], None]
@@ -210,6 +210,9 @@ class FineTuneConfig:
     # statistics gathered over many volumes, and the running statistics are what inference uses.
     # (Re-estimating them on the fine-tuning case instead recovered about half as much of the CT shift.)
     freeze_batch_norm: bool = True
+
+    def __post_init__(self) -> None:
+        check_run_settings(self)
 
     def to_training_config(self) -> TrainingConfig:
         return TrainingConfig(

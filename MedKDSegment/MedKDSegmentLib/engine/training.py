@@ -88,30 +88,39 @@ class TrainingConfig:
     spatial_augmentation: float = 0.0
 
     def __post_init__(self) -> None:
-        """Refuse settings no run can use, before anything is built (exit code 2 on the command line)."""
-        for name in ("epochs", "steps_per_epoch", "batch_size", "ctkd_epochs"):
+        check_run_settings(self)
+        for name in ("ctkd_epochs",):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise InvalidInputError(f"{name.replace('_', ' ')} is {value!r}.", "Give a whole number of 1 or more.")
-        if len(self.patch_size) != 3 or any(not isinstance(p, numbers.Integral) or not 8 <= p <= 512
-                                            for p in self.patch_size):
-            raise InvalidInputError(f"The patch size is {self.patch_size!r}.",
-                                    "Give three whole numbers from 8 to 512.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise InvalidInputError(f"The seed is {self.seed!r}.", "Give a whole number of 0 or more.")
-        # the methods' own settings are checked where the methods are built
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise InvalidInputError(f"The learning rate is {self.learning_rate!r}.", "Give a finite number above 0.")
-        if not (math.isfinite(self.kd_weight) and self.kd_weight >= 0):
-            raise InvalidInputError(f"The KD weight is {self.kd_weight!r}.", "Give a finite number of 0 or more.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise InvalidInputError(f"The validation fraction is {self.validation_fraction}.",
                                     "Give 0 or more, below 1.")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise InvalidInputError(f"The time budget is {self.time_budget_s} s.", "Give a number of seconds above 0.")
         if not 0.0 <= self.spatial_augmentation <= 1.0:
             raise InvalidInputError(f"The spatial augmentation probability is {self.spatial_augmentation}.",
                                     "Give a probability from 0 to 1 (nnU-Net uses 0.2).")
+
+
+def check_run_settings(settings) -> None:
+    """Refuse settings no training run can use, before anything is built (exit code 2 on the command line):
+    the fields every run's settings share (training, distillation, fine-tuning). A method's own settings are
+    checked where the method is built."""
+    for name in ("epochs", "steps_per_epoch", "batch_size"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InvalidInputError(f"{name.replace('_', ' ')} is {value!r}.", "Give a whole number of 1 or more.")
+    patch = settings.patch_size
+    if len(patch) != 3 or any(not isinstance(p, numbers.Integral) or not 8 <= p <= 512 for p in patch):
+        raise InvalidInputError(f"The patch size is {patch!r}.", "Give three whole numbers from 8 to 512.")
+    if isinstance(settings.seed, bool) or not isinstance(settings.seed, numbers.Integral) or settings.seed < 0:
+        raise InvalidInputError(f"The seed is {settings.seed!r}.", "Give a whole number of 0 or more.")
+    if not (math.isfinite(settings.learning_rate) and settings.learning_rate > 0):
+        raise InvalidInputError(f"The learning rate is {settings.learning_rate!r}.", "Give a finite number above 0.")
+    if not (math.isfinite(settings.kd_weight) and settings.kd_weight >= 0):
+        raise InvalidInputError(f"The KD weight is {settings.kd_weight!r}.", "Give a finite number of 0 or more.")
+    budget = settings.time_budget_s
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise InvalidInputError(f"The time budget is {budget} s.", "Give a number of seconds above 0.")
 
 
 @dataclass
