@@ -88,7 +88,7 @@ def read_model_info(path: str | os.PathLike, source: str = "bundled") -> ModelIn
         raise BundleError(f"'{path}' is not a MedKDSegment model bundle (no {METADATA} or {WEIGHTS}).",
                           "Pick the bundle folder itself (it holds configs/ and models/).")
     try:
-        metadata = json.loads(meta_file.read_text())
+        metadata = json.loads(meta_file.read_text(encoding="utf-8"))
         channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
         info = metadata["medkdsegment"]
         modality = _modality_name(info["preprocessing"]["modality"])

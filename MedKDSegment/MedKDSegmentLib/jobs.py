@@ -354,7 +354,7 @@ def train_model(spec: dict, progress: Progress | None = None, cancel: Cancel | N
         checkpoints.mkdir(parents=True, exist_ok=True)
         record = {k: v for k, v in spec.items() if k not in ("id", "resume")}
         partial = checkpoints / f".{TRAINING_RUN_FILE}.partial"
-        partial.write_text(json.dumps(record, indent=1))
+        partial.write_text(json.dumps(record, indent=1), encoding="utf-8")
         os.replace(partial, checkpoints / TRAINING_RUN_FILE)
     try:
         bundle, assistant, epochs = _train(job, spec, output, user_folders, resume, progress, cancel)

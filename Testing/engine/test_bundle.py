@@ -22,7 +22,7 @@ from MedKDSegmentLib.engine.errors import BundleError
 
 
 def test_bundle_has_monai_layout_and_medkd_section(tiny_bundle):
-    metadata = json.loads((tiny_bundle.path / METADATA).read_text())
+    metadata = json.loads((tiny_bundle.path / METADATA).read_text(encoding="utf-8"))
     pred = metadata["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"]["0"] == "background"
     assert pred["channel_def"]["1"] == "liver"
@@ -86,7 +86,7 @@ def test_pickled_objects_are_refused_even_with_a_matching_checksum(tiny_bundle):
             return (print, ("code ran",))
 
     weights.write_bytes(pickle.dumps({"x": Payload()}))
-    metadata = json.loads((tiny_bundle.path / METADATA).read_text())
+    metadata = json.loads((tiny_bundle.path / METADATA).read_text(encoding="utf-8"))
     from MedKDSegmentLib.engine.bundle import sha256_of
 
     metadata["medkdsegment"]["weights_sha256"] = sha256_of(weights)
@@ -107,7 +107,7 @@ def test_pickled_objects_are_refused_even_with_a_matching_checksum(tiny_bundle):
 )
 def test_invalid_metadata_is_named(tiny_bundle, damage, message):
     path = tiny_bundle.path / METADATA
-    metadata = json.loads(path.read_text())
+    metadata = json.loads(path.read_text(encoding="utf-8"))
     damage(metadata)
     path.write_text(json.dumps(metadata))
     with pytest.raises(BundleError, match=message):

@@ -84,4 +84,5 @@ def test_demo_compares_both_modalities_and_shows_the_real_student_on_a_head(shar
     assert summary["head"]["model"] == BRAIN_STUDENT and summary["head"]["teacher"] == "hd-bet"
     assert 800 < summary["head"]["brain_ml"] < 2000
     assert (tmp_path / "head_brain.nii.gz").is_file() and (tmp_path / "head_brain.seg.nrrd").is_file()
-    assert "Real head" in (tmp_path / "report.md").read_text() and any("ml of brain" in line for line in lines)
+    assert "Real head" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert any("ml of brain" in line for line in lines)

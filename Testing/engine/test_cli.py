@@ -69,7 +69,7 @@ def test_phantom_writes_pairs_on_the_same_grid(phantom_folder):
     assert [p.name for p in images] == ["case_000.nii.gz", "case_001.nii.gz"]
     image, labels = read_volume(images[0]), read_volume(phantom_folder / "labels" / images[0].name)
     assert image.same_grid(labels) and image.shape == (32, 40, 48)
-    assert json.loads((phantom_folder / "dataset.json").read_text())["modality"] == "CT"
+    assert json.loads((phantom_folder / "dataset.json").read_text(encoding="utf-8"))["modality"] == "CT"
 
 
 def test_segment_file_and_folder_then_compare(phantom_folder, tmp_path):
@@ -117,7 +117,7 @@ def test_segment_file_and_folder_then_compare(phantom_folder, tmp_path):
         report,
         "--no-hd95",
     )
-    rows = json.loads(report.read_text())
+    rows = json.loads(report.read_text(encoding="utf-8"))
     assert [r["structure"] for r in rows][:2] == ["liver", "spleen"]
     assert all(r["dice_first_vs_second"] in (1.0, None) for r in rows)  # same model, same input
     assert "mean" in result.stdout

@@ -388,7 +388,7 @@ def test_write_dataset_writes_readable_matching_pairs(tmp_path) -> None:
     np.testing.assert_allclose(read_volume(pairs[0][0]).array, first_image.array, rtol=1e-6)
     assert not np.array_equal(read_volume(pairs[0][1]).array, read_volume(pairs[1][1]).array)
 
-    description = json.loads((tmp_path / "mr" / "dataset.json").read_text())
+    description = json.loads((tmp_path / "mr" / "dataset.json").read_text(encoding="utf-8"))
     assert description["modality"] == "MR"
     assert description["count"] == 2
     assert description["seed"] == 4

@@ -215,7 +215,7 @@ def test_one_bundle_segments_ct_and_mr_each_with_its_own_normalisation(student, 
     assert bundle.modality == "CT+MR" and bundle.modalities == ("CT", "MR") and bundle.modality_specific
     assert bundle.profile == TINY_CT  # the primary profile stays for older readers
     assert bundle.profile_for("mr") == TINY_MR
-    metadata = json.loads((bundle.path / "configs" / "metadata.json").read_text())
+    metadata = json.loads((bundle.path / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["network_data_format"]["inputs"]["image"]["modality"] == "CT+MR"
     assert metadata["medkdsegment"]["format_version"] == 2  # older readers refuse it rather than mis-load it
     section = metadata["medkdsegment"]["modalities"]
@@ -281,7 +281,7 @@ def test_bad_modality_metadata_is_a_clear_bundle_error(tmp_path, edit, message):
         structures=ABDOMEN_STRUCTURES, method={"name": "untrained"},
     )
     meta_file = bundle.path / "configs" / "metadata.json"
-    metadata = json.loads(meta_file.read_text())
+    metadata = json.loads(meta_file.read_text(encoding="utf-8"))
     edit(metadata["medkdsegment"]["modalities"])
     meta_file.write_text(json.dumps(metadata))
     with pytest.raises(BundleError, match=message):

@@ -268,7 +268,8 @@ def test_two_runs_never_write_one_model_and_crash_leftovers_are_cleared(tmp_path
            "1", "--patch-size", "16", "16", "16"]
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / ".model.lock").write_text(str(other.pid))  # a run that is still going
+        (tmp_path / "model.checkpoint").mkdir()
+        (tmp_path / "model.checkpoint" / "run.lock").write_text(str(other.pid))  # a run that is still going
         assert main(run) == EXIT_ERROR and "Another run" in capsys.readouterr().err
         assert not (tmp_path / "model").exists()
     finally:
@@ -278,7 +279,7 @@ def test_two_runs_never_write_one_model_and_crash_leftovers_are_cleared(tmp_path
     (leftover / "models").mkdir(parents=True)
     assert main(run) == 0  # the dead run's lock is taken over
     assert (tmp_path / "model" / "models" / "model.pt").is_file()
-    assert not leftover.exists() and not (tmp_path / ".model.lock").exists()
+    assert not leftover.exists() and not (tmp_path / "model.checkpoint").exists()
 
 
 @pytest.mark.parametrize("damage", [
@@ -295,7 +296,7 @@ def test_damaged_bundle_metadata_is_refused_before_anything_is_built(tmp_path, d
     import json
 
     bundle = make_bundle(tmp_path / "models" / "damaged").path
-    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     damage(metadata)
     (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
     assert main(["info", str(bundle)]) == EXIT_ERROR

@@ -3,6 +3,7 @@ by UID. Each test writes its own series; the real 20-slice CT series is used whe
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,16 @@ from MedKDSegmentLib.engine.volume import read_volume
 
 
 def write_series(folder: Path, uid: str, description: str, skip: tuple[int, ...] = (), names=None) -> int:
-    """A CT phantom as a DICOM series (one file per slice, positions in the headers); returns its slices."""
+    """A CT phantom as a DICOM series (one file per slice, positions in the headers); returns its slices.
+    GDCM's writer sets the process's locale to "C" (text would then read as ASCII): it is restored."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_series(folder, uid, description, skip, names)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(folder: Path, uid: str, description: str, skip: tuple[int, ...], names) -> int:
     image = sitk.Cast(generate_phantom("CT", 4, size=(32, 32, 10), spacing=(8.0, 8.0, 6.0))[0].to_sitk(),
                       sitk.sitkInt16)
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ SCENE_LAYER = sorted((LIB / "scene").glob("*.py"))
 
 
 def imported_roots(path: Path, top_level_only: bool = False) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = tree.body if top_level_only else ast.walk(tree)
     roots = set()
     for node in nodes:

@@ -145,7 +145,7 @@ def test_compare_models_table_has_run_time_parameters_and_device(compared, model
     rows = comparison.table_rows(result.modelsTable)
     assert [r["Role"] for r in rows] == ["teacher", "student"]
     for row, role in zip(rows, ("teacher", "student")):
-        metadata = json.loads((models_dir / f"selftest-ct-{role}" / catalog.METADATA).read_text())
+        metadata = json.loads((models_dir / f"selftest-ct-{role}" / catalog.METADATA).read_text(encoding="utf-8"))
         assert row["Parameters"] == metadata["medkdsegment"]["parameters"]
         assert row["Run time"] > 0
         assert row["Device"].startswith("cpu")

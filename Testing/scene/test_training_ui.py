@@ -58,7 +58,7 @@ def teachers(models_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 def metadata(path: Path) -> dict:
-    return json.loads((Path(path) / "configs" / "metadata.json").read_text())["medkdsegment"]
+    return json.loads((Path(path) / "configs" / "metadata.json").read_text(encoding="utf-8"))["medkdsegment"]
 
 
 def listing(folder: Path) -> list[str]:

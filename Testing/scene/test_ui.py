@@ -33,7 +33,7 @@ def widget_names(ui) -> dict[str, str]:
 def ui_attributes_used(source: Path) -> set[str]:
     """Every ``self.ui.<name>`` in the module."""
     names = set()
-    for node in ast.walk(ast.parse(source.read_text())):
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
                 and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
             names.add(node.attr)
@@ -66,7 +66,7 @@ def test_connections_name_existing_widgets(ui):
 
 def test_parameter_names_in_the_ui_are_parameter_node_fields(ui):
     """Widgets bound with the SlicerParameterName dynamic property must name a parameter node field."""
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     wrapped = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedKDSegmentParameterNode")
     assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in wrapped.decorator_list)
     fields = {n.target.id for n in wrapped.body if isinstance(n, ast.AnnAssign)}
@@ -102,7 +102,7 @@ def test_fine_tune_section_binds_its_budget_to_the_parameter_node(ui):
     epochs, minutes = widgets["fineTuneEpochsSpinBox"], widgets["fineTuneMinutesSpinBox"]
     assert epochs.findtext("property[@name='value']/number") == "15"
     assert minutes.findtext("property[@name='specialValueText']/string") == "none"  # 0 minutes = no limit
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     wrapped = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedKDSegmentParameterNode")
     defaults = {n.target.id: ast.literal_eval(n.value) for n in wrapped.body if isinstance(n, ast.AnnAssign) and n.value
                 is not None and isinstance(n.value, ast.Constant)}

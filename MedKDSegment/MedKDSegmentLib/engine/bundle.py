@@ -14,8 +14,6 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +29,7 @@ from .locations import user_models_dir
 from .networks import architecture_problem, build_network, count_macs, count_parameters
 from .profiles import Profile
 from .unpaired import make_modality_specific, network_modalities
-from .volume import MODALITIES, check_output_path, normalize_modality, usual_permissions
+from .volume import MODALITIES, normalize_modality, usual_permissions
 
 # 2 added medkdsegment.modalities (CT+MR bundles). Only those are written as 2: older readers,
 # which would rebuild the network without per-modality norms, refuse them by version; others stay 1.
@@ -250,7 +248,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     _require(meta_file.is_file(), path, f"{METADATA} is missing")
     _require((path / WEIGHTS).is_file(), path, f"{WEIGHTS} is missing")
     try:
-        metadata = json.loads(meta_file.read_text())
+        metadata = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"'{meta_file}' is not valid JSON ({error}).", "Re-create the bundle.") from error
     _require(isinstance(metadata, dict), path, "metadata.json is not an object")
@@ -460,55 +458,13 @@ def save_bundle(
                 }
                 for index, m in enumerate(modalities)
             }
-        (staging / METADATA).write_text(json.dumps(metadata, indent=2))
+        (staging / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
         usual_permissions(staging)
         os.rename(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(folder)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def exclusive_output(output: Path) -> Iterator[None]:
-    """One run at a time writes the bundle ``output``: a lock file beside it refuses a second run while the
-    first lives (a lock whose process has died is taken over), and the staging folders of writes that
-    crashed (``.partial-NAME-*``, which nothing else can own while the lock is held) are removed."""
-    output = Path(output)
-    check_output_path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    lock = output.parent / f".{output.name}.lock"
-    while True:
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and owner != os.getpid() and _running(owner):
-                raise InvalidInputError(f"Another run (process {owner}) is writing '{output}'.",
-                                        "Wait for it to finish, or choose another output name.") from None
-            lock.unlink(missing_ok=True)
-    os.write(handle, str(os.getpid()).encode())
-    os.close(handle)
-    try:
-        for leftover in output.parent.glob(f".partial-{output.name}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def _reference(bundle: Bundle | None) -> dict | None:

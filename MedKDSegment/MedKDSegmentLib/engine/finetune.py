@@ -630,7 +630,7 @@ def fine_tune(
                 f"An interrupted fine-tuning run left a checkpoint in '{checkpoint_dir}'.",
                 "Resume it (--resume / resume=True), or delete that folder to start again.",
             )
-        if run_file.exists() and json.loads(run_file.read_text()) != record:
+        if run_file.exists() and json.loads(run_file.read_text(encoding="utf-8")) != record:
             raise InvalidInputError(
                 f"The checkpoint in '{checkpoint_dir}' belongs to another fine-tuning run "
                 "(other parent, cases, annotated structures or settings).",
@@ -680,7 +680,7 @@ def fine_tune(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not run_file.exists():
         with atomic_path(run_file) as temporary:
-            temporary.write_text(json.dumps(record, indent=2))
+            temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")
     epochs_before = 0
     if resume and (checkpoint_dir / "checkpoint.pt").exists():
         epochs_before = int(torch.load(checkpoint_dir / "checkpoint.pt", weights_only=True)["epoch"])

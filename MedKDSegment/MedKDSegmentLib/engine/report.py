@@ -45,13 +45,13 @@ def write_json(data: object, path: str | os.PathLike) -> Path:
         return value
 
     with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(clean(data), indent=2))
+        temporary.write_text(json.dumps(clean(data), indent=2), encoding="utf-8")
     return Path(path)
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
     with atomic_path(path) as temporary:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")
     return Path(path)
 
 

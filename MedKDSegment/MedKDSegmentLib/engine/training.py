@@ -13,7 +13,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .augment import training_batch
-from .bundle import Bundle, exclusive_output, load_bundle, resolve_bundle, save_bundle
+from .bundle import Bundle, load_bundle, resolve_bundle, save_bundle
 from .data import Case, load_cases
 from .device import select_device
 from .distillation import (
@@ -46,7 +47,7 @@ from .metrics import dice_per_label
 from .networks import ASSISTANT_CONFIG, STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution, output_stride
 from .pipelines import PipelineTeacher
 from .profiles import DEFAULT_PROFILES, Profile
-from .volume import normalize_modality
+from .volume import check_output_path, normalize_modality
 
 Progress = Callable[[float, str], None]
 # fit's ``teacher``: one network, several, or several with weights.
@@ -532,6 +533,53 @@ def save_checkpoint(path: Path, network, optimizer, scheduler, history, epoch: i
 
 def checkpoint_dir_for(output: Path) -> Path:
     return output.parent / f"{output.name}.checkpoint"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def exclusive_output(output: Path) -> Iterator[None]:
+    """One run at a time writes the model ``output``: a lock in its checkpoint folder (where an interrupted
+    run's state lives) refuses a second run while the first lives (a lock whose process has died is taken
+    over), and the staging folders of bundle writes that crashed (``.partial-NAME-*``, which nothing else
+    can own while the lock is held) are removed."""
+    output = Path(output)
+    check_output_path(output)
+    folder = checkpoint_dir_for(output)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "run.lock"
+    while True:
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text(encoding="utf-8").strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _running(owner):
+                raise InvalidInputError(f"Another run (process {owner}) is writing '{output}'.",
+                                        "Wait for it to finish, or choose another output name.") from None
+            lock.unlink(missing_ok=True)
+    os.write(handle, str(os.getpid()).encode())
+    os.close(handle)
+    try:
+        for leftover in output.parent.glob(f".partial-{output.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # a run refused before training leaves nothing behind
 
 
 def train_teacher(

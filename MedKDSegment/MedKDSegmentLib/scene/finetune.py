@@ -54,7 +54,7 @@ def interrupted_runs(folders: Iterable, parent_sha256: str | None) -> list[Path]
             if output.exists() or not (checkpoint / CHECKPOINT_FILE).is_file():
                 continue
             try:
-                record = json.loads(run_file.read_text())
+                record = json.loads(run_file.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
             if parent_sha256 and record.get("parent_sha256") == parent_sha256:

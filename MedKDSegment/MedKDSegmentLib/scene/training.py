@@ -143,7 +143,7 @@ def training_record(output) -> dict:
     """The job spec an interrupted run at ``output`` was started with (``jobs.train_model`` wrote it)."""
     run_file = Path(output).with_name(Path(output).name + CHECKPOINT_SUFFIX) / RUN_FILE
     try:
-        return json.loads(run_file.read_text())
+        return json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise InvalidInputError(f"There is no interrupted training run at '{output}' ({error}).",
                                 "Start a new run instead.") from error
