@@ -84,6 +84,8 @@ def overlay_figure(
             axis.imshow(lut[labels.array[z]], aspect=aspect, interpolation="nearest")
             axis.set_title(f"{title}: {name}", fontsize=10)
             axis.axis("off")
+        for axis in axes[row, len(overlays):]:  # a row with fewer overlays leaves its other cells blank
+            axis.axis("off")
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=90, format="png")
