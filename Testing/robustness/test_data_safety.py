@@ -67,7 +67,7 @@ def test_an_output_inside_an_input_dicom_folder_is_refused(model, tmp_path, caps
         writer.Execute(slice_image)
     before = snapshot(series)
     assert segment(model, series, series / "labels") == EXIT_ERROR
-    assert "would replace the input" in capsys.readouterr().err and snapshot(series) == before
+    assert "inside the input folder" in capsys.readouterr().err and snapshot(series) == before
 
 
 def test_an_existing_output_is_kept_unless_overwrite_is_given(model, scan, tmp_path, capsys):

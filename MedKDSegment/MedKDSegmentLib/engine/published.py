@@ -274,7 +274,8 @@ def read_weights(teacher: PublishedTeacher, package_file: Path, progress: Progre
     from .bundle import sha256_of
 
     if not package_file.is_file():
-        raise InvalidInputError(f"'{package_file}' does not exist.", f"Give the path of '{teacher.filename}'.")
+        problem = "is a folder" if package_file.is_dir() else "does not exist"
+        raise InvalidInputError(f"'{package_file}' {problem}.", f"Give the path of the file '{teacher.filename}'.")
     digest = sha256_of(package_file)
     if digest != teacher.sha256:
         raise BundleError(

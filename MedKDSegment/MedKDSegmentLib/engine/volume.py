@@ -228,8 +228,10 @@ def check_outputs(inputs: list[Path], outputs: list[Path], overwrite: bool = Fal
     for output in outputs:
         check_output_path(output)
         for source in inputs:
-            inside = source.is_dir() and output.resolve().is_relative_to(source.resolve())
-            if inside or (output.exists() and source.exists() and os.path.samefile(output, source)):
+            if source.is_dir() and output.resolve().is_relative_to(source.resolve()):
+                raise InvalidInputError(f"The output '{output}' would be written inside the input folder '{source}'.",
+                                        "Give an --output elsewhere; inputs are never written to.")
+            if output.exists() and source.exists() and os.path.samefile(output, source):
                 raise InvalidInputError(f"The output '{output}' would replace the input '{source}'.",
                                         "Give an --output elsewhere; inputs are never written to.")
         if output.exists() and not overwrite:
@@ -285,9 +287,11 @@ def check_labels_match(image: Volume, labels: Volume, name: str = "the label vol
         if image.same_grid(reoriented):
             return reoriented
         raise InvalidInputError(
-            f"{name} does not lie on its image's grid (image {image.shape} spacing "
-            f"{np.round(image.spacing, 3).tolist()}, labels {labels.shape} spacing "
-            f"{np.round(labels.spacing, 3).tolist()}).",
+            f"{name} does not lie on its image's grid (image {image.shape}, spacing "
+            f"{np.round(image.spacing, 3).tolist()}, origin {np.round(image.origin, 3).tolist()}, direction "
+            f"{np.round(image.direction, 3).tolist()}; labels {labels.shape}, spacing "
+            f"{np.round(labels.spacing, 3).tolist()}, origin {np.round(labels.origin, 3).tolist()}, direction "
+            f"{np.round(labels.direction, 3).tolist()}).",
             "Resample the labels onto the image (same size, spacing, origin and direction).",
         )
     return labels
