@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from test_hdbet import REFERENCE_ENV
+from installed_teachers import REFERENCE_ENV, installed_teacher
 
 from MedKDSegmentLib.engine import deepbet
-from MedKDSegmentLib.engine.bundle import resolve_bundle
-from MedKDSegmentLib.engine.errors import BundleError, InvalidInputError
+from MedKDSegmentLib.engine.errors import InvalidInputError
 from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.volume import Volume, read_volume
 
@@ -62,10 +61,7 @@ def test_pipeline_finds_the_bright_object_on_the_input_array_whatever_its_orient
 
 @pytest.fixture(scope="module")
 def deepbet_bundle():
-    try:
-        return resolve_bundle("deepbet")
-    except BundleError:
-        pytest.skip("deepbet is not installed in the user's models folder ('medkd teachers get deepbet')")
+    return installed_teacher("deepbet")
 
 
 def test_published_deepbet_equals_the_original_package_on_the_real_heads(deepbet_bundle, shared_data):

@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from installed_teachers import REFERENCE_ENV, installed_teacher
 
 from MedKDSegmentLib.engine import hdbet
-from MedKDSegmentLib.engine.bundle import resolve_bundle
-from MedKDSegmentLib.engine.errors import BundleError
 from MedKDSegmentLib.engine.volume import Volume, read_volume
-
-REFERENCE_ENV = "MEDKDSEGMENT_TEACHER_REFERENCE"  # masks of scripts/teacher_reference.py (original packages)
 
 
 def test_rebuilt_network_has_the_published_parameter_count_and_module_names():
@@ -126,10 +123,7 @@ def test_working_grid_covers_the_inputs_box_and_labels_come_back_on_the_inputs_a
 
 @pytest.fixture(scope="module")
 def hdbet_bundle():
-    try:
-        return resolve_bundle("hd-bet")
-    except BundleError:
-        pytest.skip("HD-BET is not installed in the user's models folder ('medkd teachers get hd-bet')")
+    return installed_teacher("hd-bet")
 
 
 def test_published_hdbet_finds_a_plausible_brain_in_a_real_head(hdbet_bundle, shared_data):

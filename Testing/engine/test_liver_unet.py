@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from test_hdbet import REFERENCE_ENV
+from installed_teachers import REFERENCE_ENV, installed_teacher
 
 from MedKDSegmentLib.engine import liver_unet
-from MedKDSegmentLib.engine.bundle import resolve_bundle
-from MedKDSegmentLib.engine.errors import BundleError, InvalidInputError
+from MedKDSegmentLib.engine.errors import InvalidInputError
 from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.volume import read_volume
 
@@ -119,10 +118,7 @@ def test_a_ct_without_lungs_or_body_is_refused_with_a_reason():
 
 @pytest.fixture(scope="module")
 def liver_bundle():
-    try:
-        return resolve_bundle("liver-unet")
-    except BundleError:
-        pytest.skip("liver-unet is not installed in the user's models folder ('medkd teachers get liver-unet')")
+    return installed_teacher("liver-unet")
 
 
 def test_published_liver_unet_equals_the_original_package_on_the_real_ct(liver_bundle, shared_data):

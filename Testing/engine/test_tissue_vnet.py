@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from test_hdbet import REFERENCE_ENV
+from installed_teachers import REFERENCE_ENV, installed_teacher
 
 from MedKDSegmentLib.engine import tissue_vnet
-from MedKDSegmentLib.engine.bundle import resolve_bundle
-from MedKDSegmentLib.engine.errors import BundleError, InvalidInputError
+from MedKDSegmentLib.engine.errors import InvalidInputError
 from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.volume import Volume, read_volume
 
@@ -88,10 +87,7 @@ def test_pipeline_labels_the_foreground_box_on_the_input_array_and_background_ou
 
 @pytest.fixture(scope="module")
 def tissue_bundle():
-    try:
-        return resolve_bundle("tissue-vnet")
-    except BundleError:
-        pytest.skip("tissue-vnet is not installed in the user's models folder ('medkd teachers get tissue-vnet')")
+    return installed_teacher("tissue-vnet")
 
 
 def test_published_tissue_vnet_equals_the_original_package_on_real_brains(tissue_bundle):
