@@ -19,5 +19,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   echo "Installing $(basename "$requirements") into .venv (first run takes a few minutes) ..." >&2
   "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
   "$venv/bin/python" -m pip install --quiet -r "$requirements" >&2
+  "$venv/bin/python" -m pip install --quiet --no-deps -r "$root/requirements-nodeps.txt" >&2
   echo "$digest" > "$stamp"
 fi

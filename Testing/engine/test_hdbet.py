@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from installed_teachers import REFERENCE_ENV, installed_teacher
 
-from MedKDSegmentLib.engine import hdbet
+from MedKDSegmentLib.engine import hdbet, profiles
 from MedKDSegmentLib.engine.volume import Volume, read_volume
 
 
@@ -45,13 +45,13 @@ def test_ensemble_output_softmax_is_the_mean_of_the_folds_softmax():
 
 def test_resize_keeps_a_constant_and_the_range_and_nearest_keeps_label_values():
     constant = np.full((10, 12, 7), 3.5, np.float32)
-    assert np.allclose(hdbet.resize(constant, (15, 8, 11), order=3), 3.5, atol=1e-5)
+    assert np.allclose(profiles.resize(constant, (15, 8, 11), order=3), 3.5, atol=1e-5)
     ramp = np.random.default_rng(0).normal(size=(9, 9, 9)).astype(np.float32)
-    out = hdbet.resize(ramp, (20, 5, 13), order=3)
+    out = profiles.resize(ramp, (20, 5, 13), order=3)
     assert out.shape == (20, 5, 13) and out.min() >= ramp.min() and out.max() <= ramp.max()
     labels = np.zeros((8, 8, 8), np.uint8)
     labels[2:6, 2:6, 2:6] = 1
-    assert set(np.unique(hdbet.resize(labels, (13, 5, 9), order=0))) == {0, 1}
+    assert set(np.unique(profiles.resize(labels, (13, 5, 9), order=0))) == {0, 1}
 
 
 def test_preprocess_resamples_to_1_5_mm_and_z_scores():

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import CancelledError
-from .profiles import resample_probabilities
+from .profiles import resample_probabilities, resize
 from .volume import Volume
 
 SPACING = (1.5, 1.5, 1.5)  # mm, isotropic; the same in every axis order
@@ -192,16 +192,6 @@ class HDBETResult:
         """The averaged probabilities (C, z, y, x) resampled linearly onto ``target`` (any grid, e.g. a
         student's model grid); background beyond the head. ``volume`` is the one segmented."""
         return resample_probabilities(self.probabilities, working_grid(volume), target)
-
-
-def resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
-    """scikit-image's ``resize(array, shape, order, mode="edge", anti_aliasing=False)``, without the
-    dependency: a spline zoom with ``grid_mode=True``, clipped to the input's range."""
-    zoom = [1 / f for f in np.divide(array.shape, shape)]  # as scikit-image computes it
-    out = ndimage.zoom(array, zoom, order=order, mode="nearest", grid_mode=True)
-    if order > 0:
-        np.clip(out, array.min(), array.max(), out=out)
-    return out
 
 
 def new_shape(shape: tuple[int, ...], old_spacing: tuple[float, ...], new_spacing: tuple[float, ...]) -> tuple:

@@ -17,6 +17,8 @@ from torch.nn import functional as F
 from .deepbet import DeepBETModels
 from .hdbet import HDBETEnsemble
 from .liver_unet import LiverUNet
+from .nnunet import NnUNetEnsemble
+from .nnunet import architecture_problem as nnunet_architecture_problem
 from .tissue_vnet import SpacingVNet
 
 
@@ -81,6 +83,7 @@ NETWORKS = {
     "DeepBETModels": DeepBETModels,
     "SpacingVNet": SpacingVNet,
     "LiverUNet": LiverUNet,
+    "NnUNetEnsemble": NnUNetEnsemble,
 }
 
 TEACHER_CONFIG = {
@@ -111,6 +114,8 @@ def architecture_problem(config) -> str | None:
     kwargs = config.get("kwargs", {})
     if not isinstance(kwargs, dict):
         return "architecture kwargs must be an object"
+    if config["name"] == "NnUNetEnsemble":  # nested settings from nnU-Net's plans, checked there
+        return nnunet_architecture_problem(kwargs)
     for key, value in kwargs.items():
         items = value if isinstance(value, list) else [value]
         if len(items) > MAX_LIST or not all(isinstance(v, (bool, int, float, str)) for v in items):

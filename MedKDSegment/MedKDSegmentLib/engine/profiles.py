@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .errors import InvalidInputError
 from .volume import Volume, normalize_modality
@@ -183,6 +184,16 @@ def _resample_box(
     return sitk.GetArrayFromImage(
         sitk.Resample(image, target, sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32)
     )
+
+
+def resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+    """scikit-image's ``resize(array, shape, order, mode="edge", anti_aliasing=False)``, without the
+    dependency: a spline zoom with ``grid_mode=True``, clipped to the input's range."""
+    zoom = [1 / f for f in np.divide(array.shape, shape)]  # as scikit-image computes it
+    out = ndimage.zoom(array, zoom, order=order, mode="nearest", grid_mode=True)
+    if order > 0:
+        np.clip(out, array.min(), array.max(), out=out)
+    return out
 
 
 def resample_probabilities(channels: np.ndarray, source: sitk.Image, target: sitk.Image) -> np.ndarray:

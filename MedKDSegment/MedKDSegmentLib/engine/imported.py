@@ -1,0 +1,167 @@
+"""The user's own models as teachers: ``medkd import-teacher PATH`` turns an nnU-Net v2 result folder, a MONAI
+Model Zoo bundle or a TorchScript file into a teacher bundle in the user's models folder.
+
+The source is only read, never modified. The bundle records where it came from (path, each file's sha256,
+framework and version), so a teacher can always be traced to the files it was made from; it is written
+atomically and never replaces an existing model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .bundle import Bundle, load_bundle, save_bundle, sha256_of
+from .errors import BundleError, InvalidInputError
+from .labels import Structure
+from .locations import user_models_dir
+from .profiles import Profile
+
+Progress = Callable[[float, str], None]
+FORMATS = ("nnunet-v2", "monai-bundle", "torchscript")
+# Distinct colours for imported labels (the first ones; grey beyond), in the style of Slicer's label colours.
+PALETTE = ((0.867, 0.510, 0.396), (0.616, 0.424, 0.635), (0.722, 0.478, 0.345), (0.882, 0.290, 0.263),
+           (0.945, 0.839, 0.569), (0.000, 0.592, 0.808), (0.565, 0.933, 0.565), (0.980, 0.859, 0.541),
+           (0.694, 0.478, 0.396), (0.435, 0.722, 0.824), (0.847, 0.396, 0.310), (0.867, 0.800, 0.620))
+
+
+def detect_format(path: Path) -> str:
+    """Which kind of model ``path`` is, from its files; ``InvalidInputError`` naming the three if none."""
+    from .nnunet import model_folders
+
+    if path.is_file() and path.suffix in (".pt", ".ts", ".pth", ".zip"):
+        return "torchscript"
+    if path.is_dir():
+        if (path / "configs" / "metadata.json").is_file() and (path / "configs" / "inference.json").is_file():
+            return "monai-bundle"
+        if model_folders(path):
+            return "nnunet-v2"
+    if not path.exists():
+        raise InvalidInputError(f"'{path}' does not exist.", "Check the path of the model to import.")
+    raise InvalidInputError(
+        f"'{path}' is none of the models MedKDSegment imports.",
+        "Give an nnU-Net v2 result folder (dataset.json, plans.json, fold_*/checkpoint_final.pth), a MONAI bundle "
+        "folder (configs/metadata.json, configs/inference.json, models/model.pt) or a TorchScript file (.pt/.ts) "
+        "with --config and --sha256.",
+    )
+
+
+def structures_from(labels: dict[int, str], folder: Path) -> tuple[Structure, ...]:
+    """Foreground structures from {value: name}; values must be 1..N, as MedKDSegment's channel_def needs."""
+    foreground = {v: n for v, n in labels.items() if v != 0}
+    if sorted(foreground) != list(range(1, len(foreground) + 1)):
+        raise InvalidInputError(f"'{folder}' has label values {sorted(foreground)}, not 1..{len(foreground)}.",
+                                "Only models whose labels are numbered consecutively can be imported.")
+    if not foreground:
+        raise InvalidInputError(f"'{folder}' segments no foreground label.", "Import a segmentation model.")
+    return tuple(Structure(v, n, PALETTE[(v - 1) % len(PALETTE)] if v <= len(PALETTE) else (0.5, 0.5, 0.5))
+                 for v, n in sorted(foreground.items()))
+
+
+def _target(models_dir: str | os.PathLike | None, name: str) -> Path:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise InvalidInputError(f"'{name}' is not a usable model name.",
+                                "Give --name a plain word, e.g. my-liver-teacher.")
+    folder = Path(models_dir) if models_dir else user_models_dir()
+    target = folder / name
+    if target.exists():
+        raise BundleError(f"A model named '{name}' already exists in '{folder}'.", "Choose another --name.")
+    folder.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def import_nnunet(
+    path: str | os.PathLike,
+    models_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    configuration: str | None = None,
+    folds: list[str] | None = None,
+    checkpoint: str | None = None,
+    progress: Progress | None = None,
+) -> Bundle:
+    """An nnU-Net v2 result folder as a teacher bundle (see ``nnunet``); folds become one ensemble.
+
+    Args:
+        path: the result folder, or a dataset folder holding several (then ``configuration`` picks one).
+        models_dir: where the bundle goes (default: the user's models folder).
+        name: the bundle's name (default: the dataset's name and configuration).
+        configuration: e.g. ``3d_fullres``; folds: which folds (default all); checkpoint: final or best.
+    """
+    import monai
+    import torch
+
+    from . import nnunet
+    from .networks import build_network
+
+    report = progress or (lambda fraction, stage: None)
+    started = time.perf_counter()
+    report(0.05, "reading the nnU-Net model folder")
+    model = nnunet.read_model_folder(path, configuration, folds, checkpoint)
+    labels, regions = nnunet.labels_of(model.dataset, model.folder)
+    structures = structures_from(labels, model.folder)
+    settings = nnunet.pipeline_settings(model, regions)
+    architecture = nnunet.architecture_of(model)
+    channels = model.dataset.get("channel_names") or model.dataset.get("modality") or {}
+    if len(channels) != 1:
+        raise InvalidInputError(f"'{model.folder}' takes {len(channels)} input channels "
+                                f"({', '.join(map(str, channels.values()))}).",
+                                "Only single-channel nnU-Net models can be imported.")
+    modality = "CT" if next(iter(channels.values())).strip().upper() == "CT" else "MR"
+    dataset_name = str(model.plans.get("dataset_name", model.folder.parent.name))
+    target = _target(models_dir, name or f"{dataset_name}-{model.configuration}".replace("_", "-").lower())
+    report(0.3, f"rebuilding the network ({len(model.folds)} fold(s))")
+    try:
+        network = build_network(architecture, len(labels) if regions is None else len(regions["order"]))
+    except ValueError as error:
+        raise BundleError(f"The plans of '{model.folder}' describe a network that cannot be built ({error}).",
+                          "Check plans.json against the model's source.") from error
+    for fold, state, source in zip(network.folds, model.state_dicts, model.checkpoints, strict=True):
+        try:
+            fold.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise BundleError(f"The weights in '{source}' do not fit the network its plans describe ({error}).",
+                              "Check that plans.json belongs to these checkpoints.") from error
+    spacing_zyx = [settings["spacing"][a] for a in settings["transpose_backward"]]
+    properties = settings["intensity_properties"][0]
+    if modality == "CT" and "percentile_00_5" in properties:
+        student = Profile("CT", tuple(spacing_zyx[::-1]),
+                          clip=(float(properties["percentile_00_5"]), float(properties["percentile_99_5"])))
+    else:
+        student = Profile(modality, tuple(spacing_zyx[::-1]), percentiles=(0.5, 99.5))
+    report(0.7, "writing the teacher bundle")
+    source = {
+        "framework": "nnU-Net v2",
+        "path": str(model.folder.resolve()),
+        "configuration": model.configuration,
+        "trainer": model.trainer,
+        "folds": model.folds,
+        "files": {str(p.relative_to(model.folder)): sha256_of(p)
+                  for p in (model.folder / "plans.json", model.folder / "dataset.json", *model.checkpoints)},
+        "imported_with": {"torch": torch.__version__, "monai": monai.__version__},
+    }
+    description = (f"nnU-Net v2 model {dataset_name} ({model.configuration}, {model.trainer}, "
+                   f"fold(s) {', '.join(model.folds)}), imported from {model.folder}")
+    bundle = save_bundle(
+        target, network, name=target.name, role="teacher", architecture=architecture,
+        profile=Profile(modality, tuple(spacing_zyx[::-1])), structures=structures,
+        method={"name": "imported", "format": "nnunet-v2"}, description=description,
+        task=f"{modality} segmentation ({', '.join(s.name for s in structures[:6])}"
+             + (", ..." if len(structures) > 6 else "") + ")",
+        extra={"pipeline": settings, "student_preprocessing": student.to_dict(), "source": source,
+               "import_seconds": round(time.perf_counter() - started, 2)},
+    )
+    report(1.0, "done")
+    return load_bundle(bundle.path)
+
+
+def import_teacher(path: str | os.PathLike, models_dir: str | os.PathLike | None = None, name: str | None = None,
+                   progress: Progress | None = None, **options) -> Bundle:
+    """Import the model at ``path`` (its format detected) as a teacher bundle; ``options`` go to the format's
+    importer (``configuration``, ``folds``, ``checkpoint`` for nnU-Net)."""
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == "nnunet-v2":
+        return import_nnunet(path, models_dir, name, progress=progress, **options)
+    raise InvalidInputError(f"Importing {kind} models is not available yet.", "Import an nnU-Net v2 model folder.")
