@@ -338,7 +338,8 @@ def pipeline_settings(model: NnUNetModel, regions: dict | None) -> dict:
                    f"Only {', '.join(NORMALIZATIONS)} are built in.")
     reader = model.plans.get("image_reader_writer", "SimpleITKIO")
     if reader not in READERS:
-        raise _bad(folder, f"it reads images with {reader}", f"Only models read with {', '.join(READERS)} are supported.")
+        raise _bad(folder, f"it reads images with {reader}",
+                   f"Only models read with {', '.join(READERS)} are supported.")
     for key in ("resampling_fn_data", "resampling_fn_probabilities"):
         if config.get(key) != "resample_data_or_seg_to_shape":
             raise _bad(folder, f"{key} is {config.get(key)!r}",
@@ -598,7 +599,8 @@ def segment_nnunet(volume: Volume, network: NnUNetEnsemble, device: torch.device
     labels = np.zeros(full_shape, dtype=np.uint8)
     labels[box] = labels_cropped
     labels = labels.transpose(backward)
-    probabilities = _probabilities(logits.float(), settings["regions"]).numpy().transpose([0, *[a + 1 for a in backward]])
+    probabilities = _probabilities(logits.float(), settings["regions"]).numpy()
+    probabilities = probabilities.transpose([0, *[a + 1 for a in backward]])
     grid = _working_grid(image, box, backward, probabilities.shape[1:])
     if orientation is not None:
         labelled = sitk.GetImageFromArray(np.ascontiguousarray(labels))
