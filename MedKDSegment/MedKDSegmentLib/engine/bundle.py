@@ -2,6 +2,8 @@
 
     <name>/configs/metadata.json   MONAI metadata (network_data_format, channel_def) + medkdsegment
     <name>/models/model.pt         state dict, loaded with ``weights_only=True``, sha256-checked
+    <name>/models/model.ts         instead, for an imported TorchScript teacher (sha256 confirmed at import)
+    <name>/source/configs/         an imported MONAI bundle's own configs (sha256-checked when parsed)
 
 Bundles are written to a temporary folder and renamed into place, and never overwritten.
 """
@@ -36,6 +38,8 @@ from .volume import MODALITIES, normalize_modality, usual_permissions
 FORMAT_VERSION = 2
 METADATA = Path("configs") / "metadata.json"
 WEIGHTS = Path("models") / "model.pt"
+TORCHSCRIPT_WEIGHTS = Path("models") / "model.ts"
+SOURCE_CONFIGS = Path("source") / "configs"
 ROLES = ("teacher", "student", "assistant")
 BUNDLED_MODELS = Path(__file__).resolve().parents[3] / "Resources" / "Models"
 
@@ -143,6 +147,10 @@ class Bundle:
     def weights_sha256(self) -> str:
         return self.info["weights_sha256"]
 
+    @property
+    def weights_path(self) -> Path:
+        return self.path / _weights_file(self.info)
+
     def summary(self) -> dict:
         """What a user wants to see in a model list."""
         return {
@@ -155,19 +163,26 @@ class Bundle:
             "method": self.info.get("method"),
             "teacher": (self.info.get("teacher") or {}).get("name"),
             "version": self.metadata.get("version"),
-            "size_mb": round((self.path / WEIGHTS).stat().st_size / 1e6, 2),
+            "size_mb": round(self.weights_path.stat().st_size / 1e6, 2),
             "path": str(self.path),
         }
 
     def load_network(self, device: str | torch.device = "cpu") -> nn.Module:
         """The network in eval mode with the bundle's weights (checksum verified first)."""
-        weights = self.path / WEIGHTS
+        weights = self.weights_path
         if sha256_of(weights) != self.weights_sha256:
             raise BundleError(
                 f"The weights of bundle '{self.name}' do not match their recorded sha256 "
                 "(the file was changed or damaged).",
                 f"Restore '{weights}' from its source or re-create the bundle.",
             )
+        kind = self.info["architecture"]["name"]
+        if kind == "TorchScript":  # the file whose sha256 the user confirmed at import, checked just above
+            try:
+                return torch.jit.load(str(weights), map_location="cpu").to(device).eval()
+            except Exception as error:  # torch raises several types for damaged archives
+                raise BundleError(f"The TorchScript model of bundle '{self.name}' could not be loaded ({error}).",
+                                  "Re-import it from its source.") from error
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises several types for corrupt files
@@ -176,7 +191,8 @@ class Bundle:
                 "Re-create or re-download the bundle.",
             ) from error
         try:
-            network = build_network(self.info["architecture"], self.num_classes)
+            network = self._imported_monai_network() if kind == "MonaiBundle" else build_network(
+                self.info["architecture"], self.num_classes)
         except (TypeError, ValueError) as error:  # settings the network does not take
             raise BundleError(f"Bundle '{self.name}' describes a network that cannot be built ({error}).",
                               "The bundle is inconsistent; re-create it.") from error
@@ -191,6 +207,24 @@ class Bundle:
                 "The bundle is inconsistent; re-create it.",
             ) from error
         return network.to(device).eval()
+
+    def _imported_monai_network(self) -> nn.Module:
+        """An imported MONAI bundle's ``network_def``, parsed from its copied configs once they are verified."""
+        from .monai_bundle import MonaiBundleNetwork
+        from .monai_bundle import build_network as build_bundle_network
+
+        for name, digest in self.info.get("source", {}).get("copied", {}).items():
+            if not (self.path / name).is_file() or sha256_of(self.path / name) != digest:
+                raise BundleError(f"'{name}' of bundle '{self.name}' does not match its recorded sha256.",
+                                  "Re-import the MONAI bundle from its source.")
+        folder = self.path / SOURCE_CONFIGS
+        return MonaiBundleNetwork(build_bundle_network(folder), folder)
+
+
+def _weights_file(info: dict) -> Path:
+    architecture = info.get("architecture")
+    scripted = isinstance(architecture, dict) and architecture.get("name") == "TorchScript"
+    return TORCHSCRIPT_WEIGHTS if scripted else WEIGHTS
 
 
 def _require(condition: bool, path: Path, problem: str) -> None:
@@ -246,7 +280,6 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         )
     meta_file = path / METADATA
     _require(meta_file.is_file(), path, f"{METADATA} is missing")
-    _require((path / WEIGHTS).is_file(), path, f"{WEIGHTS} is missing")
     try:
         metadata = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -264,6 +297,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         "channel_def must name every output channel 0..N-1 (2 to 256 of them)",
     )
     _require(isinstance(info, dict), path, "the medkdsegment section is not an object")
+    _require((path / _weights_file(info)).is_file(), path, f"{_weights_file(info)} is missing")
     for key in ("role", "architecture", "preprocessing", "weights_sha256", "parameters", "format_version"):
         _require(key in info, path, f"medkdsegment.{key} is missing")
     _require(isinstance(info["role"], str) and info["role"] in ROLES, path,
@@ -342,12 +376,16 @@ def save_bundle(
     task: str | None = None,
     extra: dict | None = None,
     references: list[str] | None = None,
+    torchscript: Path | None = None,
+    copies: dict[str, Path] | None = None,
 ) -> Bundle:
     """Write a new bundle atomically; refuse to overwrite an existing one.
 
     ``task`` (default: abdominal segmentation) and ``references`` (citations) go into MONAI's metadata;
     ``extra`` adds keys to the ``medkdsegment`` section (a published teacher's ``pipeline``, ``source``,
-    ``licence`` and ``citation``).
+    ``licence`` and ``citation``). ``torchscript`` is a verified TorchScript file stored as the weights
+    (``network`` is its loaded module); ``copies`` are files copied in ({path in the bundle: file}), their
+    sha256 recorded in ``medkdsegment.source.copied``.
 
     ``half_precision`` stores learned weights as float16 (half the file size; they are
     converted back to float32 on load); buffers such as batch-norm statistics stay float32.
@@ -381,10 +419,20 @@ def save_bundle(
         (staging / METADATA).parent.mkdir(parents=True)
         # Only learned parameters are halved: batch-norm running variances can exceed float16's range.
         halve = {name for name, _ in network.named_parameters()} if half_precision else set()
-        state = {
-            k: (v.half() if k in halve else v).detach().cpu().contiguous() for k, v in network.state_dict().items()
-        }
-        torch.save(state, staging / WEIGHTS)
+        if torchscript is not None:
+            shutil.copyfile(torchscript, staging / TORCHSCRIPT_WEIGHTS)
+        else:
+            state = {
+                k: (v.half() if k in halve else v).detach().cpu().contiguous() for k, v in network.state_dict().items()
+            }
+            torch.save(state, staging / WEIGHTS)
+        copied = {}
+        for name, file in (copies or {}).items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, staging / name)
+            copied[name] = sha256_of(staging / name)
+        if copies:
+            extra = {**(extra or {}), "source": {**(extra or {}).get("source", {}), "copied": copied}}
         num_classes = len(structures) + 1
         channel_def = {"0": "background", **{str(s.value): s.name for s in structures}}
         modality_format = "+".join({"CT": "hounsfield", "MR": "magnitude"}[m] for m in modality_name.split("+"))
@@ -439,9 +487,9 @@ def save_bundle(
                 "teacher": _reference(teacher),
                 "parent": _reference(parent),
                 "parameters": count_parameters(network),
-                "gmacs_96": round(count_macs(network, (96, 96, 96)) / 1e9, 3),
+                "gmacs_96": _gmacs(network),
                 "weights_dtype": "float16" if half_precision else "float32",
-                "weights_sha256": sha256_of(staging / WEIGHTS),
+                "weights_sha256": sha256_of(staging / (TORCHSCRIPT_WEIGHTS if torchscript else WEIGHTS)),
                 "metrics": metrics or {},
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 **(extra or {}),
@@ -465,6 +513,15 @@ def save_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(folder)
+
+
+def _gmacs(network: nn.Module) -> float | None:
+    """Giga multiply-accumulates on a 96³ patch; None where they cannot be counted (TorchScript, whole-volume
+    networks that refuse a patch)."""
+    try:
+        return round(count_macs(network, (96, 96, 96)) / 1e9, 3)
+    except Exception:  # a network that cannot run on a 96³ patch or takes no forward hooks
+        return None
 
 
 def _reference(bundle: Bundle | None) -> dict | None:

@@ -86,6 +86,10 @@ NETWORKS = {
     "NnUNetEnsemble": NnUNetEnsemble,
 }
 
+# Imported teachers whose network is not built from settings: a user's TorchScript file (loaded as it is) and
+# a MONAI bundle's network_def (parsed from its own copied config by ``monai_bundle``).
+IMPORTED_ARCHITECTURES = ("TorchScript", "MonaiBundle")
+
 TEACHER_CONFIG = {
     "name": "UNet",
     "kwargs": {
@@ -109,8 +113,10 @@ MAX_LIST = 16
 
 def architecture_problem(config) -> str | None:
     """What is wrong with an architecture ``{"name": ..., "kwargs": {...}}`` from a bundle, or None."""
+    if isinstance(config, dict) and config.get("name") in IMPORTED_ARCHITECTURES:
+        return None if not config.get("kwargs") else f"a {config['name']} architecture takes no settings"
     if not isinstance(config, dict) or config.get("name") not in NETWORKS:
-        return f"architecture must name one of {', '.join(NETWORKS)}"
+        return f"architecture must name one of {', '.join([*NETWORKS, *IMPORTED_ARCHITECTURES])}"
     kwargs = config.get("kwargs", {})
     if not isinstance(kwargs, dict):
         return "architecture kwargs must be an object"

@@ -131,12 +131,25 @@ class NnUNetEnsemble(nn.Module):
     """The folds of an nnU-Net model (``folds.0``, ``folds.1``, ...), each the plan's network built with
     ``dynamic-network-architectures`` without deep supervision; ``forward`` averages their logits."""
 
-    def __init__(self, out_channels: int, network_class_name: str, arch_kwargs: dict, requires_import: list,
-                 input_channels: int = 1, folds: int = 1) -> None:
+    def __init__(
+        self,
+        out_channels: int,
+        network_class_name: str,
+        arch_kwargs: dict,
+        requires_import: list,
+        input_channels: int = 1,
+        folds: int = 1,
+    ) -> None:
         super().__init__()
-        problem = architecture_problem({"network_class_name": network_class_name, "arch_kwargs": arch_kwargs,
-                                        "requires_import": requires_import, "folds": folds,
-                                        "input_channels": input_channels})
+        problem = architecture_problem(
+            {
+                "network_class_name": network_class_name,
+                "arch_kwargs": arch_kwargs,
+                "requires_import": requires_import,
+                "folds": folds,
+                "input_channels": input_channels,
+            }
+        )
         if problem:
             raise ValueError(problem)
         network_class = _architecture_class(network_class_name)
@@ -174,13 +187,17 @@ def _bad(folder: Path, problem: str, fix: str) -> InvalidInputError:
 
 def _load_json(path: Path, folder: Path) -> dict:
     if not path.is_file():
-        raise _bad(folder, f"{path.name} is missing",
-                   "Point at the folder nnU-Net trained into (it holds dataset.json, plans.json and fold_*).")
+        raise _bad(
+            folder,
+            f"{path.name} is missing",
+            "Point at the folder nnU-Net trained into (it holds dataset.json, plans.json and fold_*).",
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _bad(folder, f"{path.name} is not valid JSON ({error})",
-                   "Restore the file from the model's source.") from error
+        raise _bad(
+            folder, f"{path.name} is not valid JSON ({error})", "Restore the file from the model's source."
+        ) from error
     if not isinstance(data, dict):
         raise _bad(folder, f"{path.name} is not a JSON object", "Restore the file from the model's source.")
     return data
@@ -198,13 +215,19 @@ def resolve_configuration(plans: dict, name: str, folder: Path) -> dict:
     configurations = plans.get("configurations")
     if not isinstance(configurations, dict) or name not in configurations:
         known = ", ".join(configurations or {}) if isinstance(configurations, dict) else "none"
-        raise _bad(folder, f"plans.json has no configuration '{name}' (it has {known})",
-                   "Choose one of its configurations with --configuration.")
+        raise _bad(
+            folder,
+            f"plans.json has no configuration '{name}' (it has {known})",
+            "Choose one of its configurations with --configuration.",
+        )
     chain, current = [], name
     while current is not None:
         if current in chain or current not in configurations:
-            raise _bad(folder, f"configuration '{name}' inherits from a missing or circular '{current}'",
-                       "Restore plans.json from the model's source.")
+            raise _bad(
+                folder,
+                f"configuration '{name}' inherits from a missing or circular '{current}'",
+                "Restore plans.json from the model's source.",
+            )
         chain.append(current)
         current = configurations[current].get("inherits_from")
     merged: dict = {}
@@ -234,13 +257,17 @@ def _read_checkpoint(path: Path, folder: Path) -> dict:
             "does), or restore it from the model's source.",
         ) from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
-        raise _bad(folder, f"{path.relative_to(folder)} holds no 'network_weights'",
-                   "Give a checkpoint written by nnU-Net's trainer.")
+        raise _bad(
+            folder,
+            f"{path.relative_to(folder)} holds no 'network_weights'",
+            "Give a checkpoint written by nnU-Net's trainer.",
+        )
     return checkpoint
 
 
-def read_model_folder(path: str | Path, configuration: str | None = None, folds: list[str] | None = None,
-                      checkpoint: str | None = None) -> NnUNetModel:
+def read_model_folder(
+    path: str | Path, configuration: str | None = None, folds: list[str] | None = None, checkpoint: str | None = None
+) -> NnUNetModel:
     """Read an nnU-Net v2 result folder (or a dataset folder holding one per configuration).
 
     Args:
@@ -253,14 +280,21 @@ def read_model_folder(path: str | Path, configuration: str | None = None, folds:
     candidates = model_folders(path)
     if configuration is not None:
         candidates = [c for c in candidates if c.name.split("__")[-1] == configuration] or (
-            candidates if len(candidates) == 1 and candidates[0] == path else [])
+            candidates if len(candidates) == 1 and candidates[0] == path else []
+        )
     if not candidates:
-        raise _bad(path, "it holds no plans.json" + (f" for configuration '{configuration}'" if configuration else ""),
-                   "Point at the folder nnU-Net trained into (it holds dataset.json, plans.json and fold_*), "
-                   "or at its dataset folder with --configuration.")
+        raise _bad(
+            path,
+            "it holds no plans.json" + (f" for configuration '{configuration}'" if configuration else ""),
+            "Point at the folder nnU-Net trained into (it holds dataset.json, plans.json and fold_*), "
+            "or at its dataset folder with --configuration.",
+        )
     if len(candidates) > 1:
-        raise _bad(path, f"it holds several models ({', '.join(c.name for c in candidates)})",
-                   "Choose one with --configuration (e.g. 3d_fullres), or point at its folder.")
+        raise _bad(
+            path,
+            f"it holds several models ({', '.join(c.name for c in candidates)})",
+            "Choose one with --configuration (e.g. 3d_fullres), or point at its folder.",
+        )
     folder = candidates[0]
     plans = _load_json(folder / "plans.json", folder)
     dataset = _load_json(folder / "dataset.json", folder)
@@ -271,21 +305,33 @@ def read_model_folder(path: str | Path, configuration: str | None = None, folds:
     chosen = [str(f) for f in folds] if folds else available
     missing = [f for f in chosen if f not in available]
     if missing or not chosen:
-        raise _bad(folder, f"fold {', '.join(missing) or '(any)'} has no {checkpoint_name}"
-                   + (f" (folds with one: {', '.join(available)})" if available else ""),
-                   "Choose folds that were trained (--folds), or finish training them.")
+        raise _bad(
+            folder,
+            f"fold {', '.join(missing) or '(any)'} has no {checkpoint_name}"
+            + (f" (folds with one: {', '.join(available)})" if available else ""),
+            "Choose folds that were trained (--folds), or finish training them.",
+        )
     checkpoints = [folder / f"fold_{f}" / checkpoint_name for f in chosen]
     loaded = [_read_checkpoint(p, folder) for p in checkpoints]
     first = loaded[0]
     init_args = first.get("init_args") if isinstance(first.get("init_args"), dict) else {}
     name = init_args.get("configuration") or folder.name.split("__")[-1]
     if configuration is not None and name != configuration:
-        raise _bad(folder, f"its checkpoints were trained for '{name}', not '{configuration}'",
-                   f"Use --configuration {name}, or point at the '{configuration}' folder.")
+        raise _bad(
+            folder,
+            f"its checkpoints were trained for '{name}', not '{configuration}'",
+            f"Use --configuration {name}, or point at the '{configuration}' folder.",
+        )
     mirror = first.get("inference_allowed_mirroring_axes")
     return NnUNetModel(
-        folder=folder, configuration=name, plans=plans, dataset=dataset, folds=chosen, checkpoints=checkpoints,
-        state_dicts=[c["network_weights"] for c in loaded], trainer=str(first.get("trainer_name", "nnUNetTrainer")),
+        folder=folder,
+        configuration=name,
+        plans=plans,
+        dataset=dataset,
+        folds=chosen,
+        checkpoints=checkpoints,
+        state_dicts=[c["network_weights"] for c in loaded],
+        trainer=str(first.get("trainer_name", "nnUNetTrainer")),
         mirror_axes=[int(a) for a in mirror] if mirror is not None else None,
     )
 
@@ -314,8 +360,11 @@ def labels_of(dataset: dict, folder: Path) -> tuple[dict[int, str], dict | None]
     order = dataset.get("regions_class_order")
     foreground = [r for r in regions if r[0] != "background"]
     if not isinstance(order, list) or len(order) != len(foreground):
-        raise _bad(folder, "a region-based dataset.json needs regions_class_order, one value per region",
-                   "Restore dataset.json from the model's source.")
+        raise _bad(
+            folder,
+            "a region-based dataset.json needs regions_class_order, one value per region",
+            "Restore dataset.json from the model's source.",
+        )
     named = {0: "background", **{int(v): name for (name, _), v in zip(foreground, order, strict=True)}}
     return dict(sorted(named.items())), {"regions": [list(r[1]) for r in foreground], "order": [int(v) for v in order]}
 
@@ -325,25 +374,36 @@ def pipeline_settings(model: NnUNetModel, regions: dict | None) -> dict:
     config = resolve_configuration(model.plans, model.configuration, model.folder)
     folder = model.folder
     if config.get("previous_stage") or "cascade" in model.configuration:
-        raise _bad(folder, f"'{model.configuration}' is a cascade stage, which needs the low-resolution "
-                   "stage's segmentation as input", "Import 3d_lowres or 3d_fullres instead.")
+        raise _bad(
+            folder,
+            f"'{model.configuration}' is a cascade stage, which needs the low-resolution stage's segmentation as input",
+            "Import 3d_lowres or 3d_fullres instead.",
+        )
     spacing, patch = config.get("spacing"), config.get("patch_size")
     if not (isinstance(patch, list) and len(patch) == 3 and isinstance(spacing, list) and len(spacing) == 3):
-        raise _bad(folder, f"configuration '{model.configuration}' is not 3D (patch size {patch})",
-                   "Import a 3d configuration (3d_fullres or 3d_lowres); 2D nnU-Net models are not supported.")
+        raise _bad(
+            folder,
+            f"configuration '{model.configuration}' is not 3D (patch size {patch})",
+            "Import a 3d configuration (3d_fullres or 3d_lowres); 2D nnU-Net models are not supported.",
+        )
     schemes = config.get("normalization_schemes", [])
     unknown = [s for s in schemes if s not in NORMALIZATIONS]
     if unknown:
-        raise _bad(folder, f"it normalises with {', '.join(unknown)}",
-                   f"Only {', '.join(NORMALIZATIONS)} are built in.")
+        raise _bad(
+            folder, f"it normalises with {', '.join(unknown)}", f"Only {', '.join(NORMALIZATIONS)} are built in."
+        )
     reader = model.plans.get("image_reader_writer", "SimpleITKIO")
     if reader not in READERS:
-        raise _bad(folder, f"it reads images with {reader}",
-                   f"Only models read with {', '.join(READERS)} are supported.")
+        raise _bad(
+            folder, f"it reads images with {reader}", f"Only models read with {', '.join(READERS)} are supported."
+        )
     for key in ("resampling_fn_data", "resampling_fn_probabilities"):
         if config.get(key) != "resample_data_or_seg_to_shape":
-            raise _bad(folder, f"{key} is {config.get(key)!r}",
-                       "Only nnU-Net's default resampling (resample_data_or_seg_to_shape) is reproduced.")
+            raise _bad(
+                folder,
+                f"{key} is {config.get(key)!r}",
+                "Only nnU-Net's default resampling (resample_data_or_seg_to_shape) is reproduced.",
+            )
     properties = model.plans.get("foreground_intensity_properties_per_channel", {})
     return {
         "name": PIPELINE,
@@ -366,8 +426,11 @@ def pipeline_settings(model: NnUNetModel, regions: dict | None) -> dict:
 
 
 def _resampling_kwargs(kwargs: dict) -> dict:
-    return {"order": int(kwargs.get("order", 3)), "order_z": int(kwargs.get("order_z", 0)),
-            "force_separate_z": kwargs.get("force_separate_z")}
+    return {
+        "order": int(kwargs.get("order", 3)),
+        "order_z": int(kwargs.get("order_z", 0)),
+        "force_separate_z": kwargs.get("force_separate_z"),
+    }
 
 
 def architecture_of(model: NnUNetModel) -> dict:
@@ -382,8 +445,11 @@ def architecture_of(model: NnUNetModel) -> dict:
     }
     problem = architecture_problem(kwargs)
     if problem:
-        raise _bad(model.folder, f"its plans describe a network MedKDSegment does not build ({problem})",
-                   "Only nnU-Net's PlainConvUNet and ResidualEncoderUNet (3D) are supported.")
+        raise _bad(
+            model.folder,
+            f"its plans describe a network MedKDSegment does not build ({problem})",
+            "Only nnU-Net's PlainConvUNet and ResidualEncoderUNet (3D) are supported.",
+        )
     return {"name": "NnUNetEnsemble", "kwargs": kwargs}
 
 
@@ -405,6 +471,7 @@ class NnUNetResult:
 
 def _separate_z(current: list[float], new: list[float], force: bool | None) -> int | None:
     """nnU-Net's ``determine_do_sep_z_and_axis``: the one low-resolution axis to resample apart, or None."""
+
     def lowres_axes(spacing):
         spacing = np.asarray(spacing, float)
         return np.where(max(spacing) / spacing == 1)[0]
@@ -420,8 +487,15 @@ def _separate_z(current: list[float], new: list[float], force: bool | None) -> i
     return int(axes[0]) if axes is not None and len(axes) == 1 else None
 
 
-def resample_to_shape(data: np.ndarray, shape: tuple[int, ...], current: list[float], new: list[float],
-                      order: int, order_z: int, force_separate_z: bool | None) -> np.ndarray:
+def resample_to_shape(
+    data: np.ndarray,
+    shape: tuple[int, ...],
+    current: list[float],
+    new: list[float],
+    order: int,
+    order_z: int,
+    force_separate_z: bool | None,
+) -> np.ndarray:
     """nnU-Net's ``resample_data_or_seg_to_shape`` for images and logits ((C, ...), output in data's dtype)."""
     shape = tuple(int(s) for s in shape)
     if tuple(data.shape[1:]) == shape:
@@ -463,8 +537,10 @@ def normalize(channel: np.ndarray, scheme: str, use_mask: bool, mask: np.ndarray
             low, high = properties["percentile_00_5"], properties["percentile_99_5"]
             mean, std = properties["mean"], properties["std"]
         except (KeyError, TypeError) as error:
-            raise BundleError("The nnU-Net teacher's plans lack the CT intensity properties.",
-                              "Re-import the model from its original folder.") from error
+            raise BundleError(
+                "The nnU-Net teacher's plans lack the CT intensity properties.",
+                "Re-import the model from its original folder.",
+            ) from error
         np.clip(image, low, high, out=image)
         image -= mean
         image /= max(std, eps)
@@ -516,16 +592,25 @@ def _pad_to_patch(data: torch.Tensor, patch: list[int]) -> tuple[torch.Tensor, t
 
 
 @torch.inference_mode()
-def sliding_window_logits(network: nn.Module, data: np.ndarray, patch: list[int], step: float,
-                          mirror_axes: list[int] | None, device: torch.device,
-                          cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+def sliding_window_logits(
+    network: nn.Module,
+    data: np.ndarray,
+    patch: list[int],
+    step: float,
+    mirror_axes: list[int] | None,
+    device: torch.device,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
     """nnU-Net's ``predict_sliding_window_return_logits`` for one network: float16 logits (C, ...)."""
     padded, revert = _pad_to_patch(torch.from_numpy(data), patch)
     starts = [window_starts(s, p, step) for s, p in zip(padded.shape[1:], patch, strict=True)]
     gaussian = gaussian_weights(tuple(patch))
     logits = counts = None
-    combinations = [c for i in range(len(mirror_axes or [])) for c in itertools.combinations(
-        [a + 2 for a in mirror_axes], i + 1)] if mirror_axes else []
+    combinations = (
+        [c for i in range(len(mirror_axes or [])) for c in itertools.combinations([a + 2 for a in mirror_axes], i + 1)]
+        if mirror_axes
+        else []
+    )
     autocast = torch.autocast("cuda") if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
         for corner in itertools.product(*starts):
@@ -554,8 +639,14 @@ def _orientation_for(reader: str) -> str | None:
     return "RAS" if reader in ("NibabelIOWithReorient", "SimpleITKWithReorientIO") else None
 
 
-def segment_nnunet(volume: Volume, network: NnUNetEnsemble, device: torch.device | str = "cpu",
-                   cancel: Callable[[], bool] | None = None, folds: int | None = None, **settings) -> NnUNetResult:
+def segment_nnunet(
+    volume: Volume,
+    network: NnUNetEnsemble,
+    device: torch.device | str = "cpu",
+    cancel: Callable[[], bool] | None = None,
+    folds: int | None = None,
+    **settings,
+) -> NnUNetResult:
     """nnU-Net's inference (see the module docstring) on ``volume`` with the bundle's ``settings``
     (``mirror``: nnU-Net's test-time mirroring); ``folds`` limits the ensemble to its first folds."""
     device = torch.device(device)
@@ -575,8 +666,13 @@ def segment_nnunet(volume: Volume, network: NnUNetEnsemble, device: torch.device
     data = np.ascontiguousarray(data[(slice(None), *box)])
     mask = ndimage.binary_fill_holes(np.any(data != 0, axis=0))
     for c in range(data.shape[0]):
-        data[c] = normalize(data[c], settings["normalization"][c], settings["use_mask_for_norm"][c], mask,
-                            settings["intensity_properties"][c])
+        data[c] = normalize(
+            data[c],
+            settings["normalization"][c],
+            settings["use_mask_for_norm"][c],
+            mask,
+            settings["intensity_properties"][c],
+        )
     target = settings["spacing"]
     shape = tuple(int(round(o / t * s)) for o, t, s in zip(original_spacing, target, cropped_shape, strict=True))
     data = resample_to_shape(data, shape, original_spacing, target, **settings["resampling_data"]).astype(np.float32)
@@ -586,15 +682,23 @@ def segment_nnunet(volume: Volume, network: NnUNetEnsemble, device: torch.device
     members = list(network.folds)[: folds or None]
     for fold in members:
         fold.to(device).eval()
-        part = sliding_window_logits(fold, data, settings["patch_size"], settings["tile_step_size"],
-                                     settings["mirror_axes"] if settings["mirror"] else None, device, cancel)
+        part = sliding_window_logits(
+            fold,
+            data,
+            settings["patch_size"],
+            settings["tile_step_size"],
+            settings["mirror_axes"] if settings["mirror"] else None,
+            device,
+            cancel,
+        )
         logits = part if logits is None else logits + part
     if len(members) > 1:
         logits /= len(members)
     seconds["inference"] = time.perf_counter() - step
     step = time.perf_counter()
-    back = resample_to_shape(logits.numpy(), cropped_shape, target, original_spacing,
-                             **settings["resampling_probabilities"])
+    back = resample_to_shape(
+        logits.numpy(), cropped_shape, target, original_spacing, **settings["resampling_probabilities"]
+    )
     labels_cropped = _to_labels(back, settings["regions"])
     labels = np.zeros(full_shape, dtype=np.uint8)
     labels[box] = labels_cropped
@@ -608,8 +712,12 @@ def segment_nnunet(volume: Volume, network: NnUNetEnsemble, device: torch.device
         labels = sitk.GetArrayFromImage(sitk.DICOMOrient(labelled, original_orientation))
     seconds["postprocess"] = time.perf_counter() - step
     seconds["total"] = time.perf_counter() - started
-    return NnUNetResult(labels=labels, probabilities=np.ascontiguousarray(probabilities, dtype=np.float32),
-                        working_grid=grid, seconds=seconds)
+    return NnUNetResult(
+        labels=labels,
+        probabilities=np.ascontiguousarray(probabilities, dtype=np.float32),
+        working_grid=grid,
+        seconds=seconds,
+    )
 
 
 def _to_labels(logits: np.ndarray, regions: dict | None) -> np.ndarray:

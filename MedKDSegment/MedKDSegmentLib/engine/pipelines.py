@@ -21,6 +21,7 @@ from .deepbet import segment_deepbet
 from .errors import BundleError, InvalidInputError
 from .hdbet import segment_hdbet
 from .liver_unet import segment_liver_unet
+from .monai_bundle import segment_monai_bundle
 from .nnunet import segment_nnunet
 from .tissue_vnet import segment_tissue_vnet
 from .volume import read_volume
@@ -37,6 +38,7 @@ PIPELINES = {
     "tissue-vnet": (segment_tissue_vnet, False),
     "liver-unet": (segment_liver_unet, False),
     "nnunet-v2": (segment_nnunet, True),
+    "monai-bundle": (segment_monai_bundle, False),
 }
 
 
