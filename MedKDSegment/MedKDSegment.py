@@ -158,6 +158,7 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.userModelsPathLineEdit.connect("currentPathChanged(QString)", self.onUserModelsFolderChanged)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.getTeachersButton.connect("clicked(bool)", self.onGetTeachers)
+        self.ui.importTeacherButton.connect("clicked(bool)", self.onImportTeacher)
         self.ui.segmentStudentButton.connect("clicked(bool)", self.onSegmentStudent)
         self.ui.segmentTeacherButton.connect("clicked(bool)", self.onSegmentTeacher)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
@@ -336,6 +337,36 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
             self._timer.start()
 
+    def onImportTeacher(self) -> None:
+        """Let the user pick their own model (an nnU-Net or MONAI bundle folder, or a TorchScript file with its
+        description and sha256) and import it as a teacher in the worker."""
+        if self._job is not None and self._job.running:
+            return
+        window = slicer.util.mainWindow()
+        kinds = [_("nnU-Net v2 model folder or MONAI bundle folder"), _("TorchScript file (.pt)")]
+        kind = qt.QInputDialog.getItem(window, _("Import teacher"), _("Your model is:"), kinds, 0, False)
+        if kind not in kinds:  # cancelled
+            return
+        options = {}
+        if kind == kinds[0]:
+            path = qt.QFileDialog.getExistingDirectory(window, _("nnU-Net result folder or MONAI bundle folder"))
+        else:
+            path = qt.QFileDialog.getOpenFileName(window, _("TorchScript model"), "", "TorchScript (*.pt *.ts)")
+            config = path and qt.QFileDialog.getOpenFileName(
+                window, _("Its description (labels, modality, spacing, clip or percentiles)"), "", "JSON (*.json)")
+            sha256 = config and qt.QInputDialog.getText(
+                window, _("Import teacher"), _("The file's sha256, from where you got it:"))
+            if not sha256:
+                return
+            options = {"config": config, "sha256": sha256.strip()}
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("MedKDSegment could not import the model."), waitCursor=True):
+            self._job = self.logic.startImportTeacher(path, **options)
+            self.ui.statusLabel.text = _("{job}: running").format(job=self._job.description)
+            self._updateButtons()
+            self._timer.start()
+
     def onModelChoiceChanged(self, index=None) -> None:
         student, teacher = self._selectedModel("student"), self._selectedModel("teacher")
         if self._parameterNode:
@@ -374,6 +405,7 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bundled = selected is not None and self.logic.isBundled(selected)
         self.ui.deleteModelButton.enabled = idle and selected is not None and not bundled
         self.ui.getTeachersButton.enabled = idle
+        self.ui.importTeacherButton.enabled = idle
         self.ui.deleteModelButton.toolTip = (_("Bundled models cannot be deleted.") if bundled else
                                              _("Delete the selected model version (your own models only)."))
 
@@ -464,8 +496,8 @@ class MedKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainOutputLineEdit.text = ""  # the next run gets a new name
             self.refreshModels()  # the new model is in the list
             return
-        if job.kind == "install-teacher":
-            self.ui.statusLabel.text = _("Installed teacher {name} ({parameters:,} parameters) in {path}.").format(
+        if job.kind in ("install-teacher", "import-teacher"):
+            self.ui.statusLabel.text = _("Added teacher {name} ({parameters:,} parameters) in {path}.").format(
                 name=job.result.name, parameters=job.result.parameters, path=job.result.path)
             self.refreshModels()  # the teacher is in the lists
             return
@@ -926,6 +958,15 @@ class MedKDSegmentLogic(ScriptedLoadableModuleLogic):
     def importBundle(self, archive):
         """Import a zipped model bundle into the models folder; returns its ``ModelInfo``."""
         return self.sceneLogic.importBundle(archive)
+
+    def importTeacher(self, path, name=None, progress=None, **options):
+        """Make a teacher of your nnU-Net v2 result folder, MONAI bundle folder or TorchScript file (blocking;
+        options: configuration, folds, checkpoint / modality / config, sha256); returns its ``ModelInfo``."""
+        return self.sceneLogic.importTeacher(path, name, progress, **options)
+
+    def startImportTeacher(self, path, name=None, **options):
+        """Non-blocking ``importTeacher`` in the worker process; poll the returned job."""
+        return self.sceneLogic.startImportTeacher(path, name, **options)
 
     def startInstallTeacher(self, name, packageFile=None):
         """Non-blocking ``installTeacher`` in the worker process; poll the returned job."""

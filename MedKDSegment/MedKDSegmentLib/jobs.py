@@ -458,9 +458,15 @@ def run_spec(spec: dict, progress: Progress | None = None, cancel: Cancel | None
 
         bundle = install_teacher(spec["name"], spec["models_dir"], spec.get("package_file"), progress)
         return {"name": bundle.name, "path": str(bundle.path), "parameters": bundle.parameters}
+    if job == "import-teacher":
+        from .engine.imported import import_teacher
+
+        bundle = import_teacher(spec["path"], spec["models_dir"], spec.get("name"), progress, **spec.get("options", {}))
+        return {"name": bundle.name, "path": str(bundle.path), "parameters": bundle.parameters}
     if job == "devices":
         from .engine.device import available_devices, describe_device, select_device
 
         return {"devices": available_devices(), "auto": describe_device(select_device("auto"))}
-    known = ", ".join(["segment", "compare", "finetune", *TRAINING_JOBS, "install-teacher", "devices"])
+    known = ", ".join(["segment", "compare", "finetune", *TRAINING_JOBS, "install-teacher", "import-teacher",
+                       "devices"])
     raise InvalidInputError(f"Unknown job '{job}'.", f"Use one of: {known}.")

@@ -174,3 +174,26 @@ def test_window_starts_follow_nnunet(size, patch, step):
     assert all(b - a <= patch * step for a, b in zip(starts, starts[1:]))
     if (size, patch) == (110, 64):
         assert starts == [0, 23, 46]  # nnU-Net's own example
+
+
+def test_a_student_distils_from_the_imported_teacher(imported, tmp_path):
+    """Everything distillation does with a published teacher works with an imported one: unlabelled phantoms,
+    the teacher's own pipeline per volume, a student that learns its targets and segments a volume."""
+    from MedKDSegmentLib.engine.inference import segment
+    from MedKDSegmentLib.engine.phantom import generate_phantom
+    from MedKDSegmentLib.engine.training import TrainingConfig, distill_student
+    from MedKDSegmentLib.engine.volume import write_volume
+
+    data = tmp_path / "unlabelled"
+    for seed in range(2):
+        image, _ = generate_phantom("CT", 100 + seed, size=(48, 40, 32), spacing=(3.0, 3.0, 4.0))
+        write_volume(image, data / "images" / f"case{seed}.nii.gz")
+    config = TrainingConfig(epochs=8, steps_per_epoch=4, batch_size=2, patch_size=(16, 16, 16), device="cpu",
+                            learning_rate=1e-2)
+    student = distill_student(data, imported, tmp_path / "student", config)
+    assert student.labels == imported.labels and student.profile == imported.student_profile
+    assert student.info["teacher"]["weights_sha256"] == imported.weights_sha256
+    losses = student.info["metrics"]["train_loss"]
+    assert np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2])  # it learns the teacher's targets
+    volume = read_volume(TEST_IMAGE, "CT")
+    assert segment(volume, student, "cpu").labels.same_grid(volume)

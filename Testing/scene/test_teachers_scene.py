@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from MedKDSegmentLib.engine.errors import MedKDError
@@ -74,3 +76,31 @@ def test_a_zipped_bundle_imported_from_the_logic_is_listed_and_a_bad_one_refused
     (tmp_path / "empty.zip").write_bytes(b"not a zip")
     with pytest.raises(MedKDError, match="not a zip archive"):
         own_logic.importBundle(tmp_path / "empty.zip")
+
+
+NNUNET_MODEL = Path(__file__).resolve().parents[1] / "data" / "nnunet" / "Dataset901_Phantom"
+
+
+def test_an_imported_nnunet_model_is_offered_as_a_teacher_and_segments_a_node(own_logic, tmp_path, scene):
+    """'Import teacher…' through the worker: the model lands in the user's folder, is listed for CT, and
+    segments a volume node like any teacher (on a real MRML scene)."""
+    from MedKDSegmentLib.engine.volume import read_volume
+    from MedKDSegmentLib.scene.volumes import add_volume_node
+
+    job = own_logic.startImportTeacher(NNUNET_MODEL, name="phantom-organs")
+    info = job.wait(timeout=300)
+    assert (info.name, info.role, info.modality, info.source) == ("phantom-organs", "teacher", "CT", "user")
+    assert info.labels == {1: "liver", 2: "spleen", 3: "kidneys"}
+    assert [m.name for m in own_logic.listModels(modality="CT", role="teacher")] == ["phantom-organs"]
+    node = add_volume_node(read_volume(NNUNET_MODEL.parent / "test_image.nii.gz", "CT"), "CT")
+    segmentation = own_logic.segment(node, "phantom-organs", device="cpu")
+    names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+    assert "liver" in names
+
+
+def test_a_bad_import_reaches_the_logic_as_an_error(own_logic, tmp_path):
+    with pytest.raises(MedKDError, match="none of the models") as caught:
+        own_logic.importTeacher(tmp_path)
+    assert caught.value.fix
+    assert not list((tmp_path / "my-models").glob("*")) if (tmp_path / "my-models").exists() else True

@@ -94,6 +94,7 @@ def test_buttons_a_user_needs_are_there(ui):
     assert texts["startTrainingButton"] == "Start training"
     assert texts["resumeTrainingButton"] == "Resume"
     assert texts["trainCancelButton"] == "Cancel"
+    assert texts["importTeacherButton"] == "Import teacher…"
 
 
 def test_fine_tune_section_binds_its_budget_to_the_parameter_node(ui):

@@ -282,6 +282,21 @@ def cmd_import_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_teacher(args: argparse.Namespace) -> int:
+    from .imported import import_teacher
+
+    with progress_bar(f"import {Path(args.path).name}", not args.quiet) as update:
+        bundle = import_teacher(
+            args.path, args.models_dir, args.name, progress=update,
+            configuration=args.configuration, folds=args.folds, checkpoint=args.checkpoint,
+            modality=args.modality, config=args.config, sha256=args.sha256,
+        )
+    source = bundle.info["source"]
+    print(f"imported {source['framework']} model as teacher '{bundle.name}' ({len(bundle.labels)} labels, "
+          f"{bundle.parameters:,} parameters, {bundle.info.get('import_seconds')} s) into {bundle.path.parent}")
+    return 0
+
+
 def cmd_teachers(args: argparse.Namespace) -> int:
     from .locations import user_models_dir
     from .published import PUBLISHED_TEACHERS, install_teacher, published_teacher
@@ -509,6 +524,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("archive", help="a .zip of one bundle folder")
     p.add_argument("--models-dir", help="models folder (default: $MEDKDSEGMENT_MODELS_DIR or ~/.MedKDSegment/Models)")
     p.set_defaults(run=cmd_import_bundle)
+
+    p = commands.add_parser(
+        "import-teacher", help="make a teacher of your own nnU-Net v2 model, MONAI bundle or TorchScript file"
+    )
+    p.add_argument("path", help="nnU-Net result folder, MONAI bundle folder, or TorchScript file")
+    p.add_argument("--name", help="the teacher's name (default: from the model)")
+    p.add_argument("--configuration", help="nnU-Net: the configuration, e.g. 3d_fullres (when the folder has several)")
+    p.add_argument("--folds", nargs="+", help="nnU-Net: folds to ensemble (default: all trained)")
+    p.add_argument("--checkpoint", help="nnU-Net: checkpoint_final.pth (default) or checkpoint_best.pth")
+    p.add_argument("--modality", help="MONAI bundle: CT or MR, when its metadata.json does not say")
+    p.add_argument("--config", help="TorchScript: JSON with labels, modality, spacing and clip or percentiles")
+    p.add_argument("--sha256", help="TorchScript: the file's sha256 from its source (it is loaded only if it matches)")
+    p.add_argument("--models-dir", help="models folder (default: $MEDKDSEGMENT_MODELS_DIR or ~/.MedKDSegment/Models)")
+    p.set_defaults(run=cmd_import_teacher)
 
     p = commands.add_parser(
         "finetune", help="fine-tune a student on annotated cases into a new model version (parent kept)"

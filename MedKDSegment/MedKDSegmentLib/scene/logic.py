@@ -479,6 +479,25 @@ class SceneLogic:
         return {"job": "install-teacher", "name": name, "models_dir": str(self.modelsFolder()),
                 "package_file": str(packageFile) if packageFile else None}
 
+    def startImportTeacher(self, path, name: str | None = None, **options) -> BackgroundJob:
+        """Make a teacher of the user's nnU-Net v2 folder, MONAI bundle or TorchScript file (``options``:
+        ``configuration``, ``folds``, ``checkpoint``; ``modality``; ``config`` and ``sha256``) in the worker;
+        the job's ``result`` is the new model's ``ModelInfo``. The source is only read."""
+        dependencies.ensure_dependencies()
+        return self._submit(self._importSpec(path, name, options), lambda outputs: self.findModel(outputs["path"]),
+                            self._jobFolder(), f"Importing teacher {Path(path).name}")
+
+    def importTeacher(self, path, name: str | None = None, progress: Progress | None = None,
+                      **options) -> catalog.ModelInfo:
+        """``startImportTeacher`` in this process (blocking): the console's and batch scripts' way."""
+        dependencies.ensure_dependencies()
+        return self.findModel(jobs.run_spec(self._importSpec(path, name, options), progress)["path"])
+
+    def _importSpec(self, path, name: str | None, options: dict) -> dict:
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+        return {"job": "import-teacher", "path": str(path), "name": name, "models_dir": str(self.modelsFolder()),
+                "options": options}
+
     def importBundle(self, archive) -> catalog.ModelInfo:
         """Import a zipped model bundle into the models folder (checked before it lands; never replaces)."""
         dependencies.ensure_dependencies()
