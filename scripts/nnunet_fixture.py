@@ -18,6 +18,10 @@ torchvision, which replace the pinned torch):
 4. nnU-Net's ``nnUNetPredictor`` segments a held-out phantom on another grid (anisotropic, so its
    separate-z resampling runs; a zero border, so its crop runs) with both folds and mirroring, and with
    fold 0 alone without mirroring: ``reference_folds_0_1.nii.gz``, ``reference_fold_0_nomirror.nii.gz``.
+
+``--full-size`` keeps the planner's own network and patch size (nnU-Net's default ``3d_fullres`` for 1.5 mm
+phantoms of a whole abdomen, about 30 M parameters) and trains one fold on 32³ crops: a realistically sized
+teacher for ``scripts/imported_teachers.py`` (too large to commit).
 """
 
 from __future__ import annotations
@@ -64,7 +68,10 @@ def phantom(seed: int, size, spacing) -> tuple[sitk.Image, sitk.Image]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--full-size", action="store_true", help="the planner's own network, one fold")
     args = parser.parse_args()
+    grid = ((160, 128, 96), (2.0, 2.0, 2.5)) if args.full_size else ((48, 40, 32), (3.0, 3.0, 4.0))
+    folds = (0,) if args.full_size else (0, 1)
     torch.manual_seed(0)
     np.random.seed(0)
     work = Path(tempfile.mkdtemp(prefix="nnunet-fixture-"))
@@ -75,7 +82,7 @@ def main() -> None:
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "labelsTr").mkdir()
     for seed in TRAINING_SEEDS:
-        image, labels = phantom(seed, (48, 40, 32), (3.0, 3.0, 4.0))
+        image, labels = phantom(seed, *grid)
         sitk.WriteImage(image, str(raw / "imagesTr" / f"case_{seed:03d}_0000.nii.gz"))
         sitk.WriteImage(labels, str(raw / "labelsTr" / f"case_{seed:03d}.nii.gz"))
     (raw / "dataset.json").write_text(json.dumps({
@@ -93,12 +100,13 @@ def main() -> None:
     plans_file = work / "preprocessed" / DATASET / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
     configuration = plans["configurations"]["3d_fullres"]
-    configuration["patch_size"] = [32, 32, 32]
-    configuration["batch_size"] = 2
-    configuration["architecture"]["arch_kwargs"].update(
-        n_stages=3, features_per_stage=[4, 8, 16], kernel_sizes=[[3, 3, 3]] * 3,
-        strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], n_conv_per_stage=[2, 2, 2], n_conv_per_stage_decoder=[2, 2],
-    )
+    if not args.full_size:
+        configuration["patch_size"] = [32, 32, 32]
+        configuration["batch_size"] = 2
+        configuration["architecture"]["arch_kwargs"].update(
+            n_stages=3, features_per_stage=[4, 8, 16], kernel_sizes=[[3, 3, 3]] * 3,
+            strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], n_conv_per_stage=[2, 2, 2], n_conv_per_stage_decoder=[2, 2],
+        )
     plans_file.write_text(json.dumps(plans, indent=4))
     dataset_json = json.loads((work / "preprocessed" / DATASET / "dataset.json").read_text())
     manager = PlansManager(plans)
@@ -117,7 +125,11 @@ def main() -> None:
     shutil.copy(work / "preprocessed" / DATASET / "dataset.json", folder / "dataset.json")
     shutil.copy(work / "preprocessed" / DATASET / "dataset_fingerprint.json", folder / "dataset_fingerprint.json")
     arch = config.network_arch_init_kwargs
-    for fold in (0, 1):
+    # training crops: at least twice the network's total stride (instance norm needs > 1 voxel at the bottom)
+    divisors = np.prod(np.array(arch["strides"]), axis=0)
+    crop = [int(min(p, max(2 * d, 32))) for p, d in zip(configuration["patch_size"], divisors, strict=True)]
+    steps = 150 if args.full_size else STEPS
+    for fold in folds:
         rng = np.random.default_rng(fold)
         torch.manual_seed(fold)
         network = get_network_from_plans(config.network_arch_class_name, arch,
@@ -125,20 +137,20 @@ def main() -> None:
                                          allow_init=True, deep_supervision=True)
         optimizer = torch.optim.SGD(network.parameters(), 0.05, momentum=0.99, nesterov=True, weight_decay=3e-5)
         losses = []
-        for _ in range(STEPS):
+        for _ in range(steps):
             images, targets = [], []
             for _ in range(2):
                 data, seg = cases[rng.integers(len(cases))]
-                corner = [rng.integers(0, max(1, s - 32) + 1) for s in data.shape[1:]]
-                box = tuple(slice(c, c + 32) for c in corner)
-                patch = np.zeros((1, 32, 32, 32), np.float32)
-                target = np.zeros((32, 32, 32), np.int64)
+                corner = [rng.integers(0, max(1, n - c) + 1) for n, c in zip(data.shape[1:], crop, strict=True)]
+                box = tuple(slice(a, a + c) for a, c in zip(corner, crop, strict=True))
+                patch = np.zeros((1, *crop), np.float32)
+                target = np.zeros(crop, np.int64)
                 cut = data[(0, *box)]
                 patch[(0, *tuple(slice(0, n) for n in cut.shape))] = cut
                 target[tuple(slice(0, n) for n in cut.shape)] = np.maximum(seg[(0, *box)], 0)
                 images.append(patch)
                 targets.append(target)
-            output = network(torch.from_numpy(np.stack(images)))[0]
+            output = network(torch.from_numpy(np.stack(images)))[0]  # deep supervision: full resolution first
             loss = torch.nn.functional.cross_entropy(output, torch.from_numpy(np.stack(targets)))
             optimizer.zero_grad()
             loss.backward()
@@ -166,6 +178,11 @@ def main() -> None:
         }
         torch.save(checkpoint, folder / f"fold_{fold}" / "checkpoint_final.pth")
 
+    if args.full_size:
+        print("parameters", sum(p.numel() for p in network.parameters()), "patch", configuration["patch_size"])
+        (args.output / "reference.json").write_text(json.dumps({"torch": torch.__version__, "full_size": True}))
+        shutil.rmtree(work)
+        return
     image, truth = phantom(TEST_SEED, (60, 50, 18), (2.0, 2.0, 7.0))  # anisotropic: nnU-Net resamples z apart
     array = sitk.GetArrayFromImage(image)
     array[:, :2] = 0  # a zero border, which nnU-Net crops away

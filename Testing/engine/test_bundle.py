@@ -117,9 +117,11 @@ def test_invalid_metadata_is_named(tiny_bundle, damage, message):
 def test_missing_and_corrupt_bundles(tmp_path, tiny_bundle):
     with pytest.raises(BundleError, match="does not exist"):
         load_bundle(tmp_path / "nowhere")
+    original = (tiny_bundle.path / METADATA).read_text()
     (tiny_bundle.path / METADATA).write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         load_bundle(tiny_bundle.path)
+    (tiny_bundle.path / METADATA).write_text(original)  # which weights file is expected depends on the metadata
     (tiny_bundle.path / WEIGHTS).unlink()
     with pytest.raises(BundleError, match="model.pt is missing"):
         load_bundle(tiny_bundle.path)

@@ -808,6 +808,12 @@ def _train_unlocked(
             "features on the student's input for hint or at.",
             "Use output-based methods with it: kd, ctkd, dist or cwd.",
         )
+    scripted = [b for b in teacher_bundles if b.info["architecture"]["name"] == "TorchScript"]
+    if scripted and any(METHODS[spec.name].needs_features for spec in specs):
+        raise InvalidInputError(
+            f"Teacher '{scripted[0].name}' is a TorchScript model, whose inner layers cannot be read for hint or at.",
+            "Use output-based methods with it: kd, ctkd, dist or cwd.",
+        )
     if published and isinstance(data, (list, tuple)) and any(c.source is None for c in data):
         raise InvalidInputError(
             f"Teacher '{published[0].name}' needs each training volume's file.",
