@@ -239,7 +239,8 @@ def resolve_configuration(plans: dict, name: str, folder: Path) -> dict:
 def _read_checkpoint(path: Path, folder: Path) -> dict:
     """An nnU-Net checkpoint with ``weights_only=True``: only tensors, plain containers and the numpy scalar
     types nnU-Net's logging holds; anything else is refused before it is unpickled."""
-    allowed = [np._core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in ("f8", "f4", "i8", "i4", "f2")}]
+    scalar = np.float64(0).__reduce__()[0]  # the function numpy pickles its scalars with (a private module's)
+    allowed = [scalar, np.dtype, *{type(np.dtype(t)) for t in ("f8", "f4", "i8", "i4", "f2")}]
     try:
         with torch.serialization.safe_globals(allowed):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
