@@ -127,6 +127,24 @@ def test_a_truncated_nifti_is_refused_not_zero_filled(model, tmp_path, damage, c
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name] and path.read_bytes() == content
 
 
+def test_an_uncompressed_nifti_named_nii_gz_is_read_by_content_and_a_short_one_still_refused(model, tmp_path):
+    array = np.random.default_rng(1).normal(0, 100, (24, 36, 40)).astype(np.float32)
+    plain = tmp_path / "plain.nii.gz"
+    plain.write_bytes(_nifti_bytes(array))  # some tools write these; SimpleITK reads them by content
+    assert np.array_equal(read_volume(plain).array, array)
+    assert segment(model, plain, tmp_path / "out") == 0
+    short = tmp_path / "short.nii.gz"
+    short.write_bytes(_nifti_bytes(array)[:-4000])
+    with pytest.raises(InvalidInputError, match="cut short or damaged"):
+        read_volume(short)
+
+
+def test_series_given_for_a_file_is_refused_not_ignored(model, scan, tmp_path, capsys):
+    assert segment(model, scan, tmp_path / "out", "--series", "1.2.3") == EXIT_ERROR
+    assert "is a file, so --series 1.2.3 cannot apply" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_nan_and_infinity_in_a_nifti_are_refused_not_read_as_zero(model, tmp_path, capsys):
     array = np.random.default_rng(1).normal(0, 100, (24, 36, 40)).astype(np.float32)
     array[10:12] = np.nan
@@ -366,3 +384,16 @@ def test_fine_tuning_settings_no_run_can_use_are_refused(scan, tmp_path, option,
                  str(tmp_path / "labels.nii.gz"), "--output", str(tmp_path / "tuned"), "--device", "cpu",
                  option, value])
     assert code == EXIT_ERROR and "fix:" in capsys.readouterr().err and not (tmp_path / "tuned").exists()
+
+
+def test_a_misspelt_map_name_is_refused_not_ignored(model, scan, tmp_path, capsys):
+    from MedKDSegmentLib.engine.segfile import write_seg_nrrd
+
+    image = read_volume(scan)
+    segmentation = write_seg_nrrd(image.with_array((image.array > 0).astype(np.uint8)), tmp_path / "case.seg.nrrd",
+                                  {1: "Liver"})
+    run = ["--quiet", "finetune", "--model", str(model), "--image", str(scan), "--labels", str(segmentation),
+           "--output", str(tmp_path / "v2"), "--device", "cpu", "--epochs", "1"]
+    assert main([*run, "--map", "Livr=liver"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "'Livr' matches no segment of any case (segments: Liver)" in err and not (tmp_path / "v2").exists()

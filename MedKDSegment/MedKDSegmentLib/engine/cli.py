@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -285,6 +286,7 @@ def cmd_import_bundle(args: argparse.Namespace) -> int:
 def cmd_import_teacher(args: argparse.Namespace) -> int:
     from .imported import import_teacher
 
+    started = time.perf_counter()
     with progress_bar(f"import {Path(args.path).name}", not args.quiet) as update:
         bundle = import_teacher(
             args.path, args.models_dir, args.name, progress=update,
@@ -293,7 +295,7 @@ def cmd_import_teacher(args: argparse.Namespace) -> int:
         )
     source = bundle.info["source"]
     print(f"imported {source['framework']} model as teacher '{bundle.name}' ({len(bundle.labels)} labels, "
-          f"{bundle.parameters:,} parameters, {bundle.info.get('import_seconds')} s) into {bundle.path.parent}")
+          f"{bundle.parameters:,} parameters, {time.perf_counter() - started:.1f} s) into {bundle.path.parent}")
     return 0
 
 
@@ -331,6 +333,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "Give one --labels after each --image (a NIfTI label map or a Slicer .seg.nrrd).",
         )
     mapping = parse_mapping(args.map or [], args.skip or [])
+    if mapping:
+        from .segfile import read_seg_nrrd_names
+        from .segment_names import unmatched_mapping
+
+        segmentations = [lab for lab in labels if str(lab).endswith(".seg.nrrd") and Path(lab).is_file()]
+        names = [n for lab in segmentations for n in read_seg_nrrd_names(lab).values()]
+        unused = unmatched_mapping(mapping, names)
+        if unused:
+            raise InvalidInputError(
+                f"--map/--skip name {', '.join(repr(u) for u in unused)} matches no segment of any case "
+                f"(segments: {', '.join(sorted(set(names))) or 'none: no --labels is a Slicer .seg.nrrd'}).",
+                "Check the spelling against the segment names, or leave that --map/--skip out.",
+            )
     parent = resolve_bundle(args.model)
     annotated = [a.strip() for a in args.annotated.split(",") if a.strip()] if args.annotated else None
     modality = None if args.modality == "auto" else args.modality

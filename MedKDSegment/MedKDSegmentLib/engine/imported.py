@@ -9,7 +9,6 @@ atomically and never replaces an existing model.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,7 +112,6 @@ def import_nnunet(
     from .networks import build_network
 
     report = progress or (lambda fraction, stage: None)
-    started = time.perf_counter()
     report(0.05, "reading the nnU-Net model folder")
     model = nnunet.read_model_folder(path, configuration, folds, checkpoint)
     labels, regions = nnunet.labels_of(model.dataset, model.folder)
@@ -189,7 +187,6 @@ def import_nnunet(
             "pipeline": settings,
             "student_preprocessing": student.to_dict(),
             "source": source,
-            "import_seconds": round(time.perf_counter() - started, 2),
         },
     )
     report(1.0, "done")
@@ -229,7 +226,6 @@ def import_monai_bundle(
     from . import monai_bundle
 
     report = progress or (lambda fraction, stage: None)
-    started = time.perf_counter()
     path = Path(path)
     configs = path / "configs"
     report(0.05, "checking the bundle's config")
@@ -306,7 +302,6 @@ def import_monai_bundle(
             "pipeline": {"name": monai_bundle.PIPELINE},
             "student_preprocessing": profile.to_dict(),
             "source": source,
-            "import_seconds": round(time.perf_counter() - started, 2),
         },
         copies=copies,
     )
@@ -336,7 +331,6 @@ def import_torchscript(
     import torch
 
     report = progress or (lambda fraction, stage: None)
-    started = time.perf_counter()
     path = Path(path)
     if not sha256 or not config:
         raise InvalidInputError(
@@ -419,7 +413,7 @@ def import_torchscript(
         description=f"TorchScript model {path.name} (sha256 {actual[:12]}…), imported from {path}",
         task=f"{modality} segmentation",
         torchscript=path,
-        extra={"source": source, "import_seconds": round(time.perf_counter() - started, 2)},
+        extra={"source": source},
     )
     report(1.0, "done")
     return load_bundle(bundle.path)

@@ -112,6 +112,13 @@ def labels_by_segment_name(
     return target
 
 
+def unmatched_mapping(mapping: dict[str, int | str | None], names: Iterable[str]) -> list[str]:
+    """The ``mapping`` entries (``--map``/``--skip`` names) that match none of ``names`` (all cases' segment
+    names): a misspelt name would otherwise be ignored silently."""
+    present = {normalize_name(n) for n in names}
+    return [key for key in mapping if normalize_name(key) not in present]
+
+
 def parse_mapping(maps: Iterable[str] = (), skips: Iterable[str] = ()) -> dict[str, str | None]:
     """CLI ``--map NAME=LABEL`` and ``--skip NAME`` options as a ``mapping`` dict."""
     mapping: dict[str, str | None] = {}

@@ -153,6 +153,9 @@ def read_volume(path: str | os.PathLike, modality: str | None = None, series: st
             if reader.HasMetaDataKey(0, "0008|0060"):
                 dicom_modality = reader.GetMetaData(0, "0008|0060").strip()
         else:
+            if series is not None:  # a file holds one image: a series choice means the wrong input was given
+                raise InvalidInputError(f"'{path}' is a file, so --series {series} cannot apply.",
+                                        "Give the DICOM folder holding that series, or leave --series out.")
             if path.name.lower().endswith(NIFTI_SUFFIXES):
                 check_nifti_payload(path)
             image = sitk.ReadImage(str(path))
@@ -187,7 +190,15 @@ def check_nifti_payload(path: Path) -> None:
     import nibabel
 
     try:
-        stored = nibabel.load(str(path)).dataobj
+        with open(path, "rb") as handle:
+            gzipped = handle.read(2) == b"\x1f\x8b"
+        if path.name.lower().endswith(".gz") and not gzipped:  # named .nii.gz, stored plain: SimpleITK reads
+            # such files by content (some tools write them), so they are checked by content too
+            data = path.read_bytes()
+            kind = nibabel.Nifti2Image if int.from_bytes(data[:4], "little") == 540 else nibabel.Nifti1Image
+            stored = kind.from_bytes(data).dataobj
+        else:
+            stored = nibabel.load(str(path)).dataobj
         raw = np.asanyarray(stored.get_unscaled() if hasattr(stored, "get_unscaled") else stored)
     except (EOFError, OSError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError) as error:
         raise InvalidInputError(
