@@ -124,8 +124,7 @@ def distil_and_time(teacher, data: Path, output: Path, volumes: list[Path], repe
             "speedup_geomean": round(float(np.exp(np.mean([np.log(r["speedup"]) for r in rows]))), 2)}
 
 
-def nnunet_reference(python: str, model: Path, volumes: list[Path], work: Path) -> list[np.ndarray]:
-    out = work / f"nnunet-{model.name}"
+def nnunet_reference(python: str, model: Path, volumes: list[Path], out: Path) -> list[np.ndarray]:
     out.mkdir()
     folder = next(iter(p for p in model.glob("*__*__*")))
     subprocess.run([python, "-c", NNUNET_REFERENCE, str(folder), str(out), *map(str, volumes)], check=True,
@@ -172,7 +171,7 @@ def main() -> None:
         teacher, seconds = timed_import(model, models, name)
         entry = {"import_seconds": seconds, "parameters": teacher.parameters, "folds": teacher.info["source"]["folds"]}
         if args.nnunet_python:
-            references = nnunet_reference(args.nnunet_python, model, volumes, work)
+            references = nnunet_reference(args.nnunet_python, model, volumes, work / f"reference-{name}")
             entry["agreement"] = [agreement(labels_of(teacher, p), r) for p, r in zip(volumes, references, strict=True)]
             entry["reference"] = "nnunetv2 2.8.1 nnUNetPredictor (all folds, mirroring, step 0.5)"
         repeats = 1 if "full" in title else args.repeats  # a full-size nnU-Net run takes minutes on a CPU
