@@ -85,6 +85,8 @@ def agreement(ours: np.ndarray, reference: np.ndarray) -> dict:
     dice = [2 * ((ours == v) & (reference == v)).sum() / max((ours == v).sum() + (reference == v).sum(), 1)
             for v in labels]
     return {"differing_voxels": int((ours != reference).sum()), "voxels": int(reference.size),
+            "dice": {int(v): round(float(d), 4) for v, d in zip(labels, dice, strict=True)},
+            "dice_mean": round(float(np.mean(dice)), 4) if dice else None,
             "dice_min": round(float(min(dice)), 5) if dice else None, "labels_present": [int(v) for v in labels]}
 
 
@@ -115,7 +117,12 @@ def distil_and_time(teacher, data: Path, output: Path, volumes: list[Path], repe
                 result = segment(volume, bundle, "cpu", network=network)
                 best = min(best, time.perf_counter() - step)
             times[role], labels[role] = best, result.labels.array
+        if teacher.pipeline is not None and teacher.pipeline["name"] == "nnunet-v2":  # the network alone
+            step = time.perf_counter()
+            segment(volume, teacher, "cpu", network=teacher.load_network(), pipeline_options={"mirror": False})
+            times["teacher_no_mirroring"] = time.perf_counter() - step
         rows.append({"volume": path.name, "shape_xyz": list(volume.shape[::-1]),
+                     "teacher_no_mirroring_s": round(times.get("teacher_no_mirroring", float("nan")), 3),
                      "teacher_s": round(times["teacher"], 3), "student_s": round(times["student"], 3),
                      "speedup": round(times["teacher"] / times["student"], 2),
                      "student_vs_teacher": agreement(labels["student"], labels["teacher"])})
@@ -228,7 +235,7 @@ def report(results: dict) -> str:
         "(1 for the full-size nnU-Net model, whose runs take minutes).",
         "",
         "| format | teacher parameters | import s | reference | differing voxels (3 volumes) | min Dice to reference "
-        "| student parameters | speed-up (geomean) | student vs teacher Dice (min per volume) |",
+        "| student parameters | speed-up (geomean) | student vs teacher Dice per volume: mean over labels (min) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for title, entry in results["formats"].items():
@@ -236,13 +243,16 @@ def report(results: dict) -> str:
         differing = " / ".join(str(a["differing_voxels"]) for a in agree) if agree else "not run"
         dice = min((a["dice_min"] for a in agree if a["dice_min"] is not None), default=None) if agree else None
         distil = entry["distillation"]
-        student_dice = " / ".join(str(v["student_vs_teacher"]["dice_min"]) for v in distil["volumes"])
+        student_dice = " / ".join(f"{v['student_vs_teacher']['dice_mean']} ({v['student_vs_teacher']['dice_min']})"
+                                  for v in distil["volumes"])
         lines.append(f"| {title} | {entry['parameters']:,} | {entry['import_seconds']} | {entry.get('reference', '—')} "
                      f"| {differing} | {dice if dice is not None else '—'} | {distil['student_parameters']:,} "
                      f"| {distil['speedup_geomean']}× | {student_dice} |")
     lines += ["", "Per volume (seconds for teacher and student):", ""]
     for title, entry in results["formats"].items():
         rows = ", ".join(f"{v['volume']} {v['shape_xyz']}: {v['teacher_s']} s vs {v['student_s']} s"
+                         + (f" (teacher without mirroring {v['teacher_no_mirroring_s']} s)"
+                            if v["teacher_no_mirroring_s"] == v["teacher_no_mirroring_s"] else "")
                          for v in entry["distillation"]["volumes"])
         lines.append(f"- {title}: {rows}")
     return "\n".join(lines) + "\n"
