@@ -132,7 +132,7 @@ def test_an_uncompressed_nifti_named_nii_gz_is_read_by_content_and_a_short_one_s
     plain = tmp_path / "plain.nii.gz"
     plain.write_bytes(_nifti_bytes(array))  # some tools write these; SimpleITK reads them by content
     assert np.array_equal(read_volume(plain).array, array)
-    assert segment(model, plain, tmp_path / "out") == 0
+    assert segment(model, plain, tmp_path / "out", "--modality", "CT") == 0
     short = tmp_path / "short.nii.gz"
     short.write_bytes(_nifti_bytes(array)[:-4000])
     with pytest.raises(InvalidInputError, match="cut short or damaged"):
