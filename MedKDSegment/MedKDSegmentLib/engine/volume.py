@@ -200,7 +200,8 @@ def check_nifti_payload(path: Path) -> None:
         else:
             stored = nibabel.load(str(path)).dataobj
         raw = np.asanyarray(stored.get_unscaled() if hasattr(stored, "get_unscaled") else stored)
-    except (EOFError, OSError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError) as error:
+    except (EOFError, OSError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError,
+            nibabel.wrapstruct.WrapStructError, nibabel.spatialimages.HeaderDataError) as error:
         raise InvalidInputError(
             f"'{path}' could not be read: it is cut short or damaged ({str(error)[:160]}).",
             "Copy or export the file again from its source.",
