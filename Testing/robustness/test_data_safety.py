@@ -397,3 +397,17 @@ def test_a_misspelt_map_name_is_refused_not_ignored(model, scan, tmp_path, capsy
     assert main([*run, "--map", "Livr=liver"]) == EXIT_ERROR
     err = capsys.readouterr().err
     assert "'Livr' matches no segment of any case (segments: Liver)" in err and not (tmp_path / "v2").exists()
+
+
+def test_a_teacher_of_the_other_modality_is_refused_before_training(tmp_path, capsys):
+    from tiny import TINY_MR, TINY_TEACHER
+
+    teacher = make_bundle(tmp_path / "models" / "mr-teacher", architecture=TINY_TEACHER, profile=TINY_MR,
+                          role="teacher").path
+    image, _ = generate_phantom("CT", 12, size=(32, 32, 16), spacing=(8.0, 8.0, 8.0))
+    write_volume(image, tmp_path / "ct" / "images" / "case.nii.gz")
+    run = ["--quiet", "distill", "--teacher", str(teacher), "--data", str(tmp_path / "ct"), "--output",
+           str(tmp_path / "student"), "--device", "cpu", "--epochs", "1"]
+    assert main(run) == EXIT_ERROR
+    assert "looks like CT, but the model is for MR" in capsys.readouterr().err
+    assert not (tmp_path / "student").exists()

@@ -19,7 +19,14 @@ from .errors import InvalidInputError
 from .profiles import Profile, labels_to_model_grid, to_model_grid
 from .segfile import read_seg_nrrd_names
 from .segment_names import labels_by_segment_name
-from .volume import VOLUME_SUFFIXES, check_image, check_label_values, check_labels_match, read_volume
+from .volume import (
+    VOLUME_SUFFIXES,
+    check_image,
+    check_label_values,
+    check_labels_match,
+    check_modality,
+    read_volume,
+)
 
 
 @dataclass
@@ -85,7 +92,9 @@ def load_cases(
     pairs = find_pairs(folder)
     cases = []
     for index, (image_path, label_path) in enumerate(pairs):
-        image = read_volume(image_path, profile.modality)
+        image = read_volume(image_path)
+        check_modality(image, profile.modality, f"'{image_path}'")
+        image.modality = profile.modality
         check_image(image, f"'{image_path}'")
         array, grid = to_model_grid(image, profile)
         labels = None

@@ -364,6 +364,19 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     return path
 
 
+def check_modality(volume: Volume, expected: str, what: str) -> None:
+    """Refuse a volume that is surely not ``expected``: its DICOM modality says otherwise, or an MR model is
+    given Hounsfield units (air near -1000, which no MR intensity has). Intensities alone never refuse a
+    volume as not CT: a tightly cropped CT can lack air."""
+    found = volume.modality
+    if found in MODALITIES and found != expected:
+        raise InvalidInputError(f"{what} is {found} (its DICOM modality), but the model is for {expected}.",
+                                f"Use {expected} volumes, or a model for {found}.")
+    if expected == "MR" and detect_modality(replace(volume, modality=None)) == "CT":
+        raise InvalidInputError(f"{what} holds Hounsfield units (air near -1000): it looks like CT, but the "
+                                "model is for MR.", "Use MR volumes, or a model for CT.")
+
+
 def detect_modality(volume: Volume) -> str:
     """The DICOM modality when known; otherwise CT if intensities look like Hounsfield units
     (air near -1000 and soft tissue around 0-100), else MR."""
