@@ -141,6 +141,11 @@ def test_annotated_case_translates_segment_values_and_checks_them():
     cropped = Volume(labels.array[box].copy(), labels.spacing, origin, labels.direction)
     case = annotated_case("c", image, cropped, label_names())
     assert np.array_equal(case.labels.array[box], labels.array[box]) and case.labels.array.sum() > 0
+    # The same labels moved half the image away (another scan's segmentation): most would be cut off.
+    shifted = tuple(o + 0.5 * n * d for o, n, d in zip(image.origin, image.shape[::-1], image.spacing))
+    with pytest.raises(InvalidInputError, match="% of the painted labels of case 'c' lie outside its image"):
+        annotated_case("c", image, Volume(labels.array.copy(), labels.spacing, shifted, labels.direction),
+                       label_names())
 
     only_liver = annotated_case("c", image, labels, label_names(), annotated=["liver"])
     assert only_liver.annotated == {1} and set(np.unique(only_liver.labels.array)) == {0, 1}

@@ -139,6 +139,10 @@ def annotated_case(
     return AnnotatedCase(name, image, labelmap.with_array(target), frozenset(chosen))
 
 
+# Nearest-neighbour resampling onto another voxel size changes a painted volume by a few per cent at most.
+LABELS_OUTSIDE_TOLERANCE = 0.1
+
+
 def _on_image_grid(image: Volume, labelmap: Volume, name: str) -> Volume:
     if image.same_grid(labelmap):
         return labelmap
@@ -155,6 +159,14 @@ def _on_image_grid(image: Volume, labelmap: Volume, name: str) -> Volume:
         raise InvalidInputError(
             f"The labels of case '{name}' do not overlap its image.",
             "Give the segmentation that was drawn on this image.",
+        )
+    # Painted volume (mm³) that would fall outside the image: a crop never loses any, another scan's does.
+    painted = np.count_nonzero(labelmap.array) * float(np.prod(labelmap.spacing))
+    kept = np.count_nonzero(array) * float(np.prod(image.spacing))
+    if painted and kept < (1 - LABELS_OUTSIDE_TOLERANCE) * painted:
+        raise InvalidInputError(
+            f"{100 * (1 - kept / painted):.0f} % of the painted labels of case '{name}' lie outside its image.",
+            "Give the segmentation that was drawn on this image (a segmentation of another scan does not fit).",
         )
     return image.with_array(array)
 
