@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,7 +42,10 @@ sys.path.insert(0, str(ROOT / "Testing"))
 from MedKDSegmentLib.engine.bundle import load_bundle  # noqa: E402
 from MedKDSegmentLib.engine.imported import import_teacher  # noqa: E402
 from MedKDSegmentLib.engine.inference import segment  # noqa: E402
+from MedKDSegmentLib.engine.measure import machine_description  # noqa: E402
+from MedKDSegmentLib.engine.metrics import dice_per_label  # noqa: E402
 from MedKDSegmentLib.engine.phantom import generate_phantom  # noqa: E402
+from MedKDSegmentLib.engine.report import markdown_table, write_json, write_text  # noqa: E402
 from MedKDSegmentLib.engine.training import TrainingConfig, distill_student  # noqa: E402
 from MedKDSegmentLib.engine.volume import read_volume, write_volume  # noqa: E402
 
@@ -81,11 +83,11 @@ def test_volumes(folder: Path) -> list[Path]:
 
 
 def agreement(ours: np.ndarray, reference: np.ndarray) -> dict:
-    labels = sorted(set(np.unique(reference)) - {0})
-    dice = [2 * ((ours == v) & (reference == v)).sum() / max((ours == v).sum() + (reference == v).sum(), 1)
-            for v in labels]
+    labels = sorted(int(v) for v in np.unique(reference) if v != 0)
+    per_label = dice_per_label(ours, reference, labels)
+    dice = list(per_label.values())
     return {"differing_voxels": int((ours != reference).sum()), "voxels": int(reference.size),
-            "dice": {int(v): round(float(d), 4) for v, d in zip(labels, dice, strict=True)},
+            "dice": {v: round(d, 4) for v, d in per_label.items()},
             "dice_mean": round(float(np.mean(dice)), 4) if dice else None,
             "dice_min": round(float(min(dice)), 5) if dice else None, "labels_present": [int(v) for v in labels]}
 
@@ -104,28 +106,28 @@ def distil_and_time(teacher, data: Path, output: Path, volumes: list[Path], repe
     started = time.perf_counter()
     student = distill_student(data, teacher, output, TrainingConfig(**STUDENT_CONFIG))
     train_seconds = time.perf_counter() - started
+    networks = {"teacher": teacher.load_network(), "student": student.load_network()}
+    mirrored = teacher.pipeline is not None and teacher.pipeline["name"] == "nnunet-v2"
     rows = []
     for path in volumes:
         volume = read_volume(path, "CT")
         times = {}
         labels = {}
         for role, bundle in (("teacher", teacher), ("student", student)):
-            network = bundle.load_network()
             best = float("inf")
             for _ in range(repeats):
                 step = time.perf_counter()
-                result = segment(volume, bundle, "cpu", network=network)
+                result = segment(volume, bundle, "cpu", network=networks[role])
                 best = min(best, time.perf_counter() - step)
             times[role], labels[role] = best, result.labels.array
-        if teacher.pipeline is not None and teacher.pipeline["name"] == "nnunet-v2":  # the network alone
+        row = {"volume": path.name, "shape_xyz": list(volume.shape[::-1]), "teacher_s": round(times["teacher"], 3),
+               "student_s": round(times["student"], 3), "speedup": round(times["teacher"] / times["student"], 2),
+               "student_vs_teacher": agreement(labels["student"], labels["teacher"])}
+        if mirrored:  # nnU-Net's network alone, without its 8-fold test-time mirroring
             step = time.perf_counter()
-            segment(volume, teacher, "cpu", network=teacher.load_network(), pipeline_options={"mirror": False})
-            times["teacher_no_mirroring"] = time.perf_counter() - step
-        rows.append({"volume": path.name, "shape_xyz": list(volume.shape[::-1]),
-                     "teacher_no_mirroring_s": round(times.get("teacher_no_mirroring", float("nan")), 3),
-                     "teacher_s": round(times["teacher"], 3), "student_s": round(times["student"], 3),
-                     "speedup": round(times["teacher"] / times["student"], 2),
-                     "student_vs_teacher": agreement(labels["student"], labels["teacher"])})
+            segment(volume, teacher, "cpu", network=networks["teacher"], pipeline_options={"mirror": False})
+            row["teacher_no_mirroring_s"] = round(time.perf_counter() - step, 3)
+        rows.append(row)
     return {"student_parameters": student.parameters, "teacher_parameters": teacher.parameters,
             "train_seconds": round(train_seconds, 1), "volumes": rows,
             "speedup_geomean": round(float(np.exp(np.mean([np.log(r["speedup"]) for r in rows]))), 2)}
@@ -166,8 +168,7 @@ def main() -> None:
     for seed in TRAINING_SEEDS:
         image, _ = generate_phantom("CT", seed, size=(96, 80, 48), spacing=(3.0, 3.0, 4.0))
         write_volume(image, data / "images" / f"case{seed}.nii.gz")
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "python": platform.python_version()},
+    results = {"machine": machine_description(),
                "student_config": STUDENT_CONFIG, "test_volumes": [p.name for p in volumes], "formats": {}}
 
     nnunet_models = [("nnunet-v2 (test model)", NNUNET)]
@@ -215,17 +216,30 @@ def main() -> None:
     results["formats"]["torchscript"] = entry
     print("torchscript", json.dumps(entry)[:400], flush=True)
 
-    args.output.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    args.output.with_suffix(".md").write_text(report(results))
+    write_json(results, args.output.with_suffix(".json"))
+    write_text(report(results), args.output.with_suffix(".md"))
     shutil.rmtree(work)
 
 
 def report(results: dict) -> str:
     machine = results["machine"]
+    rows = []
+    for title, entry in results["formats"].items():
+        agree, distil = entry.get("agreement"), entry["distillation"]
+        rows.append({
+            "format": title, "parameters": f"{entry['parameters']:,}", "import": entry["import_seconds"],
+            "reference": entry.get("reference", "—"),
+            "differing": " / ".join(str(a["differing_voxels"]) for a in agree) if agree else "not run",
+            "dice": min((a["dice_min"] for a in agree), default="—") if agree else "—",
+            "student": f"{distil['student_parameters']:,}", "speedup": f"{distil['speedup_geomean']}×",
+            "student_dice": " / ".join(f"{v['student_vs_teacher']['dice_mean']} ({v['student_vs_teacher']['dice_min']})"
+                                       for v in distil["volumes"]),
+        })
     lines = [
         "# Imported teachers: exactness, import time, and students distilled from them",
         "",
-        f"Machine: {machine['cpu']}, {machine['threads']} torch threads, torch {machine['torch']}, CPU only. "
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} "
+        f"threads), {machine['platform']}. CPU only. "
         "Reproduce: `scripts/medkd-python scripts/imported_teachers.py --nnunet-python /tmp/nnenv/bin/python "
         "--full-size-nnunet /tmp/nnfull/Dataset901_Phantom` (see the script's docstring for the environments).",
         "",
@@ -234,27 +248,22 @@ def report(results: dict) -> str:
         f"(`{json.dumps(results['student_config'])}`). Speed is the best of 3 whole-volume runs in the same process "
         "(1 for the full-size nnU-Net model, whose runs take minutes).",
         "",
-        "| format | teacher parameters | import s | reference | differing voxels (3 volumes) | min Dice to reference "
-        "| student parameters | speed-up (geomean) | student vs teacher Dice per volume: mean over labels (min) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        markdown_table(rows, {
+            "format": "format", "parameters": "teacher parameters", "import": "import s", "reference": "reference",
+            "differing": "differing voxels (3 volumes)", "dice": "min Dice to reference",
+            "student": "student parameters", "speedup": "speed-up (geomean)",
+            "student_dice": "student vs teacher Dice per volume: mean over labels (min)",
+        }),
+        "",
+        "Per volume (seconds for teacher and student):",
+        "",
     ]
     for title, entry in results["formats"].items():
-        agree = entry.get("agreement")
-        differing = " / ".join(str(a["differing_voxels"]) for a in agree) if agree else "not run"
-        dice = min((a["dice_min"] for a in agree if a["dice_min"] is not None), default=None) if agree else None
-        distil = entry["distillation"]
-        student_dice = " / ".join(f"{v['student_vs_teacher']['dice_mean']} ({v['student_vs_teacher']['dice_min']})"
-                                  for v in distil["volumes"])
-        lines.append(f"| {title} | {entry['parameters']:,} | {entry['import_seconds']} | {entry.get('reference', '—')} "
-                     f"| {differing} | {dice if dice is not None else '—'} | {distil['student_parameters']:,} "
-                     f"| {distil['speedup_geomean']}× | {student_dice} |")
-    lines += ["", "Per volume (seconds for teacher and student):", ""]
-    for title, entry in results["formats"].items():
-        rows = ", ".join(f"{v['volume']} {v['shape_xyz']}: {v['teacher_s']} s vs {v['student_s']} s"
-                         + (f" (teacher without mirroring {v['teacher_no_mirroring_s']} s)"
-                            if v["teacher_no_mirroring_s"] == v["teacher_no_mirroring_s"] else "")
-                         for v in entry["distillation"]["volumes"])
-        lines.append(f"- {title}: {rows}")
+        volumes = ", ".join(f"{v['volume']} {v['shape_xyz']}: {v['teacher_s']} s vs {v['student_s']} s"
+                            + (f" (teacher without mirroring {v['teacher_no_mirroring_s']} s)"
+                               if "teacher_no_mirroring_s" in v else "")
+                            for v in entry["distillation"]["volumes"])
+        lines.append(f"- {title}: {volumes}")
     return "\n".join(lines) + "\n"
 
 

@@ -148,6 +148,12 @@ class Bundle:
         return self.info["weights_sha256"]
 
     @property
+    def reads_features(self) -> bool:
+        """Whether a student can read this teacher's inner features on its own input (for ``hint`` and ``at``):
+        not through a published or imported teacher's own whole-volume pipeline, nor inside a TorchScript model."""
+        return self.pipeline is None and self.info["architecture"]["name"] != "TorchScript"
+
+    @property
     def weights_path(self) -> Path:
         return self.path / _weights_file(self.info)
 
@@ -516,11 +522,13 @@ def save_bundle(
 
 
 def _gmacs(network: nn.Module) -> float | None:
-    """Giga multiply-accumulates on a 96³ patch; None where they cannot be counted (TorchScript, whole-volume
-    networks that refuse a patch)."""
+    """Giga multiply-accumulates on a 96³ patch; None for a TorchScript module (it takes no forward hooks) and
+    for a network whose total stride does not divide 96 (an nnU-Net plan's may not)."""
+    if isinstance(network, torch.jit.ScriptModule):
+        return None
     try:
         return round(count_macs(network, (96, 96, 96)) / 1e9, 3)
-    except Exception:  # a network that cannot run on a 96³ patch or takes no forward hooks
+    except RuntimeError:  # torch's error for feature maps that do not fit together
         return None
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import CancelledError
-from .profiles import resample_probabilities, resize
+from .profiles import new_shape, resample_probabilities, resize, zoomed_grid
 from .volume import Volume
 
 SPACING = (1.5, 1.5, 1.5)  # mm, isotropic; the same in every axis order
@@ -194,10 +194,6 @@ class HDBETResult:
         return resample_probabilities(self.probabilities, working_grid(volume), target)
 
 
-def new_shape(shape: tuple[int, ...], old_spacing: tuple[float, ...], new_spacing: tuple[float, ...]) -> tuple:
-    return tuple(int(np.round(o / n * float(s))) for s, o, n in zip(shape, old_spacing, new_spacing))
-
-
 def preprocess(array: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
     """Steps 1–2: resampled to 1.5 mm and z-scored (float32)."""
     image = array.astype(np.float32)
@@ -270,18 +266,10 @@ def center_pad_or_cut(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def working_grid(volume: Volume) -> sitk.Image:
-    """The physical grid of HD-BET's 1.5 mm array: each axis zoomed with ``grid_mode=True``, so the
-    outer voxel corners stay where the input's are and the spacing is exactly old extent / new count."""
+    """The physical grid of HD-BET's 1.5 mm array (see ``profiles.zoomed_grid``)."""
     spacing_zyx = tuple(float(s) for s in volume.spacing[::-1])
-    shape_xyz = np.array(new_shape(volume.shape, spacing_zyx, SPACING)[::-1])
-    old_spacing = np.array(volume.spacing, dtype=float)
-    spacing = old_spacing * np.array(volume.shape[::-1]) / shape_xyz
-    direction = np.array(volume.direction).reshape(3, 3)
-    grid = sitk.Image([int(s) for s in shape_xyz], sitk.sitkFloat32)
-    grid.SetSpacing(spacing.tolist())
-    grid.SetOrigin((np.array(volume.origin) + direction @ ((spacing - old_spacing) / 2)).tolist())
-    grid.SetDirection([float(v) for v in volume.direction])
-    return grid
+    size_xyz = new_shape(volume.shape, spacing_zyx, SPACING)[::-1]
+    return zoomed_grid(volume.origin, volume.spacing, volume.direction, (0, 0, 0), volume.shape[::-1], size_xyz)
 
 
 def segment_hdbet(

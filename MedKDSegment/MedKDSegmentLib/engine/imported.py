@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .bundle import SOURCE_CONFIGS, Bundle, load_bundle, save_bundle, sha256_of
+from .bundle import SOURCE_CONFIGS, Bundle, save_bundle, sha256_of
 from .errors import BundleError, InvalidInputError
 from .labels import Structure
 from .locations import user_models_dir
@@ -70,9 +70,18 @@ def structures_from(labels: dict[int, str], folder: Path) -> tuple[Structure, ..
     if not foreground:
         raise InvalidInputError(f"'{folder}' segments no foreground label.", "Import a segmentation model.")
     return tuple(
-        Structure(v, n, PALETTE[(v - 1) % len(PALETTE)] if v <= len(PALETTE) else (0.5, 0.5, 0.5))
-        for v, n in sorted(foreground.items())
+        Structure(v, n, PALETTE[v - 1] if v <= len(PALETTE) else (0.5, 0.5, 0.5)) for v, n in sorted(foreground.items())
     )
+
+
+def _write_teacher(target: Path, network, kind: str, report: Progress, **details) -> Bundle:
+    """Write the imported teacher bundle ``target`` (``details`` go to ``save_bundle``)."""
+    report(0.7, "writing the teacher bundle")
+    bundle = save_bundle(
+        target, network, name=target.name, role="teacher", method={"name": "imported", "format": kind}, **details
+    )
+    report(1.0, "done")
+    return bundle
 
 
 def _target(models_dir: str | os.PathLike | None, name: str) -> Path:
@@ -153,7 +162,6 @@ def import_nnunet(
         )
     else:
         student = Profile(modality, tuple(spacing_zyx[::-1]), percentiles=(0.5, 99.5))
-    report(0.7, "writing the teacher bundle")
     source = {
         "framework": "nnU-Net v2",
         "path": str(model.folder.resolve()),
@@ -170,15 +178,14 @@ def import_nnunet(
         f"nnU-Net v2 model {dataset_name} ({model.configuration}, {model.trainer}, "
         f"fold(s) {', '.join(model.folds)}), imported from {model.folder}"
     )
-    bundle = save_bundle(
+    return _write_teacher(
         target,
         network,
-        name=target.name,
-        role="teacher",
+        "nnunet-v2",
+        report,
         architecture=architecture,
         profile=Profile(modality, tuple(spacing_zyx[::-1])),
         structures=structures,
-        method={"name": "imported", "format": "nnunet-v2"},
         description=description,
         task=f"{modality} segmentation ({', '.join(s.name for s in structures[:6])}"
         + (", ..." if len(structures) > 6 else "")
@@ -189,8 +196,6 @@ def import_nnunet(
             "source": source,
         },
     )
-    report(1.0, "done")
-    return load_bundle(bundle.path)
 
 
 def _modality(value, source: Path) -> str:
@@ -286,16 +291,14 @@ def import_monai_bundle(
         "imported_with": {"torch": torch.__version__, "monai": monai.__version__},
     }
     profile = DEFAULT_PROFILES[modality]
-    report(0.7, "writing the teacher bundle")
-    bundle = save_bundle(
+    return _write_teacher(
         target,
         wrapped,
-        name=target.name,
-        role="teacher",
+        "monai-bundle",
+        report,
         architecture={"name": "MonaiBundle", "kwargs": {}},
         profile=profile,
         structures=structures,
-        method={"name": "imported", "format": "monai-bundle"},
         description=f"MONAI bundle {metadata.get('name', path.name)} {metadata.get('version', '')} from {path}",
         task=str(metadata.get("task", f"{modality} segmentation")),
         extra={
@@ -305,8 +308,6 @@ def import_monai_bundle(
         },
         copies=copies,
     )
-    report(1.0, "done")
-    return load_bundle(bundle.path)
 
 
 def import_torchscript(
@@ -400,23 +401,19 @@ def import_torchscript(
         "config": settings,
         "imported_with": {"torch": torch.__version__},
     }
-    report(0.7, "writing the teacher bundle")
-    bundle = save_bundle(
+    return _write_teacher(
         target,
         network,
-        name=target.name,
-        role="teacher",
+        "torchscript",
+        report,
         architecture={"name": "TorchScript", "kwargs": {}},
         profile=profile,
         structures=structures,
-        method={"name": "imported", "format": "torchscript"},
         description=f"TorchScript model {path.name} (sha256 {actual[:12]}…), imported from {path}",
         task=f"{modality} segmentation",
         torchscript=path,
         extra={"source": source},
     )
-    report(1.0, "done")
-    return load_bundle(bundle.path)
 
 
 def import_teacher(

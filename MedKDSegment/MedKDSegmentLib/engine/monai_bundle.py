@@ -15,7 +15,6 @@ so on the input's grid).
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import time
@@ -29,6 +28,7 @@ from torch import nn
 
 from .errors import BundleError, InvalidInputError
 from .profiles import resample_probabilities
+from .report import read_json_object
 from .volume import Volume
 
 PIPELINE = "monai-bundle"
@@ -104,12 +104,9 @@ def read_config(folder: Path, bundle: Path | None = None) -> dict:
     path = folder / CONFIG
     if not path.is_file():
         raise not_usable(bundle, f"configs/{CONFIG} is missing", "Give a bundle in the MONAI Model Zoo layout.")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise not_usable(
-            bundle, f"configs/{CONFIG} is not valid JSON ({error})", "Restore it from the bundle's source."
-        ) from error
+    config = read_json_object(
+        path, lambda problem: not_usable(bundle, f"configs/{problem}", "Restore it from the bundle's source.")
+    )
     missing = [i for i in IDS if i not in config]
     if missing:
         raise not_usable(

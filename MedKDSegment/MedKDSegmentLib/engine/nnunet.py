@@ -27,7 +27,6 @@ would pull in its training stack (and torchvision, which replaces the pinned tor
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,8 @@ from scipy import ndimage
 from torch import nn
 
 from .errors import BundleError, CancelledError, InvalidInputError
-from .profiles import resample_probabilities, resize
+from .profiles import new_shape, resample_probabilities, resize, zoomed_grid
+from .report import read_json_object
 from .volume import Volume
 
 PIPELINE = "nnunet-v2"
@@ -173,6 +173,7 @@ class NnUNetModel:
     folder: Path
     configuration: str
     plans: dict
+    config: dict  # the configuration's plan, inherited settings filled in
     dataset: dict
     folds: list[str]
     checkpoints: list[Path]
@@ -192,15 +193,7 @@ def _load_json(path: Path, folder: Path) -> dict:
             f"{path.name} is missing",
             "Point at the folder nnU-Net trained into (it holds dataset.json, plans.json and fold_*).",
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _bad(
-            folder, f"{path.name} is not valid JSON ({error})", "Restore the file from the model's source."
-        ) from error
-    if not isinstance(data, dict):
-        raise _bad(folder, f"{path.name} is not a JSON object", "Restore the file from the model's source.")
-    return data
+    return read_json_object(path, lambda problem: _bad(folder, problem, "Restore the file from the model's source."))
 
 
 def model_folders(path: Path) -> list[Path]:
@@ -328,6 +321,7 @@ def read_model_folder(
         folder=folder,
         configuration=name,
         plans=plans,
+        config=resolve_configuration(plans, name, folder),
         dataset=dataset,
         folds=chosen,
         checkpoints=checkpoints,
@@ -372,7 +366,7 @@ def labels_of(dataset: dict, folder: Path) -> tuple[dict[int, str], dict | None]
 
 def pipeline_settings(model: NnUNetModel, regions: dict | None) -> dict:
     """The bundle's ``pipeline`` section: everything ``segment_nnunet`` needs from the plans."""
-    config = resolve_configuration(model.plans, model.configuration, model.folder)
+    config = model.config
     folder = model.folder
     if config.get("previous_stage") or "cascade" in model.configuration:
         raise _bad(
@@ -435,8 +429,7 @@ def _resampling_kwargs(kwargs: dict) -> dict:
 
 
 def architecture_of(model: NnUNetModel) -> dict:
-    config = resolve_configuration(model.plans, model.configuration, model.folder)
-    arch = config.get("architecture") or {}
+    arch = model.config.get("architecture") or {}
     kwargs = {
         "network_class_name": arch.get("network_class_name"),
         "arch_kwargs": arch.get("arch_kwargs"),
@@ -460,14 +453,16 @@ def architecture_of(model: NnUNetModel) -> dict:
 @dataclass
 class NnUNetResult:
     labels: np.ndarray  # on the input's array (z, y, x)
-    probabilities: np.ndarray  # float32 (C, ...) on the working grid, in the input's axis order
+    logits: torch.Tensor  # float16 (C, ...) on the working grid, in the input's axis order
+    regions: dict | None
     working_grid: sitk.Image
     seconds: dict[str, float]
 
     def probabilities_on(self, volume: Volume, target: sitk.Image) -> np.ndarray:
         """The ensemble's probabilities (C, z, y, x) resampled linearly onto ``target``; background beyond the
         crop box. ``volume`` is the one segmented."""
-        return resample_probabilities(self.probabilities, self.working_grid, target)
+        probabilities = _probabilities(self.logits.float(), self.regions).numpy()
+        return resample_probabilities(probabilities, self.working_grid, target)
 
 
 def _separate_z(current: list[float], new: list[float], force: bool | None) -> int | None:
@@ -503,6 +498,7 @@ def resample_to_shape(
         return data
     axis = _separate_z(list(current), list(new), force_separate_z)
     out = np.zeros((data.shape[0], *shape), dtype=data.dtype)
+    coordinates = None  # across slices: align_corners=False coordinates, as nnU-Net maps them (once for all channels)
     for c, channel in enumerate(data.astype(float, copy=False)):
         if axis is None:
             out[c] = resize(channel, shape, order)
@@ -512,21 +508,22 @@ def resample_to_shape(
         if slices.shape[axis] == shape[axis]:
             out[c] = slices
             continue
-        # across slices: align_corners=False coordinates, as nnU-Net maps them
-        grids = np.mgrid[tuple(slice(0, s) for s in shape)].astype(float)
-        scales = np.divide(slices.shape, shape)
-        coordinates = np.array([scale * (grid + 0.5) - 0.5 for scale, grid in zip(scales, grids, strict=True)])
+        if coordinates is None:
+            grids = np.mgrid[tuple(slice(0, s) for s in shape)].astype(float)
+            scales = np.divide(slices.shape, shape)
+            coordinates = np.array([scale * (grid + 0.5) - 0.5 for scale, grid in zip(scales, grids, strict=True)])
         out[c] = ndimage.map_coordinates(slices, coordinates, order=order_z, mode="nearest")
     return out
 
 
-def _crop_box(data: np.ndarray) -> tuple[slice, ...]:
-    """nnU-Net's crop: the bounding box of the non-zero voxels of any channel, holes filled (all if none)."""
+def _crop_to_nonzero(data: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+    """nnU-Net's ``crop_to_nonzero``: the bounding box of the non-zero voxels of any channel, holes filled (all
+    if none), and that mask within it."""
     mask = ndimage.binary_fill_holes(np.any(data != 0, axis=0))
     if not mask.any():
-        return tuple(slice(0, s) for s in mask.shape)
-    where = np.nonzero(mask)
-    return tuple(slice(int(w.min()), int(w.max()) + 1) for w in where)
+        return tuple(slice(0, s) for s in mask.shape), mask
+    box = tuple(slice(int(w.min()), int(w.max()) + 1) for w in np.nonzero(mask))
+    return box, mask[box]
 
 
 def normalize(channel: np.ndarray, scheme: str, use_mask: bool, mask: np.ndarray, properties: dict) -> np.ndarray:
@@ -662,10 +659,9 @@ def segment_nnunet(
     spacing_zyx = list(image.GetSpacing())[::-1]
     original_spacing = [spacing_zyx[a] for a in forward]
     full_shape = data.shape[1:]
-    box = _crop_box(data)
+    box, mask = _crop_to_nonzero(data)
     cropped_shape = tuple(b.stop - b.start for b in box)
     data = np.ascontiguousarray(data[(slice(None), *box)])
-    mask = ndimage.binary_fill_holes(np.any(data != 0, axis=0))
     for c in range(data.shape[0]):
         data[c] = normalize(
             data[c],
@@ -675,7 +671,7 @@ def segment_nnunet(
             settings["intensity_properties"][c],
         )
     target = settings["spacing"]
-    shape = tuple(int(round(o / t * s)) for o, t, s in zip(original_spacing, target, cropped_shape, strict=True))
+    shape = new_shape(cropped_shape, original_spacing, target)
     data = resample_to_shape(data, shape, original_spacing, target, **settings["resampling_data"]).astype(np.float32)
     seconds = {"preprocess": time.perf_counter() - started}
     step = time.perf_counter()
@@ -704,21 +700,23 @@ def segment_nnunet(
     labels = np.zeros(full_shape, dtype=np.uint8)
     labels[box] = labels_cropped
     labels = labels.transpose(backward)
-    probabilities = _probabilities(logits.float(), settings["regions"]).numpy()
-    probabilities = probabilities.transpose([0, *[a + 1 for a in backward]])
-    grid = _working_grid(image, box, backward, probabilities.shape[1:])
+    logits = logits.permute(0, *[a + 1 for a in backward])  # the image's axis order
+    box_xyz = [box[a] for a in backward][::-1]
+    grid = zoomed_grid(
+        image.GetOrigin(),
+        image.GetSpacing(),
+        image.GetDirection(),
+        [b.start for b in box_xyz],
+        [b.stop - b.start for b in box_xyz],
+        logits.shape[1:][::-1],
+    )
     if orientation is not None:
         labelled = sitk.GetImageFromArray(np.ascontiguousarray(labels))
         labelled.CopyInformation(image)
         labels = sitk.GetArrayFromImage(sitk.DICOMOrient(labelled, original_orientation))
     seconds["postprocess"] = time.perf_counter() - step
     seconds["total"] = time.perf_counter() - started
-    return NnUNetResult(
-        labels=labels,
-        probabilities=np.ascontiguousarray(probabilities, dtype=np.float32),
-        working_grid=grid,
-        seconds=seconds,
-    )
+    return NnUNetResult(labels=labels, logits=logits, regions=settings["regions"], working_grid=grid, seconds=seconds)
 
 
 def _to_labels(logits: np.ndarray, regions: dict | None) -> np.ndarray:
@@ -744,20 +742,3 @@ def _probabilities(logits: torch.Tensor, regions: dict | None) -> torch.Tensor:
         foreground[channel] = sigmoid[channel] * remaining
         remaining = remaining * (1 - sigmoid[channel])
     return torch.cat([remaining[None], foreground])
-
-
-def _working_grid(image: sitk.Image, box: tuple[slice, ...], backward: list[int], shape_zyx) -> sitk.Image:
-    """The physical grid of the network's array (cropped, resampled), in the image's axis order."""
-    box_zyx = [box[a] for a in backward]
-    start_xyz = np.array([b.start for b in box_zyx][::-1], dtype=float)
-    count_xyz = np.array([b.stop - b.start for b in box_zyx][::-1], dtype=float)
-    old = np.array(image.GetSpacing(), dtype=float)
-    new_count = np.array(shape_zyx[::-1], dtype=float)
-    spacing = old * count_xyz / new_count
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    corner = np.array(image.GetOrigin()) + direction @ (start_xyz * old)
-    grid = sitk.Image([int(s) for s in new_count], sitk.sitkFloat32)
-    grid.SetSpacing(spacing.tolist())
-    grid.SetOrigin((corner + direction @ ((spacing - old) / 2)).tolist())
-    grid.SetDirection(image.GetDirection())
-    return grid

@@ -196,6 +196,25 @@ def resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
     return out
 
 
+def new_shape(shape: tuple[int, ...], old_spacing: tuple[float, ...], new_spacing: tuple[float, ...]) -> tuple:
+    return tuple(int(np.round(o / n * float(s))) for s, o, n in zip(shape, old_spacing, new_spacing))
+
+
+def zoomed_grid(origin, spacing, direction, start_xyz, count_xyz, size_xyz) -> sitk.Image:
+    """The physical grid of the voxel box ``start_xyz`` + ``count_xyz`` of a grid (``origin``, ``spacing``,
+    ``direction``) zoomed to ``size_xyz`` voxels as ``resize`` zooms (``grid_mode=True``): the box's outer voxel
+    corners stay where they are and the spacing is exactly old extent / new count."""
+    old = np.array(spacing, dtype=float)
+    new_spacing = old * np.array(count_xyz, dtype=float) / np.array(size_xyz, dtype=float)
+    rotation = np.array(direction, dtype=float).reshape(3, 3)
+    corner = np.array(origin, dtype=float) + rotation @ (np.array(start_xyz, dtype=float) * old)
+    grid = sitk.Image([int(s) for s in size_xyz], sitk.sitkFloat32)
+    grid.SetSpacing(new_spacing.tolist())
+    grid.SetOrigin((corner + rotation @ ((new_spacing - old) / 2)).tolist())
+    grid.SetDirection([float(v) for v in direction])
+    return grid
+
+
 def resample_probabilities(channels: np.ndarray, source: sitk.Image, target: sitk.Image) -> np.ndarray:
     """Class probabilities (C, z, y, x) on ``source``'s grid, linearly onto ``target``'s; beyond the source
     lies background (1 for channel 0, 0 for the others)."""

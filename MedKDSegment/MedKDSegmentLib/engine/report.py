@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,17 @@ def write_json(data: object, path: str | os.PathLike) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(clean(data), indent=2), encoding="utf-8")
     return Path(path)
+
+
+def read_json_object(path: Path, fail: Callable[[str], Exception]) -> dict:
+    """The JSON object in ``path`` (UTF-8); ``fail(problem)`` makes the error raised for text that is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise fail(f"{path.name} is not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise fail(f"{path.name} is not a JSON object")
+    return data
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:

@@ -802,18 +802,12 @@ def _train_unlocked(
             )
     specs = parse_methods(config.methods)  # a typo fails now, before any data is read
     published = [b for b in teacher_bundles if b.pipeline is not None]
-    if published and any(METHODS[spec.name].needs_features for spec in specs):
-        raise InvalidInputError(
-            f"Teacher '{published[0].name}' runs through its own pipeline on whole volumes, so it has no "
-            "features on the student's input for hint or at.",
-            "Use output-based methods with it: kd, ctkd, dist or cwd.",
-        )
-    scripted = [b for b in teacher_bundles if b.info["architecture"]["name"] == "TorchScript"]
-    if scripted and any(METHODS[spec.name].needs_features for spec in specs):
-        raise InvalidInputError(
-            f"Teacher '{scripted[0].name}' is a TorchScript model, whose inner layers cannot be read for hint or at.",
-            "Use output-based methods with it: kd, ctkd, dist or cwd.",
-        )
+    featureless = [b for b in teacher_bundles if not b.reads_features]
+    if featureless and any(METHODS[spec.name].needs_features for spec in specs):
+        why = ("runs through its own pipeline on whole volumes, so it has no features on the student's input"
+               if featureless[0].pipeline is not None else "is a TorchScript model, whose inner layers cannot be read")
+        raise InvalidInputError(f"Teacher '{featureless[0].name}' {why} for hint or at.",
+                                "Use output-based methods with it: kd, ctkd, dist or cwd.")
     if published and isinstance(data, (list, tuple)) and any(c.source is None for c in data):
         raise InvalidInputError(
             f"Teacher '{published[0].name}' needs each training volume's file.",
