@@ -8,10 +8,11 @@ import SimpleITK as sitk
 import torch
 from tiny import TINY_CT
 
+from MedKDSegmentLib.engine.argmax_resample import resample_to_input
 from MedKDSegmentLib.engine.errors import CancelledError, InvalidInputError
 from MedKDSegmentLib.engine.inference import count_windows, predict_scores, segment
 from MedKDSegmentLib.engine.phantom import generate_phantom
-from MedKDSegmentLib.engine.profiles import model_grid, resample_to_input, to_model_grid
+from MedKDSegmentLib.engine.profiles import model_grid, to_model_grid
 from MedKDSegmentLib.engine.volume import Volume, read_volume
 
 
@@ -141,24 +142,3 @@ def test_out_of_memory_on_cuda_falls_back_to_cpu_stitching_then_cpu(monkeypatch)
     assert attempts == [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cpu")]
     assert used.type == "cpu"
     assert sum("out of memory" in s for s in stages) == 2
-
-
-def test_boxed_resampling_equals_interpolating_every_class_everywhere(phantom_ct):
-    image, labels = phantom_ct
-    _, grid = to_model_grid(image, TINY_CT)
-    on_model = sitk.GetArrayFromImage(
-        sitk.Resample(labels.to_sitk(), grid, sitk.Transform(), sitk.sitkNearestNeighbor)
-    )
-    rng = np.random.default_rng(0)
-    scores = rng.dirichlet(np.full(9, 0.05), size=on_model.shape).astype(np.float32).transpose(3, 0, 1, 2)
-    scores[:, on_model == 0] = np.eye(9, dtype=np.float32)[0][:, None]  # confident background outside the body
-    reference = image.to_sitk()
-    full = []
-    for index, channel in enumerate(scores):
-        channel_image = sitk.GetImageFromArray(channel)
-        channel_image.CopyInformation(grid)
-        default = 1.0 if index == 0 else 0.0
-        full.append(sitk.GetArrayFromImage(sitk.Resample(channel_image, reference, sitk.Transform(),
-                                                         sitk.sitkLinear, default, sitk.sitkFloat32)))
-    expected = np.argmax(np.stack(full), axis=0)
-    np.testing.assert_array_equal(resample_to_input(scores, grid, image), expected)

@@ -20,13 +20,14 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
 from monai.inferers.utils import _get_scan_interval
 
+from .argmax_resample import resample_to_input
 from .bundle import Bundle
 from .device import describe_device, select_device
 from .domain import domain_warnings, scan_statistics
 from .errors import CancelledError, InvalidInputError
 from .networks import full_resolution, output_stride
 from .pipelines import run_pipeline
-from .profiles import model_grid, resample_to_input, to_model_grid
+from .profiles import model_grid, to_model_grid
 from .unpaired import use_modality
 from .volume import Volume, check_image, detect_modality
 
