@@ -64,6 +64,23 @@ def test_every_subcommand_has_help():
         assert "usage: medkd" in result.stdout and "--" in result.stdout, command
 
 
+def test_help_imports_neither_torch_nor_monai():
+    """``medkd --help`` answers at once: the parser is built without the engine's heavy modules."""
+    code = ("import sys\nfrom MedKDSegmentLib.engine.cli import build_parser\nbuild_parser().format_help()\n"
+            "print(sorted(name for name in ('torch', 'monai', 'SimpleITK', 'scipy') if name in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "MedKDSegment"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_left_out_training_options_keep_the_config_defaults():
+    from MedKDSegmentLib.engine.cli import _training_config, build_parser
+    from MedKDSegmentLib.engine.training import TrainingConfig
+
+    args = build_parser().parse_args(["distill", "--data", "d", "--teacher", "t", "--output", "o", "--epochs", "3"])
+    assert _training_config(args) == TrainingConfig(epochs=3)
+
+
 def test_phantom_writes_pairs_on_the_same_grid(phantom_folder):
     images = sorted((phantom_folder / "images").iterdir())
     assert [p.name for p in images] == ["case_000.nii.gz", "case_001.nii.gz"]

@@ -78,7 +78,15 @@ def test_flipped_orientation_gives_the_same_physical_answer(phantom_ct, tiny_bun
     assert (normal == mirrored).mean() > 0.99
 
 
-def test_progress_is_the_fraction_of_windows_done(tiny_bundle_session):
+@pytest.fixture
+def sliding_window(monkeypatch):
+    """No whole-volume pass: the window-by-window path, as for large volumes and window-dependent networks."""
+    from MedKDSegmentLib.engine import inference
+
+    monkeypatch.setattr(inference, "WHOLE_VOLUME_BYTES", 0)
+
+
+def test_progress_is_the_fraction_of_windows_done(tiny_bundle_session, sliding_window):
     network = tiny_bundle_session.load_network()
     image = np.random.default_rng(0).normal(size=(100, 110, 120)).astype(np.float32)
     fractions = []
@@ -89,7 +97,7 @@ def test_progress_is_the_fraction_of_windows_done(tiny_bundle_session):
     assert scores.shape == (9, *(s // 2 for s in padded))  # the student's half-resolution output
 
 
-def test_cancel_stops_between_windows(tiny_bundle_session):
+def test_cancel_stops_between_windows(tiny_bundle_session, sliding_window):
     network = tiny_bundle_session.load_network()
     image = np.random.default_rng(0).normal(size=(100, 110, 120)).astype(np.float32)
     calls = []
@@ -142,3 +150,48 @@ def test_out_of_memory_on_cuda_falls_back_to_cpu_stitching_then_cpu(monkeypatch)
     assert attempts == [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cpu")]
     assert used.type == "cpu"
     assert sum("out of memory" in s for s in stages) == 2
+
+
+def test_whole_volume_pass_agrees_with_the_sliding_window_and_serves_the_domain_check(monkeypatch):
+    """The bundled CT student (batch norm) on a held-out phantom: one pass over the whole image instead of
+    overlapping windows, the domain check reading the same pass."""
+    from MedKDSegmentLib.engine import inference
+    from MedKDSegmentLib.engine.bundle import resolve_bundle
+    from MedKDSegmentLib.engine.demo import model_name
+    from MedKDSegmentLib.engine.domain import scan_statistics
+
+    bundle = resolve_bundle(model_name("CT", "student"))
+    network = bundle.load_network()
+    image, truth = generate_phantom("CT", seed=4242, size=(128, 128, 80), spacing=(3.0, 3.0, 3.0))
+    prepared, _ = to_model_grid(image, bundle.profile)
+    assert inference.whole_volume_fits(network, inference.pad_to_multiple_of_8(prepared).shape)
+    fractions = []
+    with inference.DomainTap(network) as tap:
+        inference.predict_scores(network, prepared, torch.device("cpu"), lambda f, s: fractions.append(f),
+                                 domain_tap=tap)
+    assert fractions == [1.0]
+    expected = scan_statistics(network, inference.pad_to_multiple_of_8(prepared), prepared.shape)
+    np.testing.assert_allclose(tap.statistics[0], expected[0], rtol=1e-5, atol=1e-6)
+    assert tap.statistics[1] == pytest.approx(expected[1], rel=1e-5)
+
+    whole = segment(image, bundle, "cpu", network=network)
+    monkeypatch.setattr(inference, "WHOLE_VOLUME_BYTES", 0)
+    windowed = segment(image, bundle, "cpu", network=network)
+    assert (whole.windows, windowed.windows) == (1, count_windows(inference.pad_to_multiple_of_8(prepared).shape))
+    assert (whole.labels.array == windowed.labels.array).mean() > 0.995
+    assert whole.warnings == windowed.warnings == []
+    body = truth.array > 0
+    assert (whole.labels.array[body] == truth.array[body]).mean() > 0.8
+
+
+def test_window_dependent_networks_keep_the_sliding_window(tiny_bundle_session):
+    from monai.networks.nets import UNet
+
+    from MedKDSegmentLib.engine.inference import whole_volume_fits
+
+    student = tiny_bundle_session.load_network()
+    assert whole_volume_fits(student, (104, 144, 144))
+    assert not whole_volume_fits(student, (512, 512, 512))  # beyond the activation budget
+    instance_norm = UNet(3, 1, 9, channels=(4, 8), strides=(2,))  # MONAI's default: instance normalisation
+    assert not whole_volume_fits(instance_norm, (32, 32, 32))
+    assert not whole_volume_fits(torch.jit.script(student), (32, 32, 32))  # cannot be inspected

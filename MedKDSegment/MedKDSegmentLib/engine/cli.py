@@ -35,20 +35,24 @@ def progress_bar(description: str, enabled: bool = True):
 
 
 def _training_config(args: argparse.Namespace):
+    """Options left out keep TrainingConfig's defaults: they live there only (and the parser, which --help
+    builds, needs no torch)."""
     from .training import TrainingConfig
 
-    return TrainingConfig(
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size,
-        patch_size=tuple(args.patch_size),
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        spatial_augmentation=args.spatial_augmentation,
-        **({"kd_temperature": args.temperature, "kd_weight": args.kd_weight} if hasattr(args, "temperature") else {}),
-        device=args.device,
+    given = {
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps_per_epoch,
+        "batch_size": args.batch_size,
+        "patch_size": tuple(args.patch_size) if args.patch_size else None,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "spatial_augmentation": args.spatial_augmentation,
+        "kd_temperature": getattr(args, "temperature", None),
+        "kd_weight": getattr(args, "kd_weight", None),
+        "device": args.device,
         **_method_options(args),
-    )
+    }
+    return TrainingConfig(**{key: value for key, value in given.items() if value is not None})
 
 
 # Distillation-method options (distill): argparse attribute -> TrainingConfig field.
@@ -68,7 +72,8 @@ METHOD_OPTIONS = {
 
 
 def _method_options(args: argparse.Namespace) -> dict:
-    return {field: getattr(args, name) for name, field in METHOD_OPTIONS.items() if hasattr(args, name)}
+    given = {field: getattr(args, name, None) for name, field in METHOD_OPTIONS.items()}
+    return {field: value for field, value in given.items() if value is not None}
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -146,7 +151,7 @@ def cmd_distill_unpaired(args: argparse.Namespace) -> int:
             _training_config(args),
             resume=args.resume,
             progress=update,
-            prototype_weight=args.prototype_weight,
+            **({"prototype_weight": args.prototype_weight} if args.prototype_weight is not None else {}),
         )
     print(json.dumps(bundle.summary(), indent=2))
     return 0
@@ -406,19 +411,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, data: bool = True) -> None:
-    from .training import TrainingConfig
-
-    defaults = TrainingConfig()
+    """Training options; left out, they keep TrainingConfig's defaults ('medkd methods' lists the methods')."""
     if data:
         parser.add_argument("--data", required=True, help="folder with images/ and labels/ (see 'phantom')")
     parser.add_argument("--output", required=True, help="new bundle folder (never overwritten)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--patch-size", type=int, nargs=3, default=list(defaults.patch_size), metavar=("Z", "Y", "X"))
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--spatial-augmentation", type=float, default=defaults.spatial_augmentation, metavar="P",
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"))
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--spatial-augmentation", type=float, metavar="P",
                         help="per-patch probability of a rotation (±30°) and of a scaling (0.7–1.4), applied alike "
                              "to labels and teacher outputs (nnU-Net: 0.2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
@@ -426,32 +429,23 @@ def _add_training_arguments(parser: argparse.ArgumentParser, data: bool = True) 
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """--method and each method's settings; defaults are TrainingConfig's (one place for them)."""
-    from .training import TrainingConfig
-
-    d = TrainingConfig()
-    parser.add_argument("--method", default=d.methods,
-                        help="e.g. kd, cwd+coteacher, kd:1+dist:0.5 ('medkd methods' lists the default weights)")
-    parser.add_argument("--temperature", type=float, default=d.kd_temperature, help="kd (CTKD: initial) temperature")
-    parser.add_argument("--kd-weight", type=float, default=d.kd_weight, help="weight of kd when --method gives none")
-    parser.add_argument("--cwd-temperature", type=float, default=d.cwd_temperature)
-    parser.add_argument("--dist-temperature", type=float, default=d.dist_temperature)
-    parser.add_argument("--ctkd-epochs", type=int, default=d.ctkd_epochs, help="CTKD: epochs for λ to rise 0 → 1")
-    parser.add_argument("--coteacher-alpha", type=float, default=d.coteacher_alpha, help="co-teacher EMA decay")
-    parser.add_argument("--coteacher-tau", type=float, default=d.coteacher_tau)
-    parser.add_argument("--coteacher-noise", type=float, default=d.coteacher_noise, help="std of the input noise")
-    parser.add_argument("--coteacher-kd-weight", type=float, default=d.coteacher_kd_weight, help="ACT-Net λ_kd")
-    parser.add_argument(
-        "--hint-student-layer", default=d.hint_student_layer, help="hint/at student module (default: deepest)"
-    )
-    parser.add_argument(
-        "--hint-teacher-layer", default=d.hint_teacher_layer, help="hint/at teacher module (default: bottleneck)"
-    )
+    """--method and each method's settings; left out, they keep TrainingConfig's defaults (one place for them)."""
+    parser.add_argument("--method", help="e.g. kd, cwd+coteacher, kd:1+dist:0.5 ('medkd methods' lists the default "
+                                         "weights)")
+    parser.add_argument("--temperature", type=float, help="kd (CTKD: initial) temperature")
+    parser.add_argument("--kd-weight", type=float, help="weight of kd when --method gives none")
+    parser.add_argument("--cwd-temperature", type=float)
+    parser.add_argument("--dist-temperature", type=float)
+    parser.add_argument("--ctkd-epochs", type=int, help="CTKD: epochs for λ to rise 0 → 1")
+    parser.add_argument("--coteacher-alpha", type=float, help="co-teacher EMA decay")
+    parser.add_argument("--coteacher-tau", type=float)
+    parser.add_argument("--coteacher-noise", type=float, help="std of the input noise")
+    parser.add_argument("--coteacher-kd-weight", type=float, help="ACT-Net λ_kd")
+    parser.add_argument("--hint-student-layer", help="hint/at student module (default: deepest)")
+    parser.add_argument("--hint-teacher-layer", help="hint/at teacher module (default: bottleneck)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .unpaired import PROTOTYPE_WEIGHT
-
     parser = argparse.ArgumentParser(prog="medkd", description="Knowledge-distilled segmentation of CT and MR volumes.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -494,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mr-data", required=True, help="MR folder with images/ and labels/ (other patients)")
     p.add_argument("--ct-teacher", help="CT teacher bundle (its --method terms on CT batches)")
     p.add_argument("--mr-teacher", help="MR teacher bundle (its --method terms on MR batches)")
-    p.add_argument("--prototype-weight", type=float, default=PROTOTYPE_WEIGHT, help="weight of the prototype KL")
+    p.add_argument("--prototype-weight", type=float, help="weight of the prototype KL (default: the paper's λ)")
     _add_method_arguments(p)
     _add_training_arguments(p, data=False)
     p.set_defaults(run=cmd_distill_unpaired)

@@ -31,10 +31,18 @@ def scan_statistics(network: nn.Module, padded: np.ndarray, size: tuple[int, ...
     network.eval()
     device = next(network.parameters()).device
     with FeatureTap(network, [feature_layer(network)]) as tap, torch.inference_mode():
-        logits = network(torch.from_numpy(padded)[None, None].to(device)).float()
-        features = next(iter(tap.features.values()))[0].float()
+        logits = network(torch.from_numpy(padded)[None, None].to(device))
+        return statistics_of(logits, next(iter(tap.features.values())), padded.shape, size)
+
+
+def statistics_of(logits: torch.Tensor, features: torch.Tensor, padded_shape: tuple[int, ...],
+                  size: tuple[int, ...]) -> tuple[np.ndarray, float]:
+    """``scan_statistics`` of a whole-volume pass's ``logits`` and deepest ``features`` (batch of one), for a
+    caller that makes the pass itself."""
+    features = features[0].float()
     statistics = torch.cat([features.mean((1, 2, 3)), features.std((1, 2, 3))]).cpu().numpy()
-    probabilities = torch.softmax(full_resolution(logits, padded.shape), 1)[0, :, : size[0], : size[1], : size[2]]
+    probabilities = torch.softmax(full_resolution(logits.float(), padded_shape), 1)
+    probabilities = probabilities[0, :, : size[0], : size[1], : size[2]]
     entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(0) / np.log(probabilities.shape[0])
     return statistics.astype(np.float64), float(entropy.mean())
 

@@ -1,9 +1,11 @@
 """Segmentation of a volume with a bundle: preprocess, sliding window, back to the input grid.
 
 Progress is the real fraction of windows done; a ``cancel`` callable stops between
-windows. On CUDA the network runs under autocast (float16); if the GPU runs out of
-memory the volume is stitched on the CPU, and as a last resort the whole job moves to
-the CPU.
+windows. A network whose output at a voxel depends only on the voxels around it (no instance,
+group or layer normalisation) runs in one pass over the whole image when its activations fit
+``WHOLE_VOLUME_BYTES``: no overlapping windows to compute twice and blend, and the domain check
+reads the same pass. On CUDA the network runs under autocast (float16); if the GPU runs out of
+memory the volume is stitched on the CPU, and as a last resort the whole job moves to the CPU.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from monai.inferers.utils import _get_scan_interval
 from .argmax_resample import resample_to_input
 from .bundle import Bundle
 from .device import describe_device, select_device
-from .domain import domain_warnings, scan_statistics
+from .distillation import FeatureTap
+from .domain import domain_warnings, scan_statistics, statistics_of
 from .errors import CancelledError, InvalidInputError
-from .networks import full_resolution, output_stride
+from .networks import feature_layer, full_resolution, output_stride
 from .pipelines import run_pipeline
 from .profiles import model_grid, to_model_grid
 from .unpaired import use_modality
@@ -34,6 +37,11 @@ from .volume import Volume, check_image, detect_modality
 Progress = Callable[[float, str], None]
 ROI_SIZE = (96, 96, 96)
 OVERLAP = 0.25
+# Activations of one whole-volume pass, estimated from the first convolution's output (times a few live maps).
+WHOLE_VOLUME_BYTES = 1e9
+# Layers whose statistics span the whole input: a window sees different ones than the whole volume.
+WINDOW_DEPENDENT = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.GroupNorm,
+                    torch.nn.LayerNorm, torch.nn.LocalResponseNorm)
 
 
 @dataclass
@@ -94,16 +102,19 @@ def segment(
 
     network = network if network is not None else bundle.load_network(torch_device)
     step = time.perf_counter()
-    with use_modality(network, modality) if bundle.modality_specific else nullcontext():
-        scores, used, padded_shape = predict_scores(network, image, torch_device, report, cancel)
-    windows = count_windows(padded_shape)
+    domain = bundle.info.get("domain") if not bundle.modality_specific else None
+    tap = DomainTap(network) if domain else None
+    with use_modality(network, modality) if bundle.modality_specific else nullcontext(), tap or nullcontext():
+        scores, used, padded_shape = predict_scores(network, image, torch_device, report, cancel, tap)
+    windows = 1 if whole_volume_fits(network, padded_shape) else count_windows(padded_shape)
     stride = output_stride(network)
     seconds["inference"] = time.perf_counter() - step
 
     warnings = []
-    if bundle.info.get("domain") and not bundle.modality_specific:
-        statistics, entropy = scan_statistics(network, pad_to_multiple_of_8(image), image.shape)
-        warnings = domain_warnings(bundle.info["domain"], statistics, entropy, bundle.name)
+    if domain:
+        statistics = tap.statistics  # None when the sliding window ran: then one more pass, over the whole image
+        statistics = statistics or scan_statistics(network, pad_to_multiple_of_8(image), image.shape)
+        warnings = domain_warnings(domain, *statistics, bundle.name)
     step = time.perf_counter()
     report(1.0, "resampling to the input grid")
     labels = resample_to_input(scores, _output_grid(grid, padded_shape, stride), volume)
@@ -166,29 +177,66 @@ def predict_labels(
     return labels[:z, :y, :x]
 
 
+class DomainTap(FeatureTap):
+    """The deepest features of ``network`` (``networks.feature_layer``); when the image runs in one pass,
+    ``statistics`` keeps that pass's domain statistics (``domain.statistics_of``), sparing a second pass."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__(network, [feature_layer(network)])
+        self.statistics: tuple[np.ndarray, float] | None = None
+
+    def record(self, logits: torch.Tensor, padded_shape: tuple[int, ...], size: tuple[int, ...]) -> None:
+        self.statistics = statistics_of(logits, next(iter(self.features.values())), padded_shape, size)
+
+
+def whole_volume_fits(network: torch.nn.Module, padded_shape: tuple[int, ...]) -> bool:
+    """Whether one pass over the whole (padded) image replaces the sliding window: the network's output at a
+    voxel must not depend on the window (no layer in ``WINDOW_DEPENDENT``; TorchScript cannot be inspected)
+    and its activations must fit ``WHOLE_VOLUME_BYTES``."""
+    if isinstance(network, torch.jit.ScriptModule):
+        return False
+    first = None
+    for module in network.modules():
+        if isinstance(module, WINDOW_DEPENDENT):
+            return False
+        if first is None and isinstance(module, torch.nn.Conv3d):
+            first = module
+    if first is None:
+        return False
+    voxels = float(np.prod(padded_shape)) / float(np.prod(first.stride))
+    return voxels * first.out_channels * 4 * 6 <= WHOLE_VOLUME_BYTES
+
+
 def predict_scores(
     network: torch.nn.Module,
     image: np.ndarray,
     device: torch.device,
     report: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    domain_tap: DomainTap | None = None,
 ) -> tuple[np.ndarray, torch.device, tuple[int, ...]]:
     """Softmax scores (C, z, y, x) of a prepared image at the network's output resolution.
 
     The image is padded at its far end to a multiple of 8 so every stride-2 stage halves
     exactly; returns the scores of the padded image, the device used and the padded shape.
-    Falls back to CPU stitching, then CPU compute, when CUDA runs out of memory.
+    One pass over the whole image when ``whole_volume_fits`` (``domain_tap``, attached to ``network``,
+    then keeps its domain statistics), else a sliding window. Falls back to CPU stitching (the sliding
+    window), then CPU compute, when CUDA runs out of memory.
     """
     report = report or (lambda fraction, stage: None)
     padded = pad_to_multiple_of_8(image)
     padded_shape = padded.shape
     windows = count_windows(padded_shape)
+    whole = whole_volume_fits(network, padded_shape)
     attempts = [(device, device)]
     if device.type == "cuda":
         attempts += [(device, torch.device("cpu")), (torch.device("cpu"), torch.device("cpu"))]
     for index, (compute, stitch) in enumerate(attempts):
         try:
-            scores = _sliding_window(network.to(compute), padded, compute, stitch, windows, report, cancel)
+            if whole and compute == stitch:
+                scores = _whole_volume(network.to(compute), padded, compute, image.shape, report, cancel, domain_tap)
+            else:
+                scores = _sliding_window(network.to(compute), padded, compute, stitch, windows, report, cancel)
             return scores, compute, padded_shape
         except torch.cuda.OutOfMemoryError:
             if index == len(attempts) - 1:
@@ -196,6 +244,18 @@ def predict_scores(
             torch.cuda.empty_cache()
             report(0.0, f"out of memory on {compute.type}; retrying with results kept on the CPU")
     raise AssertionError("unreachable")
+
+
+def _whole_volume(network, padded, compute, size, report, cancel, domain_tap) -> np.ndarray:
+    if cancel is not None and cancel():
+        raise CancelledError()
+    with torch.inference_mode(), torch.autocast(compute.type, dtype=torch.float16, enabled=compute.type == "cuda"):
+        logits = network(torch.from_numpy(padded)[None, None].to(compute))
+        if domain_tap is not None:
+            domain_tap.record(logits, padded.shape, size)
+        scores = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    report(1.0, "inference")
+    return scores
 
 
 def _sliding_window(

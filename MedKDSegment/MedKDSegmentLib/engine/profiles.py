@@ -49,18 +49,24 @@ DEFAULT_PROFILES = {"CT": CT_PROFILE, "MR": MR_PROFILE}
 BRATS_FLAIR_PROFILE = Profile("MR", (2.0, 2.0, 2.0), percentiles=(0.0, 100.0))
 
 
-def normalize_intensities(array: np.ndarray, profile: Profile) -> np.ndarray:
-    """CT: clip the HU window and scale to about [-1, 1]; MR: percentile clip, z-score in the body."""
-    array = array.astype(np.float32, copy=False)
+def intensity_window(array: np.ndarray, profile: Profile) -> tuple[np.ndarray, float, float]:
+    """The clipped intensities and the (centre, scale) that normalise them, ``(clipped - centre) / scale``:
+    the scaling is linear, so it can wait until the image is on the (smaller) model grid."""
     if profile.clip is not None:
         low, high = profile.clip
-        return (np.clip(array, low, high) - (low + high) / 2) / ((high - low) / 2)
-    low, high = np.percentile(array, profile.percentiles)
-    clipped = np.clip(array, low, high)
+        if array.dtype.kind in "iu" and float(low).is_integer() and float(high).is_integer() \
+                and np.iinfo(array.dtype).min <= low and high <= np.iinfo(array.dtype).max:
+            clipped = np.clip(array, array.dtype.type(low), array.dtype.type(high))  # integers stay integers
+        else:
+            clipped = np.clip(array.astype(np.float32, copy=False), np.float32(low), np.float32(high))
+        return clipped, (low + high) / 2, (high - low) / 2
+    converted = array.astype(np.float32, copy=False)
+    low, high = np.percentile(converted, profile.percentiles)
+    clipped = np.clip(converted, low, high, out=None if converted is array else converted)
     # Statistics over the body only: air or empty background would dominate them otherwise.
     foreground = clipped > low + 0.1 * (high - low)
     values = clipped[foreground] if foreground.sum() > 100 else clipped
-    return (clipped - values.mean()) / max(float(values.std()), 1e-6)
+    return clipped, float(values.mean()), max(float(values.std()), 1e-6)
 
 
 def canonical(image: sitk.Image) -> sitk.Image:
@@ -68,19 +74,58 @@ def canonical(image: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(image, "LPS")
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """A grid without its voxels, in SimpleITK's (x, y, z) order."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
+
+
+# Where each of DICOM's orientation letters points: (physical axis, sign).
+_LETTERS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+def canonical_geometry(volume: Volume) -> Geometry:
+    """The grid ``canonical`` would give ``volume``, without copying its voxels: SimpleITK's orientation
+    letters say which physical axis each array axis runs along; LPS order permutes the axes and flips
+    those that run the other way (the first voxel then lies at the far end)."""
+    direction = np.array(volume.direction, dtype=float).reshape(3, 3)
+    letters = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(v) for v in volume.direction])
+    size, spacing = np.zeros(3, dtype=int), np.zeros(3)
+    columns = np.zeros((3, 3))
+    origin = np.array(volume.origin, dtype=float)
+    for axis, letter in enumerate(letters):
+        target, sign = _LETTERS[letter]
+        size[target], spacing[target] = volume.shape[2 - axis], volume.spacing[axis]
+        columns[:, target] = sign * direction[:, axis]
+        if sign < 0:
+            origin = origin + direction[:, axis] * volume.spacing[axis] * (volume.shape[2 - axis] - 1)
+    return Geometry(tuple(int(v) for v in size), tuple(float(v) for v in spacing), tuple(origin.tolist()),
+                    tuple(columns.ravel().tolist()))
+
+
 # A scan spans more than a few millimetres and less than a whole body: outside this, its spacing is wrong.
 EXTENT_MM = (5.0, 2500.0)
 MAX_GRID_VOXELS = 2**30  # 4 GB as float32, before any network runs
 
 
-def model_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> sitk.Image:
+def model_grid(image: sitk.Image | Geometry, spacing: tuple[float, float, float]) -> sitk.Image:
     """An empty image covering the same physical box as ``image`` at ``spacing``."""
-    old_spacing = np.array(image.GetSpacing())
+    geometry = Geometry.of(image) if isinstance(image, sitk.Image) else image
+    old_spacing = np.array(geometry.spacing)
     new_spacing = np.array(spacing, dtype=float)
-    extent = old_spacing * np.array(image.GetSize())
+    extent = old_spacing * np.array(geometry.size)
     if extent.min() < EXTENT_MM[0] or extent.max() > EXTENT_MM[1]:
         raise InvalidInputError(
-            f"The volume spans {np.round(extent, 1).tolist()} mm ({list(image.GetSize())} voxels of "
+            f"The volume spans {np.round(extent, 1).tolist()} mm ({list(geometry.size)} voxels of "
             f"{np.round(old_spacing, 4).tolist()} mm): no scan is this {'small' if extent.min() < 5 else 'large'}.",
             f"Check the voxel spacing in the file's header (a scan spans {EXTENT_MM[0]:g} to {EXTENT_MM[1]:g} mm).")
     size = np.maximum(np.round(extent / new_spacing).astype(int), 1)
@@ -88,24 +133,35 @@ def model_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> sitk.I
         raise InvalidInputError(
             f"At {new_spacing.tolist()} mm the volume would need a {size.tolist()} model grid, too large to hold.",
             "Crop the volume to the region of interest first.")
-    direction = np.array(image.GetDirection()).reshape(3, 3)
+    direction = np.array(geometry.direction).reshape(3, 3)
     # Keep the box centre: corner of the first voxel stays where it was.
-    origin = np.array(image.GetOrigin()) + direction @ ((new_spacing - old_spacing) / 2)
+    origin = np.array(geometry.origin) + direction @ ((new_spacing - old_spacing) / 2)
     grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
     grid.SetSpacing(new_spacing.tolist())
     grid.SetOrigin(origin.tolist())
-    grid.SetDirection(image.GetDirection())
+    grid.SetDirection([float(v) for v in geometry.direction])
     return grid
 
 
 def to_model_grid(volume: Volume, profile: Profile) -> tuple[np.ndarray, sitk.Image]:
-    """Normalised image on the model grid, and that grid (for resampling back)."""
-    image = canonical(volume.to_sitk())
-    grid = model_grid(image, profile.spacing)
-    normalized = sitk.GetImageFromArray(normalize_intensities(sitk.GetArrayFromImage(image), profile))
-    normalized.CopyInformation(image)
-    resampled = sitk.Resample(normalized, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(resampled), grid
+    """Normalised image on the model grid, and that grid (for resampling back).
+
+    Only the clipped intensities are copied at full resolution: the grid comes from the volume's geometry
+    (no reoriented copy; resampling reads any orientation), and the linear scaling is applied on the model
+    grid, where it gives the same values as before the resampling (to float32 rounding)."""
+    grid = model_grid(canonical_geometry(volume), profile.spacing)
+    clipped, centre, scale = intensity_window(volume.array, profile)
+    image = sitk.GetImageFromArray(clipped)
+    del clipped
+    image.SetSpacing([float(v) for v in volume.spacing])
+    image.SetOrigin([float(v) for v in volume.origin])
+    image.SetDirection([float(v) for v in volume.direction])
+    # Beyond the volume lies the normalised value 0, as when the image was normalised first.
+    resampled = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, centre, sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(resampled)
+    array -= np.float32(centre)
+    array /= np.float32(scale)
+    return array, grid
 
 
 def resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:

@@ -156,8 +156,12 @@ def read_volume(path: str | os.PathLike, modality: str | None = None, series: st
             if series is not None:  # a file holds one image: a series choice means the wrong input was given
                 raise InvalidInputError(f"'{path}' is a file, so --series {series} cannot apply.",
                                         "Give the DICOM folder holding that series, or leave --series out.")
+            image = None
             if path.name.lower().endswith(NIFTI_SUFFIXES):
-                check_nifti_payload(path)
+                volume = _nifti_volume(path, read_nifti_voxels(path))
+                if volume is not None:
+                    volume.modality = normalize_modality(modality)
+                    return volume
             image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InvalidInputError(
@@ -183,22 +187,21 @@ def read_volume(path: str | os.PathLike, modality: str | None = None, series: st
     return volume
 
 
-def check_nifti_payload(path: Path) -> None:
-    """SimpleITK's NIfTI reader fills a payload shorter than its header promises with zeros, and reads NaN
-    and infinity as 0, without a word. nibabel reads the raw payload first: a short or damaged one fails
-    there, and floats are checked as stored."""
+def read_nifti_voxels(path: Path) -> np.ndarray | None:
+    """The voxels a NIfTI file stores, unscaled and in its (x, y, z) order, checked: SimpleITK's NIfTI reader
+    fills a payload shorter than its header promises with zeros, and reads NaN and infinity as 0, without a
+    word. The file is decompressed once (SimpleITK takes the voxels from here, see ``_nifti_volume``); nibabel
+    parses it, and a short payload fails there. None when the header scales the voxels: SimpleITK then reads
+    the file itself and applies the scaling."""
     import nibabel
 
     try:
-        with open(path, "rb") as handle:
-            gzipped = handle.read(2) == b"\x1f\x8b"
-        if path.name.lower().endswith(".gz") and not gzipped:  # named .nii.gz, stored plain: SimpleITK reads
-            # such files by content (some tools write them), so they are checked by content too
-            data = path.read_bytes()
-            kind = nibabel.Nifti2Image if int.from_bytes(data[:4], "little") == 540 else nibabel.Nifti1Image
-            stored = kind.from_bytes(data).dataobj
-        else:
-            stored = nibabel.load(str(path)).dataobj
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":  # by content: some tools write plain NIfTI named .nii.gz
+            data = _gunzip(data)
+        kind = nibabel.Nifti2Image if 540 in (int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")) \
+            else nibabel.Nifti1Image
+        stored = kind.from_bytes(data).dataobj
         raw = np.asanyarray(stored.get_unscaled() if hasattr(stored, "get_unscaled") else stored)
     except (EOFError, OSError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError,
             nibabel.wrapstruct.WrapStructError, nibabel.spatialimages.HeaderDataError) as error:
@@ -209,6 +212,37 @@ def check_nifti_payload(path: Path) -> None:
     if raw.dtype.kind in "fc" and not np.isfinite(raw).all():
         raise InvalidInputError(f"'{path}' contains NaN or infinite values.",
                                 "Fix or mask those voxels before segmenting.")
+    scaled = (getattr(stored, "slope", 1.0), getattr(stored, "inter", 0.0)) != (1.0, 0.0)
+    return None if scaled else raw
+
+
+def _gunzip(data: bytes) -> bytes:
+    """Every member of a gzip stream, which must be complete."""
+    parts = []
+    while data:
+        decompressor = zlib.decompressobj(wbits=31)
+        parts.append(decompressor.decompress(data))
+        if not decompressor.eof:
+            raise EOFError("the compressed stream ends early")
+        data = decompressor.unused_data
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _nifti_volume(path: Path, voxels: np.ndarray | None) -> Volume | None:
+    """The volume SimpleITK would read, from already read ``voxels`` and SimpleITK's reading of the header
+    (its geometry), without decompressing the file again; None when SimpleITK would change the voxels
+    (scaled, vector or not 3D), so it reads the file itself."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if voxels is None or voxels.ndim != 3 or reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        return None
+    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID())).dtype
+    if voxels.dtype.newbyteorder("=") != dtype or tuple(reader.GetSize()) != voxels.shape:
+        return None
+    check_dimension(3, reader.GetSize(), str(path))
+    return Volume(np.ascontiguousarray(voxels.T, dtype=dtype), tuple(reader.GetSpacing()),
+                  tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
 
 
 def check_output_path(path: Path) -> None:
@@ -348,11 +382,13 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), compress)
         try:
-            if path.name.lower().endswith(NIFTI_SUFFIXES):
-                check_nifti_payload(temporary)
-            written = sitk.ReadImage(str(temporary))
-            complete = written.GetSize() == image.GetSize() and np.array_equal(
-                sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image))
+            if path.name.lower().endswith(NIFTI_SUFFIXES):  # checked, and decompressed once
+                written = read_volume(temporary).array
+            else:
+                reread = sitk.ReadImage(str(temporary))  # kept: the view below borrows its buffer
+                written = sitk.GetArrayViewFromImage(reread)
+            expected = sitk.GetArrayViewFromImage(image)
+            complete = written.shape == expected.shape and np.array_equal(written, expected)
         except (InvalidInputError, RuntimeError):
             complete = False
         if not complete:
