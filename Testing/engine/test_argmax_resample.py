@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 from tiny import TINY_CT
 
-from MedKDSegmentLib.engine.argmax_resample import resample_to_input
+from MedKDSegmentLib.engine.argmax_resample import resample_every_class, resample_to_input
 from MedKDSegmentLib.engine.bundle import resolve_bundle
 from MedKDSegmentLib.engine.demo import model_name
 from MedKDSegmentLib.engine.inference import _output_grid, predict_scores
@@ -17,19 +17,6 @@ from MedKDSegmentLib.engine.networks import output_stride
 from MedKDSegmentLib.engine.phantom import generate_phantom
 from MedKDSegmentLib.engine.profiles import Profile, to_model_grid
 from MedKDSegmentLib.engine.volume import Volume, read_volume
-
-
-def interpolate_every_class(scores: np.ndarray, grid: sitk.Image, volume: Volume) -> np.ndarray:
-    """The reference: every class linearly onto the whole input grid, then the first maximum."""
-    reference = volume.to_sitk()
-    full = []
-    for index, channel in enumerate(scores):
-        channel_image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
-        channel_image.CopyInformation(grid)
-        default = 1.0 if index == 0 else 0.0
-        full.append(sitk.GetArrayFromImage(sitk.Resample(channel_image, reference, sitk.Transform(),
-                                                         sitk.sitkLinear, default, sitk.sitkFloat32)))
-    return np.argmax(np.stack(full), axis=0).astype(np.uint8)
 
 
 def body_scores(labels: Volume, grid: sitk.Image, seed: int = 0) -> np.ndarray:
@@ -71,7 +58,7 @@ def test_equals_interpolating_every_class_on_a_phantom(fine_phantom):
     scores = body_scores(labels, grid)
     result = resample_to_input(scores, grid, image)
     assert result.dtype == np.uint8 and result.shape == image.shape
-    np.testing.assert_array_equal(result, interpolate_every_class(scores, grid, image))
+    np.testing.assert_array_equal(result, resample_every_class(scores, grid, image))
     assert len(np.unique(result)) == 9  # every class wins somewhere: the test can tell classes apart
 
 
@@ -87,7 +74,7 @@ def test_equals_interpolating_every_class_on_oblique_and_flipped_grids(fine_phan
     _, grid = to_model_grid(image, Profile("CT", (7.0, 5.0, 6.0), clip=(-200.0, 400.0)))
     scores = body_scores(labels, grid, seed=1)
     np.testing.assert_array_equal(resample_to_input(scores, grid, image),
-                                  interpolate_every_class(scores, grid, image))
+                                  resample_every_class(scores, grid, image))
 
 
 def test_ties_go_to_the_first_class_and_beyond_the_grid_is_background(fine_phantom):
@@ -100,7 +87,7 @@ def test_ties_go_to_the_first_class_and_beyond_the_grid_is_background(fine_phant
     shrunk = sitk.Image(grid)  # the grid ends inside the volume: the rest is beyond it
     shrunk.SetOrigin(grid.TransformIndexToPhysicalPoint((2, 0, 0)))
     result = resample_to_input(scores, shrunk, image)
-    np.testing.assert_array_equal(result, interpolate_every_class(scores, shrunk, image))
+    np.testing.assert_array_equal(result, resample_every_class(scores, shrunk, image))
     assert set(np.unique(result)) == {0, 1, 5}
     assert (result[:, :, :10] == 0).all()  # the first input columns lie before the shifted grid
 
@@ -120,5 +107,5 @@ def test_equals_interpolating_every_class_for_the_bundled_models_on_real_cases(s
     scores, _, padded = predict_scores(network, image, torch.device("cpu"))
     output = _output_grid(grid, padded, output_stride(network))
     result = resample_to_input(scores, output, volume)
-    np.testing.assert_array_equal(result, interpolate_every_class(scores, output, volume))
+    np.testing.assert_array_equal(result, resample_every_class(scores, output, volume))
     assert len(np.unique(result)) > 2

@@ -174,3 +174,26 @@ def test_label_grid_mismatch_is_named():
     shifted = Volume(np.zeros(image.shape, np.uint8), image.spacing, (0.0, 0.0, 0.0), image.direction)
     with pytest.raises(InvalidInputError, match="does not lie on its image's grid"):
         check_labels_match(image, shifted)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("cut", [1, 5000])
+def test_a_nifti_write_cut_short_by_any_amount_is_refused(tmp_path, monkeypatch, suffix, cut):
+    """The written length is checked against the header (not the whole file decompressed again): one byte
+    missing is enough."""
+    from MedKDSegmentLib.engine import volume as volume_module
+
+    real = volume_module.sitk.WriteImage
+
+    def short(image, path, *args):
+        real(image, path, *args)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:-cut])
+
+    volume = Volume(np.random.default_rng(1).integers(0, 9, size=(40, 50, 60)).astype(np.uint8),
+                    (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    write_volume(volume, tmp_path / f"whole{suffix}")  # the unshortened write passes the same check
+    monkeypatch.setattr(volume_module.sitk, "WriteImage", short)
+    with pytest.raises(InvalidInputError, match="came out incomplete"):
+        write_volume(volume, tmp_path / f"short{suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"whole{suffix}"]

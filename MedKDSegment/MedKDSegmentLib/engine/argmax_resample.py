@@ -70,6 +70,26 @@ def resample_to_input(channels: np.ndarray, grid: sitk.Image, volume: Volume) ->
     return labels
 
 
+def resample_every_class(channels: np.ndarray, grid: sitk.Image, volume: Volume) -> np.ndarray:
+    """The straightforward method ``resample_to_input`` equals: every class linearly onto the whole input
+    grid, then the first maximum. 40x slower on a CT; the reference for tests and benchmarks."""
+    reference = volume.to_sitk()
+    best, labels = None, None
+    for index, channel in enumerate(channels):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
+        image.CopyInformation(grid)
+        outside = 1.0 if index == 0 else 0.0  # beyond the grid: background
+        score = sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, outside,
+                                                     sitk.sitkFloat32))
+        if best is None:
+            best, labels = score, np.zeros(score.shape, dtype=np.uint8)
+        else:
+            better = score > best
+            best[better] = score[better]
+            labels[better] = index
+    return labels
+
+
 _CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
 
 

@@ -20,7 +20,6 @@ import SimpleITK as sitk
 import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
-from monai.inferers.utils import _get_scan_interval
 
 from .argmax_resample import resample_to_input
 from .bundle import Bundle
@@ -55,9 +54,10 @@ class Segmentation:
 
 
 def count_windows(shape: tuple[int, ...], roi: tuple[int, ...] = ROI_SIZE, overlap: float = OVERLAP) -> int:
-    """How many windows MONAI's sliding window visits for an image of ``shape``."""
+    """How many windows MONAI's sliding window visits for an image of ``shape``: it steps by
+    (1 - overlap) x the window, or by the whole axis where the window spans it."""
     roi = tuple(min(r, s) for r, s in zip(roi, shape))
-    interval = _get_scan_interval(shape, roi, len(shape), (overlap,) * len(shape))
+    interval = tuple(r if r == s else max(int(r * (1 - overlap)), 1) for r, s in zip(roi, shape))
     return len(dense_patch_slices(shape, roi, interval))
 
 
