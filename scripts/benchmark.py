@@ -34,11 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedKDSegment"))
 
-from MedKDSegmentLib.engine import inference  # noqa: E402
+from MedKDSegmentLib.engine import inference, prediction  # noqa: E402
 from MedKDSegmentLib.engine.argmax_resample import resample_every_class, resample_to_input  # noqa: E402
 from MedKDSegmentLib.engine.bundle import resolve_bundle  # noqa: E402
 from MedKDSegmentLib.engine.demo import model_name  # noqa: E402
-from MedKDSegmentLib.engine.inference import predict_scores, segment  # noqa: E402
+from MedKDSegmentLib.engine.inference import load_runner, segment  # noqa: E402
 from MedKDSegmentLib.engine.measure import Measure, machine_description  # noqa: E402
 from MedKDSegmentLib.engine.metrics import dice_per_label  # noqa: E402
 from MedKDSegmentLib.engine.networks import output_stride  # noqa: E402
@@ -104,23 +104,27 @@ def timing(path: Path, modality: str, workdir: Path, reference: Path | None = No
            exactness: bool = False) -> dict:
     """Teacher and student on one volume, one after the other: warm in-process runs (the network loaded once,
     as in Slicer's worker) stage by stage, cold command-line runs (a new process: imports, bundle, job), peak
-    memory, and the floor: reading the input and writing the two outputs with SimpleITK alone."""
+    memory, and the floor: reading the input and writing the two outputs with SimpleITK alone. Each model
+    runs as it would for a user on the CPU (``load_runner``: the student's ONNX copy, the teacher in torch);
+    the student also runs warm in torch."""
     result = {"input": str(path), "floor": io_floor(path, workdir)}
-    for role in ("teacher", "student"):
-        bundle = resolve_bundle(model_name(modality, role))
-        network = bundle.load_network()
+    for role, runner in (("teacher", load_runner), ("student", load_runner), ("student in torch", None)):
+        bundle = resolve_bundle(model_name(modality, role.split()[0]))
+        network = runner(bundle, "cpu") if runner else bundle.load_network()
         runs = [warm_run(path, modality, bundle, network, workdir) for _ in range(REPEATS + 1)][1:]
         entry = {key: float(np.median([run[key] for run in runs])) for key in runs[0] if key != "result"}
         seg = runs[-1]["result"]
-        entry.update(windows=seg.windows, cli=cli_runs(path, bundle, workdir))
+        entry.update(windows=seg.windows, runtime=seg.device)
+        if runner:
+            entry["cli"] = cli_runs(path, bundle, workdir)
         if reference is not None and names is not None:
             entry["dice_vs_totalsegmentator"] = informative_dice(seg.labels, reference, names, bundle.labels)
-        if exactness:
-            entry["exactness"] = exact_postprocessing(read_volume(path, modality), bundle, network)
+        if exactness and runner:
+            entry["exactness"] = exact_postprocessing(read_volume(path, modality), bundle, network, seg.labels)
         result[role] = entry
         result["shape_zyx"], result["spacing_xyz"] = list(seg.labels.shape), [round(s, 3) for s in seg.labels.spacing]
-        print(f"  {path.name} {role}: {entry['end_to_end_seconds']:.2f} s warm, {entry['cli']['seconds']:.2f} s "
-              f"from the command line, network {entry['network_seconds']:.2f} s", flush=True)
+        print(f"  {path.name} {role}: {entry['end_to_end_seconds']:.2f} s warm, network "
+              f"{entry['network_seconds']:.2f} s ({seg.device})", flush=True)
     for key in ("network_seconds", "end_to_end_seconds"):
         result[key.replace("seconds", "speedup")] = result["teacher"][key] / result["student"][key]
     result["cli_speedup"] = result["teacher"]["cli"]["seconds"] / result["student"]["cli"]["seconds"]
@@ -194,29 +198,33 @@ def io_floor(path: Path, workdir: Path) -> dict:
     return {"read_seconds": read, "write_seconds": write, "seconds": read + write}
 
 
-def exact_postprocessing(volume, bundle, network) -> dict:
-    """Voxels where the labels differ from interpolating every class everywhere (the method the engine used
-    before), and, for a whole-volume pass, from the sliding window."""
+def exact_postprocessing(volume, bundle, runner, labels) -> dict:
+    """On the torch network's scores: voxels where the labels differ from interpolating every class everywhere
+    (the method the engine used before) and, for a whole-volume pass, from the sliding window's labels; and
+    voxels where ``labels`` (the job's, through ``runner``: an ONNX copy where the bundle has one) differ from
+    torch's."""
+    network = bundle.load_network()
     image, grid = to_model_grid(volume, bundle.profile)
-    scores, _, padded = predict_scores(network, image, torch.device("cpu"))
+    scores, _, padded = prediction.predict_scores(network, image, torch.device("cpu"))
     output = inference._output_grid(grid, padded, output_stride(network))
     started = time.perf_counter()
-    labels = resample_to_input(scores, output, volume)
+    ours = resample_to_input(scores, output, volume)
     fast = time.perf_counter() - started
     started = time.perf_counter()
     reference = resample_every_class(scores, output, volume)
     slow = time.perf_counter() - started
-    out = {"differing_voxels": int((labels != reference).sum()), "voxels": int(labels.size),
-           "seconds": fast, "every_class_seconds": slow}
-    if inference.whole_volume_fits(network, padded):
-        windows = inference.WHOLE_VOLUME_BYTES
+    out = {"differing_voxels": int((ours != reference).sum()), "voxels": int(ours.size),
+           "seconds": fast, "every_class_seconds": slow, "runtime_vs_torch_differing_voxels": int(
+               (labels.array != ours).sum())}
+    if prediction.whole_volume_fits(network, padded):
+        budget = inference.WHOLE_VOLUME_BYTES
         inference.WHOLE_VOLUME_BYTES = 0
         try:
-            windowed, _, _ = predict_scores(network, image, torch.device("cpu"))
+            windowed, _, _ = prediction.predict_scores(network, image, torch.device("cpu"))
         finally:
-            inference.WHOLE_VOLUME_BYTES = windows
+            inference.WHOLE_VOLUME_BYTES = budget
         out["whole_volume_vs_windows_differing_voxels"] = int(
-            (resample_to_input(windowed, output, volume) != labels).sum())
+            (resample_to_input(windowed, output, volume) != ours).sum())
     return out
 
 
@@ -296,21 +304,23 @@ def render(results: dict) -> str:
         ]
     rows, exact = [], []
     for name, t in results["timing"].items():
-        for role in ("teacher", "student"):
+        for role in ("teacher", "student", "student in torch"):
             r = t[role]
             rows.append({
-                "volume": f"{name} {tuple(t['shape_zyx'])}", "model": role, "read": r["read_seconds"],
-                "preprocess": r["preprocess_seconds"], "network": r["network_seconds"],
+                "volume": f"{name} {tuple(t['shape_zyx'])}", "model": role, "runtime": r["runtime"],
+                "read": r["read_seconds"], "preprocess": r["preprocess_seconds"], "network": r["network_seconds"],
                 "back to input grid": r["postprocess_seconds"], "write": r["write_seconds"],
                 "warm end to end": r["end_to_end_seconds"], "× floor": r["end_to_end_seconds"] / t["floor"]["seconds"],
-                "CLI cold": r["cli"]["seconds"], "peak MB (warm, above start)": r["peak_memory_mb"],
-                "CLI peak RSS MB": r["cli"]["peak_rss_mb"], "windows": r["windows"],
+                "CLI cold": r["cli"]["seconds"] if "cli" in r else "",
+                "peak MB (warm, above start)": r["peak_memory_mb"],
+                "CLI peak RSS MB": r["cli"]["peak_rss_mb"] if "cli" in r else "", "windows": r["windows"],
             })
             if "exactness" in r:
                 e = r["exactness"]
                 exact.append({"volume": name, "model": role, "differing voxels": f"{e['differing_voxels']:,} of "
                               f"{e['voxels']:,}", "seconds": e["seconds"], "every class s": e["every_class_seconds"],
-                              "whole volume vs windows": e.get("whole_volume_vs_windows_differing_voxels", "")})
+                              "whole volume vs windows": e.get("whole_volume_vs_windows_differing_voxels", ""),
+                              "runtime vs torch": e["runtime_vs_torch_differing_voxels"]})
     floors = ", ".join(f"{name} {t['floor']['seconds']:.2f} s (read {t['floor']['read_seconds']:.2f}, write "
                        f"{t['floor']['write_seconds']:.2f})" for name, t in results["timing"].items())
     speedups = ", ".join(f"{name}: network {t['network_speedup']:.1f}×, warm end to end "
@@ -336,8 +346,9 @@ def render(results: dict) -> str:
     if exact:
         lines += [
             "Labels back on the input grid (`engine/argmax_resample.py`) against interpolating every class at every "
-            "voxel (the engine's method before), on the same scores; and, for networks that run on the whole "
-            "volume, against the sliding window's labels:",
+            "voxel (the engine's method before), on the same scores (differing voxels, seconds of each); for "
+            "networks that run on the whole volume, differing voxels against the sliding window's labels; and "
+            "the job's labels (the student's ONNX copy) against torch's:",
             "",
             markdown_table(exact, {k: k for k in exact[0]}),
             "",

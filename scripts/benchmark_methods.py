@@ -45,7 +45,6 @@ from MedKDSegmentLib.engine.data import Case  # noqa: E402
 from MedKDSegmentLib.engine.device import select_device  # noqa: E402
 from MedKDSegmentLib.engine.distillation import METHODS  # noqa: E402
 from MedKDSegmentLib.engine.errors import BundleError  # noqa: E402
-from MedKDSegmentLib.engine.inference import predict_labels  # noqa: E402
 from MedKDSegmentLib.engine.labels import (  # noqa: E402
     ABDOMEN_STRUCTURES,
     BRATS_STRUCTURES,
@@ -62,6 +61,7 @@ from MedKDSegmentLib.engine.networks import (  # noqa: E402
     count_parameters,
 )
 from MedKDSegmentLib.engine.phantom import case_seed, generate_phantom  # noqa: E402
+from MedKDSegmentLib.engine.prediction import predict_labels  # noqa: E402
 from MedKDSegmentLib.engine.profiles import (  # noqa: E402
     BRATS_FLAIR_PROFILE,
     DEFAULT_PROFILES,

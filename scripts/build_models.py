@@ -7,6 +7,9 @@ On a 2-core CPU, one process per modality with one thread each is fastest (about
     scripts/medkd-python scripts/build_models.py --modalities CT --threads 1 &
     scripts/medkd-python scripts/build_models.py --modalities MR --threads 1
 
+Bundles saved now carry an ONNX copy of a window-independent network; ``--add-onnx`` gives the bundled
+students made before that theirs (weights unchanged): scripts/medkd-python scripts/build_models.py --add-onnx
+
 Seeds are fixed, so a rerun on the same machine and library versions gives the same
 data and comparable models. Held-out seeds (the demo's and the benchmark's) are never
 used here: training cases use seed 0 of ``write_phantom_dataset`` (case seeds below 100003).
@@ -15,6 +18,7 @@ used here: training cases use seed 0 of ``write_phantom_dataset`` (case seeds be
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,8 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedKDSegment"))
 
+from MedKDSegmentLib.engine.bundle import METADATA, find_bundles, sha256_of  # noqa: E402
 from MedKDSegmentLib.engine.demo import model_name  # noqa: E402
+from MedKDSegmentLib.engine.onnx_network import ONNX_WEIGHTS, export_onnx  # noqa: E402
 from MedKDSegmentLib.engine.phantom import write_phantom_dataset  # noqa: E402
+from MedKDSegmentLib.engine.prediction import window_independent  # noqa: E402
 from MedKDSegmentLib.engine.training import TrainingConfig, distill_student, train_teacher  # noqa: E402
 
 TRAINING_CASES = 20
@@ -46,7 +53,11 @@ def main() -> int:
     parser.add_argument("--work", default=str(ROOT / "build" / "models"))
     parser.add_argument("--modalities", nargs="+", default=["CT", "MR"])
     parser.add_argument("--threads", type=int, help="torch threads (e.g. 1 per process when running CT and MR at once)")
+    parser.add_argument("--add-onnx", action="store_true", help="only add ONNX copies to the bundled students")
     args = parser.parse_args()
+    if args.add_onnx:
+        add_onnx_copies(Path(args.output))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     output, work = Path(args.output), Path(args.work)
@@ -65,6 +76,22 @@ def main() -> int:
         if not student.exists():
             distill_student(data, teacher, student, STUDENT, resume=True, progress=log)
     return 0
+
+
+def add_onnx_copies(folder: Path) -> None:
+    """Give each bundled student without an ONNX copy its copy, recorded as ``save_bundle`` records it (a release
+    step on the project's own bundles: a user's bundles are never changed)."""
+    for bundle in find_bundles(folder):
+        if bundle.role != "student" or bundle.onnx is not None or bundle.modality_specific:
+            continue
+        network = bundle.load_network()
+        if not window_independent(network):
+            continue
+        record = export_onnx(network, bundle.path / ONNX_WEIGHTS)
+        metadata = bundle.metadata
+        metadata["medkdsegment"]["onnx"] = {"sha256": sha256_of(bundle.path / ONNX_WEIGHTS), **record}
+        (bundle.path / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        print(f"{bundle.name}: ONNX copy added ({(bundle.path / ONNX_WEIGHTS).stat().st_size:,} bytes)")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ import torch
 from scipy import ndimage
 
 from MedKDSegmentLib.engine.device import select_device
-from MedKDSegmentLib.engine.inference import predict_labels, predict_scores
 from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, BRATS_STRUCTURES
 from MedKDSegmentLib.engine.measure import machine_description
 from MedKDSegmentLib.engine.metrics import dice_per_label
+from MedKDSegmentLib.engine.prediction import predict_labels, predict_scores
 from MedKDSegmentLib.engine.report import markdown_table, write_json, write_text
 from MedKDSegmentLib.engine.training import TrainingConfig
 

@@ -24,19 +24,19 @@ COMPARE_SPLIT = (0.0, 0.5, 0.92, 1.0)
 
 
 class NetworkCache:
-    """Loaded networks by (bundle folder, weights sha256, device): a warm process skips loading them."""
+    """Loaded networks (``inference.load_runner``: an ONNX copy or a torch network) by (bundle folder, weights
+    sha256, device asked for): a warm process skips loading them."""
 
     def __init__(self, max_items: int = 4) -> None:
         self.max_items = max_items
         self._items: OrderedDict = OrderedDict()
 
     def get(self, bundle, device: str):
-        from .engine.device import select_device
+        from .engine.inference import load_runner
 
-        torch_device = select_device(device)
-        key = (str(Path(bundle.path).resolve()), bundle.weights_sha256, str(torch_device))
+        key = (str(Path(bundle.path).resolve()), bundle.weights_sha256, device)
         if key not in self._items:
-            self._items[key] = bundle.load_network(torch_device)
+            self._items[key] = load_runner(bundle, device)
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
         self._items.move_to_end(key)

@@ -12,9 +12,10 @@ from tiny import TINY_CT
 from MedKDSegmentLib.engine.argmax_resample import resample_every_class, resample_to_input
 from MedKDSegmentLib.engine.bundle import resolve_bundle
 from MedKDSegmentLib.engine.demo import model_name
-from MedKDSegmentLib.engine.inference import _output_grid, predict_scores
+from MedKDSegmentLib.engine.inference import _output_grid
 from MedKDSegmentLib.engine.networks import output_stride
 from MedKDSegmentLib.engine.phantom import generate_phantom
+from MedKDSegmentLib.engine.prediction import predict_scores
 from MedKDSegmentLib.engine.profiles import Profile, to_model_grid
 from MedKDSegmentLib.engine.volume import Volume, read_volume
 

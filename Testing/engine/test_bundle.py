@@ -163,3 +163,10 @@ def test_archive_import_and_escape_rejection(tmp_path, tiny_bundle):
         extract_bundle_archive(evil, destination)
     assert not (tmp_path / "escaped.txt").exists()
     assert sorted(p.name for p in destination.iterdir()) == [tiny_bundle.path.name]
+
+
+def test_the_architecture_names_bundles_may_give_are_those_of_the_networks():
+    from MedKDSegmentLib.engine.architectures import NETWORK_NAMES
+    from MedKDSegmentLib.engine.networks import NETWORKS
+
+    assert tuple(NETWORKS) == NETWORK_NAMES

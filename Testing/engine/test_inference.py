@@ -10,8 +10,9 @@ from tiny import TINY_CT
 
 from MedKDSegmentLib.engine.argmax_resample import resample_to_input
 from MedKDSegmentLib.engine.errors import CancelledError, InvalidInputError
-from MedKDSegmentLib.engine.inference import count_windows, predict_scores, segment
+from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.phantom import generate_phantom
+from MedKDSegmentLib.engine.prediction import count_windows, predict_scores
 from MedKDSegmentLib.engine.profiles import model_grid, to_model_grid
 from MedKDSegmentLib.engine.volume import Volume, read_volume
 
@@ -127,7 +128,7 @@ def test_unavailable_device_is_explained(phantom_ct, tiny_bundle_session):
 
 def test_out_of_memory_on_cuda_falls_back_to_cpu_stitching_then_cpu(monkeypatch):
     """The fallback order is exercised without a GPU by making the first attempts run out of memory."""
-    from MedKDSegmentLib.engine import inference
+    from MedKDSegmentLib.engine import prediction
 
     attempts = []
 
@@ -141,7 +142,7 @@ def test_out_of_memory_on_cuda_falls_back_to_cpu_stitching_then_cpu(monkeypatch)
         def to(self, device):  # no GPU here; the device is only recorded
             return self
 
-    monkeypatch.setattr(inference, "_sliding_window", fake_sliding_window)
+    monkeypatch.setattr(prediction, "_sliding_window", fake_sliding_window)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     stages = []
     _, used, _ = predict_scores(
@@ -154,30 +155,40 @@ def test_out_of_memory_on_cuda_falls_back_to_cpu_stitching_then_cpu(monkeypatch)
 
 def test_whole_volume_pass_agrees_with_the_sliding_window_and_serves_the_domain_check(monkeypatch):
     """The bundled CT student (batch norm) on a held-out phantom: one pass over the whole image instead of
-    overlapping windows, the domain check reading the same pass."""
-    from MedKDSegmentLib.engine import inference
+    overlapping windows, the domain evidence read from the same pass."""
+    from MedKDSegmentLib.engine import inference, prediction
     from MedKDSegmentLib.engine.bundle import resolve_bundle
     from MedKDSegmentLib.engine.demo import model_name
-    from MedKDSegmentLib.engine.domain import scan_statistics
+    from MedKDSegmentLib.engine.distillation import FeatureTap
+    from MedKDSegmentLib.engine.networks import feature_layer
 
     bundle = resolve_bundle(model_name("CT", "student"))
     network = bundle.load_network()
     image, truth = generate_phantom("CT", seed=4242, size=(128, 128, 80), spacing=(3.0, 3.0, 3.0))
     prepared, _ = to_model_grid(image, bundle.profile)
-    assert inference.whole_volume_fits(network, inference.pad_to_multiple_of_8(prepared).shape)
+    padded = inference.pad_to_multiple_of_8(prepared)
+    assert prediction.whole_volume_fits(network, padded.shape)
     fractions = []
-    with inference.DomainTap(network) as tap:
-        inference.predict_scores(network, prepared, torch.device("cpu"), lambda f, s: fractions.append(f),
-                                 domain_tap=tap)
-    assert fractions == [1.0]
-    expected = scan_statistics(network, inference.pad_to_multiple_of_8(prepared), prepared.shape)
-    np.testing.assert_allclose(tap.statistics[0], expected[0], rtol=1e-5, atol=1e-6)
-    assert tap.statistics[1] == pytest.approx(expected[1], rel=1e-5)
+    scores, _, _, windows, (statistics, entropy) = prediction.predict(
+        network, prepared, torch.device("cpu"), lambda f, s: fractions.append(f), domain=True)
+    assert fractions == [1.0] and windows == 1
+    # The evidence by its definition: the deepest features' channel means and spreads, and the mean
+    # normalised entropy of the full-resolution prediction inside the unpadded image.
+    with FeatureTap(network, [feature_layer(network)]) as tap, torch.inference_mode():
+        logits = network(torch.from_numpy(padded)[None, None])
+        features = next(iter(tap.features.values()))[0]
+    np.testing.assert_allclose(statistics[:len(statistics) // 2], features.mean((1, 2, 3)).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(statistics[len(statistics) // 2:], features.std((1, 2, 3)).numpy(), rtol=1e-5)
+    full = torch.softmax(torch.nn.functional.interpolate(logits, size=padded.shape, mode="trilinear"), 1)[0]
+    full = full[:, : prepared.shape[0], : prepared.shape[1], : prepared.shape[2]].numpy().astype(np.float64)
+    assert entropy == pytest.approx(float((-(full * np.log(np.maximum(full, 1e-12))).sum(0) / np.log(9)).mean()),
+                                    rel=1e-4)
+    np.testing.assert_allclose(scores, torch.softmax(logits, 1)[0].numpy(), atol=1e-6)
 
     whole = segment(image, bundle, "cpu", network=network)
     monkeypatch.setattr(inference, "WHOLE_VOLUME_BYTES", 0)
     windowed = segment(image, bundle, "cpu", network=network)
-    assert (whole.windows, windowed.windows) == (1, count_windows(inference.pad_to_multiple_of_8(prepared).shape))
+    assert (whole.windows, windowed.windows) == (1, count_windows(padded.shape))
     assert (whole.labels.array == windowed.labels.array).mean() > 0.995
     assert whole.warnings == windowed.warnings == []
     body = truth.array > 0
@@ -187,7 +198,7 @@ def test_whole_volume_pass_agrees_with_the_sliding_window_and_serves_the_domain_
 def test_window_dependent_networks_keep_the_sliding_window(tiny_bundle_session):
     from monai.networks.nets import UNet
 
-    from MedKDSegmentLib.engine.inference import whole_volume_fits
+    from MedKDSegmentLib.engine.prediction import whole_volume_fits
 
     student = tiny_bundle_session.load_network()
     assert whole_volume_fits(student, (104, 144, 144))

@@ -21,7 +21,8 @@ import pytest
 import torch
 from tiny_teacher import MEMBERS, fold_state, register_teacher, write_package
 
-from MedKDSegmentLib.engine import augment, inference, pipelines, published
+from MedKDSegmentLib.engine import augment, pipelines, published
+from MedKDSegmentLib.engine import device as device_module
 from MedKDSegmentLib.engine.bundle import load_bundle
 from MedKDSegmentLib.engine.errors import BundleError, InvalidInputError
 from MedKDSegmentLib.engine.inference import segment
@@ -247,7 +248,7 @@ def test_a_pipeline_that_runs_out_of_gpu_memory_runs_again_on_the_cpu(tiny_packa
     assert devices[2:] == ["cpu again"]
     # What the user sees: the CPU named as the device, and a warning.
     monkeypatch.setitem(pipelines.PIPELINES, "hd-bet", (short_of_memory, True))
-    monkeypatch.setattr(inference, "select_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(device_module, "select_device", lambda device: torch.device("cuda"))
     result = segment(_head(4), bundle, "cuda", network=network)
     assert "cpu" in result.device.lower() and "ran out of memory" in result.warnings[0]
 

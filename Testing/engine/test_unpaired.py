@@ -16,11 +16,12 @@ from MedKDSegmentLib.engine.bundle import load_bundle, save_bundle
 from MedKDSegmentLib.engine.cli import main
 from MedKDSegmentLib.engine.data import load_cases
 from MedKDSegmentLib.engine.errors import BundleError, CancelledError, InvalidInputError
-from MedKDSegmentLib.engine.inference import predict_scores, segment
+from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, label_names
 from MedKDSegmentLib.engine.metrics import dice_per_label
 from MedKDSegmentLib.engine.networks import build_network
 from MedKDSegmentLib.engine.phantom import generate_phantom, write_phantom_dataset
+from MedKDSegmentLib.engine.prediction import predict_scores
 from MedKDSegmentLib.engine.profiles import to_model_grid
 from MedKDSegmentLib.engine.training import TrainingConfig, checkpoint_dir_for, seed_everything
 from MedKDSegmentLib.engine.unpaired import (

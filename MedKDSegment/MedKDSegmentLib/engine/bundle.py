@@ -3,13 +3,17 @@
     <name>/configs/metadata.json   MONAI metadata (network_data_format, channel_def) + medkdsegment
     <name>/models/model.pt         state dict, loaded with ``weights_only=True``, sha256-checked
     <name>/models/model.ts         instead, for an imported TorchScript teacher (sha256 confirmed at import)
+    <name>/models/model.onnx       the same network for ONNX Runtime, where it exports (``onnx_network``)
     <name>/source/configs/         an imported MONAI bundle's own configs (sha256-checked when parsed)
 
 Bundles are written to a temporary folder and renamed into place, and never overwritten.
+Reading a bundle needs no torch (a student with an ONNX copy then segments without it); torch and MONAI
+are imported where networks are built or saved.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,19 +23,21 @@ import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import monai
 import numpy as np
-import torch
-from torch import nn
 
+from .architectures import architecture_problem
 from .errors import BundleError, InvalidInputError
 from .labels import Structure
 from .locations import user_models_dir
-from .networks import architecture_problem, build_network, count_macs, count_parameters
+from .onnx_network import ONNX_WEIGHTS, OnnxNetwork, export_onnx
 from .profiles import Profile
-from .unpaired import make_modality_specific, network_modalities
 from .volume import MODALITIES, normalize_modality, usual_permissions
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # 2 added medkdsegment.modalities (CT+MR bundles). Only those are written as 2: older readers,
 # which would rebuild the network without per-modality norms, refuse them by version; others stay 1.
@@ -173,8 +179,33 @@ class Bundle:
             "path": str(self.path),
         }
 
+    @property
+    def onnx(self) -> dict | None:
+        """The ONNX copy's record (``onnx_network.export_onnx``), or None: not every network exports."""
+        return self.info.get("onnx")
+
+    def load_onnx(self) -> OnnxNetwork:
+        """The ONNX copy in an ONNX Runtime session on the CPU (checksum verified first)."""
+        if self.onnx is None:
+            raise BundleError(f"Bundle '{self.name}' has no ONNX copy.", "Run it with torch (any device).")
+        try:
+            model = (self.path / ONNX_WEIGHTS).read_bytes()
+        except OSError as error:
+            raise BundleError(f"The ONNX copy of bundle '{self.name}' could not be read ({error}).",
+                              "Restore the bundle from its source or re-create it.") from error
+        if hashlib.sha256(model).hexdigest() != self.onnx.get("sha256"):
+            raise BundleError(f"The ONNX copy of bundle '{self.name}' does not match its recorded sha256 "
+                              "(the file was changed or damaged).",
+                              f"Restore '{self.path / ONNX_WEIGHTS}' from its source or re-create the bundle.")
+        return OnnxNetwork(model, self.onnx)
+
     def load_network(self, device: str | torch.device = "cpu") -> nn.Module:
         """The network in eval mode with the bundle's weights (checksum verified first)."""
+        import torch
+
+        from .networks import build_network
+        from .unpaired import make_modality_specific
+
         weights = self.weights_path
         if sha256_of(weights) != self.weights_sha256:
             raise BundleError(
@@ -398,7 +429,17 @@ def save_bundle(
     A modality-specific network (``unpaired.make_modality_specific``) needs ``profiles``, one per
     modality of its normalisation layers (and optionally ``teachers`` per modality); ``profile``,
     the primary one kept in ``medkdsegment.preprocessing``, then defaults to the first modality's.
+
+    A network that runs on whole volumes (``prediction.window_independent``) also gets its ONNX copy, unless
+    it runs through a published teacher's own pipeline.
     """
+    import monai
+    import torch
+
+    from .networks import count_parameters
+    from .prediction import window_independent
+    from .unpaired import network_modalities
+
     folder = Path(folder)
     if folder.exists():
         raise BundleError(f"'{folder}' already exists; bundles are never overwritten.", "Choose a new name.")
@@ -432,6 +473,11 @@ def save_bundle(
                 k: (v.half() if k in halve else v).detach().cpu().contiguous() for k, v in network.state_dict().items()
             }
             torch.save(state, staging / WEIGHTS)
+            if not modalities and not (extra or {}).get("pipeline") and window_independent(network):
+                exported = copy.deepcopy(network).cpu()
+                exported.load_state_dict(state)  # as the bundle's weights load: float16-stored ones rounded
+                record = export_onnx(exported.eval(), staging / ONNX_WEIGHTS)
+                extra = {**(extra or {}), "onnx": {"sha256": sha256_of(staging / ONNX_WEIGHTS), **record}}
         copied = {}
         for name, file in (copies or {}).items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
@@ -524,6 +570,10 @@ def save_bundle(
 def _gmacs(network: nn.Module) -> float | None:
     """Giga multiply-accumulates on a 96³ patch; None for a TorchScript module (it takes no forward hooks) and
     for a network whose total stride does not divide 96 (an nnU-Net plan's may not)."""
+    import torch
+
+    from .networks import count_macs
+
     if isinstance(network, torch.jit.ScriptModule):
         return None
     try:

@@ -11,11 +11,6 @@ volumes of its own kind and on every real scan in ``../shared/data``: ``docs/dom
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import nn
-
-from .distillation import FeatureTap
-from .networks import feature_layer, full_resolution
 
 # Fixed before the real scans were checked: flag beyond 3 (recorded volumes sit near 1 by construction).
 DISTANCE_LIMIT = 3.0
@@ -25,26 +20,12 @@ RELATIVE_SPREAD_FLOOR = 0.05
 ENTROPY_FACTOR = 2.0  # unsure: mean entropy above twice the highest seen on the model's own volumes
 
 
-def scan_statistics(network: nn.Module, padded: np.ndarray, size: tuple[int, ...]) -> tuple[np.ndarray, float]:
-    """One whole-volume pass: the deepest features' per-channel mean and std (2K,) and the mean
-    normalised entropy of the prediction over the unpadded ``size`` (z, y, x)."""
-    network.eval()
-    device = next(network.parameters()).device
-    with FeatureTap(network, [feature_layer(network)]) as tap, torch.inference_mode():
-        logits = network(torch.from_numpy(padded)[None, None].to(device))
-        return statistics_of(logits, next(iter(tap.features.values())), padded.shape, size)
-
-
-def statistics_of(logits: torch.Tensor, features: torch.Tensor, padded_shape: tuple[int, ...],
-                  size: tuple[int, ...]) -> tuple[np.ndarray, float]:
-    """``scan_statistics`` of a whole-volume pass's ``logits`` and deepest ``features`` (batch of one), for a
-    caller that makes the pass itself."""
-    features = features[0].float()
-    statistics = torch.cat([features.mean((1, 2, 3)), features.std((1, 2, 3))]).cpu().numpy()
-    probabilities = torch.softmax(full_resolution(logits.float(), padded_shape), 1)
-    probabilities = probabilities[0, :, : size[0], : size[1], : size[2]]
-    entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(0) / np.log(probabilities.shape[0])
-    return statistics.astype(np.float64), float(entropy.mean())
+def evidence(statistics: np.ndarray, entropy: np.ndarray, size: tuple[int, ...]) -> tuple[np.ndarray, float]:
+    """What a scan is checked by, from a whole-volume pass (``prediction.WholeVolumeOutputs`` or its ONNX
+    copy): the deepest features' per-channel mean and std (2K,), and the mean normalised entropy of the
+    prediction over the unpadded ``size`` (z, y, x) of the entropy map (1, Z, Y, X)."""
+    z, y, x = size
+    return statistics.astype(np.float64), float(entropy[0, :z, :y, :x].mean(dtype=np.float64))
 
 
 def record(statistics: list[np.ndarray], entropies: list[float], volumes: str) -> dict:

@@ -48,9 +48,9 @@ from .bundle import BUNDLED_MODELS, Bundle, load_bundle, resolve_bundle, save_bu
 from .data import Case
 from .device import select_device
 from .errors import BundleError, CancelledError, InvalidInputError
-from .inference import predict_labels
 from .labels import Structure
 from .metrics import dice_per_label
+from .prediction import predict_labels
 from .profiles import labels_to_model_grid, to_model_grid
 from .segment_names import (  # noqa: F401
     SegmentMatch,

@@ -1,46 +1,37 @@
-"""Segmentation of a volume with a bundle: preprocess, sliding window, back to the input grid.
+"""Segmentation of a volume with a bundle: preprocess, run the network, back to the input grid.
 
-Progress is the real fraction of windows done; a ``cancel`` callable stops between
-windows. A network whose output at a voxel depends only on the voxels around it (no instance,
-group or layer normalisation) runs in one pass over the whole image when its activations fit
-``WHOLE_VOLUME_BYTES``: no overlapping windows to compute twice and blend, and the domain check
-reads the same pass. On CUDA the network runs under autocast (float16); if the GPU runs out of
-memory the volume is stitched on the CPU, and as a last resort the whole job moves to the CPU.
+A bundle with an ONNX copy runs in ONNX Runtime when the job runs on the CPU and the whole image fits
+``WHOLE_VOLUME_BYTES`` (``load_runner``): then no torch or MONAI module is imported at all. Otherwise torch
+runs it (``prediction``: one whole-volume pass or a sliding window, on CUDA with fallbacks). Published
+teachers run their own pipelines (``pipelines``).
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-from monai.data.utils import dense_patch_slices
-from monai.inferers import SlidingWindowInferer
 
 from .argmax_resample import resample_to_input
 from .bundle import Bundle
-from .device import describe_device, select_device
-from .distillation import FeatureTap
-from .domain import domain_warnings, scan_statistics, statistics_of
+from .domain import domain_warnings, evidence
 from .errors import CancelledError, InvalidInputError
-from .networks import feature_layer, full_resolution, output_stride
-from .pipelines import run_pipeline
+from .onnx_network import OnnxNetwork, onnx_runtime_installed
 from .profiles import model_grid, to_model_grid
-from .unpaired import use_modality
 from .volume import Volume, check_image, detect_modality
 
+if TYPE_CHECKING:
+    import torch
+
 Progress = Callable[[float, str], None]
-ROI_SIZE = (96, 96, 96)
-OVERLAP = 0.25
-# Activations of one whole-volume pass, estimated from the first convolution's output (times a few live maps).
+# Activations one whole-volume pass may hold (``prediction.activation_bytes_per_voxel`` x padded voxels).
 WHOLE_VOLUME_BYTES = 1e9
-# Layers whose statistics span the whole input: a window sees different ones than the whole volume.
-WINDOW_DEPENDENT = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.GroupNorm,
-                    torch.nn.LayerNorm, torch.nn.LocalResponseNorm)
 
 
 @dataclass
@@ -53,12 +44,16 @@ class Segmentation:
     warnings: list[str] = field(default_factory=list)  # e.g. the scan lies outside the model's world
 
 
-def count_windows(shape: tuple[int, ...], roi: tuple[int, ...] = ROI_SIZE, overlap: float = OVERLAP) -> int:
-    """How many windows MONAI's sliding window visits for an image of ``shape``: it steps by
-    (1 - overlap) x the window, or by the whole axis where the window spans it."""
-    roi = tuple(min(r, s) for r, s in zip(roi, shape))
-    interval = tuple(r if r == s else max(int(r * (1 - overlap)), 1) for r, s in zip(roi, shape))
-    return len(dense_patch_slices(shape, roi, interval))
+def load_runner(bundle: Bundle, device: str = "auto") -> OnnxNetwork | torch.nn.Module:
+    """What runs ``bundle`` on ``device``: its ONNX copy in ONNX Runtime when it has one, ONNX Runtime is
+    installed and the job runs on the CPU ('cpu', or 'auto' on a machine without NVIDIA's driver); else the
+    torch network on the device torch selects."""
+    on_cpu = device == "cpu" or (device == "auto" and ctypes.util.find_library("cuda") is None)
+    if bundle.onnx is not None and on_cpu and onnx_runtime_installed():
+        return bundle.load_onnx()
+    from .device import select_device
+
+    return bundle.load_network(select_device(device))
 
 
 def segment(
@@ -67,13 +62,14 @@ def segment(
     device: str = "auto",
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
-    network: torch.nn.Module | None = None,
+    network: OnnxNetwork | torch.nn.Module | None = None,
     pipeline_options: dict | None = None,
 ) -> Segmentation:
     """Segment ``volume`` with ``bundle``; labels lie exactly on the input's grid.
 
-    A published teacher (``bundle.pipeline``) runs its own pipeline; ``pipeline_options`` override its
-    recorded settings (HD-BET: ``folds=1`` for its fast mode, ``mirror=True`` for test-time mirroring).
+    ``network`` is what ``load_runner`` gives (loaded when not given). A published teacher
+    (``bundle.pipeline``) runs its own pipeline; ``pipeline_options`` override its recorded settings
+    (HD-BET: ``folds=1`` for its fast mode, ``mirror=True`` for test-time mirroring).
 
     A CT+MR bundle takes the profile and normalisation layers of the volume's modality
     (detected from intensities when not set), chosen on every call: a cached ``network``
@@ -94,44 +90,64 @@ def segment(
     report = progress or (lambda fraction, stage: None)
     started = time.perf_counter()
     seconds = {}
-    torch_device = select_device(device)
 
     report(0.0, "preprocessing")
     image, grid = to_model_grid(volume, profile)
     seconds["preprocess"] = time.perf_counter() - started
 
-    network = network if network is not None else bundle.load_network(torch_device)
+    network = network if network is not None else load_runner(bundle, device)
+    padded = pad_to_multiple_of_8(image)
+    if isinstance(network, OnnxNetwork) and padded.size * network.bytes_per_voxel > WHOLE_VOLUME_BYTES:
+        from .device import select_device  # too large for one pass: torch's sliding window
+
+        network = bundle.load_network(select_device(device))
     step = time.perf_counter()
     domain = bundle.info.get("domain") if not bundle.modality_specific else None
-    tap = DomainTap(network) if domain else None
-    with use_modality(network, modality) if bundle.modality_specific else nullcontext(), tap or nullcontext():
-        scores, used, padded_shape = predict_scores(network, image, torch_device, report, cancel, tap)
-    windows = 1 if whole_volume_fits(network, padded_shape) else count_windows(padded_shape)
-    stride = output_stride(network)
+    if isinstance(network, OnnxNetwork):
+        if cancel is not None and cancel():
+            raise CancelledError()
+        scores, statistics, entropy = network(padded)
+        found = evidence(statistics, entropy, image.shape) if domain else None
+        stride, windows, used = network.output_stride, 1, "cpu (ONNX Runtime)"
+        report(1.0, "inference")
+    else:
+        scores, stride, windows, used, found = _predict_with_torch(network, image, bundle, modality, device,
+                                                                    report, cancel, bool(domain))
     seconds["inference"] = time.perf_counter() - step
 
-    warnings = []
-    if domain:
-        statistics = tap.statistics  # None when the sliding window ran: then one more pass, over the whole image
-        statistics = statistics or scan_statistics(network, pad_to_multiple_of_8(image), image.shape)
-        warnings = domain_warnings(domain, *statistics, bundle.name)
+    warnings = domain_warnings(domain, *found, bundle.name) if domain else []
     step = time.perf_counter()
     report(1.0, "resampling to the input grid")
-    labels = resample_to_input(scores, _output_grid(grid, padded_shape, stride), volume)
+    labels = resample_to_input(scores, _output_grid(grid, padded.shape, stride), volume)
     seconds["postprocess"] = time.perf_counter() - step
     seconds["total"] = time.perf_counter() - started
     return Segmentation(
         labels=volume.with_array(labels),
         bundle_name=bundle.name,
-        device=describe_device(used),
+        device=used,
         seconds=seconds,
         windows=windows,
         warnings=warnings,
     )
 
 
+def _predict_with_torch(network, image, bundle, modality, device, report, cancel, domain):
+    """Scores, output stride, windows, device description and domain evidence from the torch network."""
+    from .device import describe_device, select_device
+    from .networks import output_stride
+    from .prediction import predict
+    from .unpaired import use_modality
+
+    with use_modality(network, modality) if bundle.modality_specific else nullcontext():
+        scores, used, _, windows, found = predict(network, image, select_device(device), report, cancel, domain)
+    return scores, output_stride(network), windows, describe_device(used), found
+
+
 def _segment_with_pipeline(volume, bundle, device, progress, cancel, network, options) -> Segmentation:
     """A published teacher's own pipeline (``bundle.pipeline``), which does its own preprocessing."""
+    from .device import describe_device, select_device
+    from .pipelines import run_pipeline
+
     report = progress or (lambda fraction, stage: None)
     started = time.perf_counter()
     torch_device = select_device(device)
@@ -164,132 +180,3 @@ def pad_to_multiple_of_8(image: np.ndarray) -> np.ndarray:
     padded = np.full(shape, float(image.min()), dtype=np.float32)
     padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
     return padded
-
-
-def predict_labels(
-    network: torch.nn.Module, image: np.ndarray, device: torch.device, cancel: Callable[[], bool] | None = None
-) -> np.ndarray:
-    """Arg-max labels (uint8) of a prepared image on the model grid (no resampling back)."""
-    network.eval()
-    scores, _, padded = predict_scores(network, image, device, cancel=cancel)
-    labels = full_resolution(torch.from_numpy(scores)[None], padded)[0].argmax(0).numpy().astype(np.uint8)
-    z, y, x = image.shape
-    return labels[:z, :y, :x]
-
-
-class DomainTap(FeatureTap):
-    """The deepest features of ``network`` (``networks.feature_layer``); when the image runs in one pass,
-    ``statistics`` keeps that pass's domain statistics (``domain.statistics_of``), sparing a second pass."""
-
-    def __init__(self, network: torch.nn.Module) -> None:
-        super().__init__(network, [feature_layer(network)])
-        self.statistics: tuple[np.ndarray, float] | None = None
-
-    def record(self, logits: torch.Tensor, padded_shape: tuple[int, ...], size: tuple[int, ...]) -> None:
-        self.statistics = statistics_of(logits, next(iter(self.features.values())), padded_shape, size)
-
-
-def whole_volume_fits(network: torch.nn.Module, padded_shape: tuple[int, ...]) -> bool:
-    """Whether one pass over the whole (padded) image replaces the sliding window: the network's output at a
-    voxel must not depend on the window (no layer in ``WINDOW_DEPENDENT``; TorchScript cannot be inspected)
-    and its activations must fit ``WHOLE_VOLUME_BYTES``."""
-    if isinstance(network, torch.jit.ScriptModule):
-        return False
-    first = None
-    for module in network.modules():
-        if isinstance(module, WINDOW_DEPENDENT):
-            return False
-        if first is None and isinstance(module, torch.nn.Conv3d):
-            first = module
-    if first is None:
-        return False
-    voxels = float(np.prod(padded_shape)) / float(np.prod(first.stride))
-    return voxels * first.out_channels * 4 * 6 <= WHOLE_VOLUME_BYTES
-
-
-def predict_scores(
-    network: torch.nn.Module,
-    image: np.ndarray,
-    device: torch.device,
-    report: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
-    domain_tap: DomainTap | None = None,
-) -> tuple[np.ndarray, torch.device, tuple[int, ...]]:
-    """Softmax scores (C, z, y, x) of a prepared image at the network's output resolution.
-
-    The image is padded at its far end to a multiple of 8 so every stride-2 stage halves
-    exactly; returns the scores of the padded image, the device used and the padded shape.
-    One pass over the whole image when ``whole_volume_fits`` (``domain_tap``, attached to ``network``,
-    then keeps its domain statistics), else a sliding window. Falls back to CPU stitching (the sliding
-    window), then CPU compute, when CUDA runs out of memory.
-    """
-    report = report or (lambda fraction, stage: None)
-    padded = pad_to_multiple_of_8(image)
-    padded_shape = padded.shape
-    windows = count_windows(padded_shape)
-    whole = whole_volume_fits(network, padded_shape)
-    attempts = [(device, device)]
-    if device.type == "cuda":
-        attempts += [(device, torch.device("cpu")), (torch.device("cpu"), torch.device("cpu"))]
-    for index, (compute, stitch) in enumerate(attempts):
-        try:
-            if whole and compute == stitch:
-                scores = _whole_volume(network.to(compute), padded, compute, image.shape, report, cancel, domain_tap)
-            else:
-                scores = _sliding_window(network.to(compute), padded, compute, stitch, windows, report, cancel)
-            return scores, compute, padded_shape
-        except torch.cuda.OutOfMemoryError:
-            if index == len(attempts) - 1:
-                raise
-            torch.cuda.empty_cache()
-            report(0.0, f"out of memory on {compute.type}; retrying with results kept on the CPU")
-    raise AssertionError("unreachable")
-
-
-def _whole_volume(network, padded, compute, size, report, cancel, domain_tap) -> np.ndarray:
-    if cancel is not None and cancel():
-        raise CancelledError()
-    with torch.inference_mode(), torch.autocast(compute.type, dtype=torch.float16, enabled=compute.type == "cuda"):
-        logits = network(torch.from_numpy(padded)[None, None].to(compute))
-        if domain_tap is not None:
-            domain_tap.record(logits, padded.shape, size)
-        scores = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
-    report(1.0, "inference")
-    return scores
-
-
-def _sliding_window(
-    network: torch.nn.Module,
-    image: np.ndarray,
-    compute: torch.device,
-    stitch: torch.device,
-    windows: int,
-    report: Progress,
-    cancel: Callable[[], bool] | None,
-) -> np.ndarray:
-    done = 0
-
-    def predictor(batch: torch.Tensor) -> torch.Tensor:
-        nonlocal done
-        if cancel is not None and cancel():
-            raise CancelledError()
-        with torch.autocast(compute.type, dtype=torch.float16, enabled=compute.type == "cuda"):
-            logits = network(batch)
-        done += batch.shape[0]
-        report(done / windows, "inference")
-        return torch.softmax(logits.float(), dim=1)
-
-    # Windows never exceed the (padded) image: MONAI would pad them with zeros, which are not
-    # background after normalisation and skew instance-normalised networks.
-    inferer = SlidingWindowInferer(
-        roi_size=tuple(min(r, s) for r, s in zip(ROI_SIZE, image.shape)),
-        sw_batch_size=1,
-        overlap=OVERLAP,
-        mode="gaussian",
-        sw_device=compute,
-        device=stitch,
-    )
-    tensor = torch.from_numpy(image)[None, None]
-    with torch.inference_mode():
-        scores = inferer(tensor, predictor)
-    return scores[0].float().cpu().numpy()

@@ -18,7 +18,6 @@ from .deepbet import DeepBETModels
 from .hdbet import HDBETEnsemble
 from .liver_unet import LiverUNet
 from .nnunet import NnUNetEnsemble
-from .nnunet import architecture_problem as nnunet_architecture_problem
 from .tissue_vnet import SpacingVNet
 
 
@@ -86,10 +85,6 @@ NETWORKS = {
     "NnUNetEnsemble": NnUNetEnsemble,
 }
 
-# Imported teachers whose network is not built from settings: a user's TorchScript file (loaded as it is) and
-# a MONAI bundle's network_def (parsed from its own copied config by ``monai_bundle``).
-IMPORTED_ARCHITECTURES = ("TorchScript", "MonaiBundle")
-
 TEACHER_CONFIG = {
     "name": "UNet",
     "kwargs": {
@@ -103,32 +98,6 @@ TEACHER_CONFIG = {
     },
 }
 STUDENT_CONFIG = {"name": "FastStudent", "kwargs": {"in_channels": 1, "features": [8, 16, 20]}}
-
-
-# Bounds on a bundle's architecture settings, checked before anything is built: no network here needs
-# more, and a hostile or damaged bundle must not make the machine allocate gigabytes first.
-MAX_SETTING = 4096
-MAX_LIST = 16
-
-
-def architecture_problem(config) -> str | None:
-    """What is wrong with an architecture ``{"name": ..., "kwargs": {...}}`` from a bundle, or None."""
-    if isinstance(config, dict) and config.get("name") in IMPORTED_ARCHITECTURES:
-        return None if not config.get("kwargs") else f"a {config['name']} architecture takes no settings"
-    if not isinstance(config, dict) or config.get("name") not in NETWORKS:
-        return f"architecture must name one of {', '.join([*NETWORKS, *IMPORTED_ARCHITECTURES])}"
-    kwargs = config.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        return "architecture kwargs must be an object"
-    if config["name"] == "NnUNetEnsemble":  # nested settings from nnU-Net's plans, checked there
-        return nnunet_architecture_problem(kwargs)
-    for key, value in kwargs.items():
-        items = value if isinstance(value, list) else [value]
-        if len(items) > MAX_LIST or not all(isinstance(v, (bool, int, float, str)) for v in items):
-            return f"architecture setting '{key}' must be a number, a word or a short list of numbers"
-        if any(not isinstance(v, (bool, str)) and not -MAX_SETTING <= v <= MAX_SETTING for v in items):
-            return f"architecture setting '{key}' = {value!r} is beyond any network's size"
-    return None
 
 
 def build_network(config: dict, out_channels: int) -> nn.Module:

@@ -38,14 +38,15 @@ from .distillation import (
     teacher_sample_weights,
     validate_teacher_weights,
 )
-from .domain import record, scan_statistics
+from .domain import record
 from .errors import CancelledError, InvalidInputError
-from .inference import OVERLAP, ROI_SIZE, pad_to_multiple_of_8, predict_labels, predict_scores
+from .inference import pad_to_multiple_of_8
 from .labels import ABDOMEN_STRUCTURES, label_names
 from .losses import SupervisedLoss
 from .metrics import dice_per_label
 from .networks import ASSISTANT_CONFIG, STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution, output_stride
 from .pipelines import PipelineTeacher
+from .prediction import OVERLAP, ROI_SIZE, predict_labels, predict_scores, scan_statistics
 from .profiles import DEFAULT_PROFILES, Profile
 from .volume import check_output_path, normalize_modality
 
@@ -419,7 +420,7 @@ def _fingerprint(network: nn.Module) -> str:
 
 def _predict_logits(network: nn.Module, image: np.ndarray, device: torch.device) -> np.ndarray:
     """Logits (C, z, y, x) of the padded whole image, stitched like inference's sliding window
-    (inference.predict_scores returns softmax scores, whose logits cannot be recovered)."""
+    (prediction.predict_scores returns softmax scores, whose logits cannot be recovered)."""
     from monai.inferers import SlidingWindowInferer
 
     padded = pad_to_multiple_of_8(image)
