@@ -35,6 +35,15 @@ def test_a_student_bundle_carries_a_verified_onnx_copy_and_a_window_dependent_te
     assert isinstance(load_runner(teacher, "cpu"), torch.nn.Module)
 
 
+def test_without_the_onnx_package_a_bundle_is_saved_without_a_copy_and_runs_in_torch(tmp_path, monkeypatch):
+    from MedKDSegmentLib.engine import bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "onnx_exporter_installed", lambda: False)
+    student = make_bundle(tmp_path / "student")
+    assert student.onnx is None and not (student.path / ONNX_WEIGHTS).exists()
+    assert isinstance(load_runner(student, "cpu"), torch.nn.Module)
+
+
 def test_a_changed_onnx_copy_is_refused(tmp_path):
     bundle = make_bundle(tmp_path / "student")
     with open(bundle.path / ONNX_WEIGHTS, "ab") as handle:

@@ -31,7 +31,7 @@ from .architectures import architecture_problem
 from .errors import BundleError, InvalidInputError
 from .labels import Structure
 from .locations import user_models_dir
-from .onnx_network import ONNX_WEIGHTS, OnnxNetwork, export_onnx
+from .onnx_network import ONNX_WEIGHTS, OnnxNetwork, export_onnx, onnx_exporter_installed
 from .profiles import Profile
 from .volume import MODALITIES, normalize_modality, usual_permissions
 
@@ -431,7 +431,7 @@ def save_bundle(
     the primary one kept in ``medkdsegment.preprocessing``, then defaults to the first modality's.
 
     A network that runs on whole volumes (``prediction.window_independent``) also gets its ONNX copy, unless
-    it runs through a published teacher's own pipeline.
+    it runs through a published teacher's own pipeline or the ``onnx`` package is missing.
     """
     import monai
     import torch
@@ -473,7 +473,8 @@ def save_bundle(
                 k: (v.half() if k in halve else v).detach().cpu().contiguous() for k, v in network.state_dict().items()
             }
             torch.save(state, staging / WEIGHTS)
-            if not modalities and not (extra or {}).get("pipeline") and window_independent(network):
+            if not modalities and not (extra or {}).get("pipeline") and window_independent(network) \
+                    and onnx_exporter_installed():
                 exported = copy.deepcopy(network).cpu()
                 exported.load_state_dict(state)  # as the bundle's weights load: float16-stored ones rounded
                 record = export_onnx(exported.eval(), staging / ONNX_WEIGHTS)

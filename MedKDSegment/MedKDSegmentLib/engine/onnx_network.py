@@ -9,6 +9,7 @@ several times faster than eager torch on a CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -39,9 +40,13 @@ def export_onnx(network, path: Path) -> dict:
 
 
 def onnx_runtime_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def onnx_exporter_installed() -> bool:
+    """torch's exporter writes through the ``onnx`` package; without it a bundle is saved without a copy (it
+    then runs in torch)."""
+    return importlib.util.find_spec("onnx") is not None
 
 
 class OnnxNetwork:

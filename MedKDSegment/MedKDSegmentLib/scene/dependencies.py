@@ -16,7 +16,8 @@ from ..engine.errors import MedKDError
 
 logger = logging.getLogger(__name__)
 TORCH_REQUIREMENT = "torch>=2.1"
-REQUIREMENTS = ("monai>=1.3", "SimpleITK>=2.2", "scipy>=1.10", "numpy>=1.24", "h5py>=3.10", "nibabel>=5.2")
+REQUIREMENTS = ("monai>=1.3", "SimpleITK>=2.2", "scipy>=1.10", "numpy>=1.24", "h5py>=3.10", "nibabel>=5.2",
+                "onnxruntime>=1.17", "onnx>=1.15")
 _checked = False
 
 
