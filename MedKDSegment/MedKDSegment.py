@@ -67,6 +67,15 @@ class MedKDSegment(ScriptedLoadableModule):
         self.parent.acknowledgementText = _("Built on 3D Slicer, PyTorch, MONAI and SimpleITK.")
         # Slicer looks for the icon inside the module folder; ours lives in the shared Resources/ beside it.
         self.parent.icon = qt.QIcon(moduleResourcePath("Icons/MedKDSegment.png"))
+        # Scenes do not save layout descriptions: registered at start-up, a reopened comparison scene shows its
+        # views before any Compare.
+        slicer.app.connect("startupCompleted()", registerComparisonLayout)
+
+
+def registerComparisonLayout() -> None:
+    from MedKDSegmentLib.scene import comparison
+
+    comparison.register_comparison_layout()
 
 
 #

@@ -332,8 +332,11 @@ def render(results: dict) -> str:
         f"Seconds are medians of {REPEATS} runs. *Warm*: in one process with the network loaded (as Slicer's worker "
         "runs it): read the file, preprocess onto the model grid, run the network (one whole-volume pass or a "
         "sliding window: *windows*), take labels back onto the input grid, write `.nii.gz` and `.seg.nrrd` "
-        "(each verified by reading it back). *CLI cold*: `medkd segment` in a new process (interpreter, torch and "
-        "MONAI imports, bundle, the same job; files in the page cache). *Floor*: reading the input and writing "
+        "(each checked before it is moved into place). The student runs as a user's CPU job runs it (its ONNX "
+        "copy in ONNX Runtime), and also in torch; the teacher has no ONNX copy in the repository and runs in "
+        "torch. *CLI cold*: `medkd segment` in a new process (interpreter, torch and "
+        "MONAI imports where the model needs them, bundle, the same job; files in the page cache); its peak RSS is "
+        "the whole process's. *Floor*: reading the input and writing "
         "the two files with SimpleITK alone in the same run; *× floor* = warm end to end / floor.",
         "",
         markdown_table(rows, {k: k for k in rows[0]}) if rows else "(not run)",

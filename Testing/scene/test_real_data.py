@@ -56,3 +56,21 @@ def test_bundled_student_on_the_real_ct(real_ct_dir, scene):
     result = logic.segment(node, model=bundled[0].name, device="cpu")
     assert_result_on_grid(result, node, list(bundled[0].labels.values()))
     assert result.GetAttribute("MedKDSegment.Model") == bundled[0].name
+
+
+def test_comparison_views_show_the_real_ct_which_lies_far_from_the_origin(real_ct_dir, scene):
+    """The real CT spans S 92.8-182.8 mm, outside MRML's default slice plane: the views are fitted to it."""
+    from MedKDSegmentLib.scene import comparison
+
+    node = volumes.load_volume_node(real_ct_dir / "ct.nii.gz")
+    first, second = (slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode") for _ in range(2))
+    ids = comparison.show_comparison(node, first, second)
+    bounds = [0.0] * 6
+    node.GetRASBounds(bounds)
+    assert bounds[4] > 50  # the volume does not contain the default plane S = 0
+    for name in (comparison.TEACHER_VIEW, comparison.STUDENT_VIEW):
+        view = slicer.mrmlScene.GetNodeByID(ids[name])
+        centre = slicer.util.arrayFromVTKMatrix(view.GetSliceToRAS())[:3, 3]
+        assert all(bounds[2 * i] <= centre[i] <= bounds[2 * i + 1] for i in range(3)), (name, centre, bounds)
+        field = view.GetFieldOfView()
+        assert field[0] >= bounds[1] - bounds[0] - 1e-3 or field[1] >= bounds[3] - bounds[2] - 1e-3

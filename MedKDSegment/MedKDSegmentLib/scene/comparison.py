@@ -116,6 +116,18 @@ def _composite_node(layout_name: str):
     return node
 
 
+def fit_slice_views(volume_node, view_nodes) -> None:
+    """Show the whole volume in each slice view, as a view's "Reset field of view" does: a new slice node keeps
+    MRML's default plane (250 mm around RAS 0, 0, 0), which misses a scan lying elsewhere (a black view)."""
+    for view in view_nodes:
+        logic = slicer.vtkMRMLSliceLogic()
+        logic.SetMRMLScene(slicer.mrmlScene)
+        logic.SetSliceNode(view)
+        width, height, _ = view.GetDimensions()
+        logic.FitSliceToVolume(volume_node, width, height)
+        logic.SetMRMLScene(None)
+
+
 def show_only_in(segmentation_node, view_node_ids: list[str], visible_3d: bool | None = None) -> None:
     """Show a segmentation only in the given views (an empty view list would mean every view)."""
     segmentation_node.CreateDefaultDisplayNodes()
@@ -141,6 +153,7 @@ def show_comparison(volume_node, teacher_node, student_node, disagreement_node=N
         composite = _composite_node(layout_name)
         composite.SetBackgroundVolumeID(volume_node.GetID())
         composite.SetLinkedControl(True)
+    fit_slice_views(volume_node, [views[name] for name in SLICE_VIEWS])
     show_only_in(teacher_node, [ids[TEACHER_VIEW]], visible_3d=False)
     show_only_in(student_node, [ids[STUDENT_VIEW]], visible_3d=False)
     if disagreement_node is not None:
