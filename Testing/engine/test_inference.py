@@ -153,6 +153,32 @@ def test_out_of_memory_on_cuda_falls_back_to_cpu_stitching_then_cpu(monkeypatch)
     assert sum("out of memory" in s for s in stages) == 2
 
 
+def test_a_whole_volume_pass_out_of_gpu_memory_falls_back_to_windows_stitched_on_the_cpu(monkeypatch,
+                                                                                          tiny_bundle_session):
+    """The whole-volume pass is the first attempt on CUDA; running out of memory there goes on to the sliding
+    window with results kept on the CPU (simulated without a GPU)."""
+    from MedKDSegmentLib.engine import prediction
+
+    attempts = []
+
+    def whole_out_of_memory(network, padded, compute, size, cancel, domain):
+        attempts.append(("whole", compute.type))
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    def windows(network, image, compute, stitch, count, report, cancel):
+        attempts.append(("windows", compute.type, stitch.type))
+        return np.zeros((9, *image.shape), np.float32)
+
+    network = tiny_bundle_session.load_network()
+    monkeypatch.setattr(network, "to", lambda device: network)  # no GPU here: the device is only recorded
+    monkeypatch.setattr(prediction, "_whole_volume", whole_out_of_memory)
+    monkeypatch.setattr(prediction, "_sliding_window", windows)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    _, used, _, count, _ = prediction.predict(network, np.zeros((16, 16, 16), np.float32), torch.device("cuda"))
+    assert attempts == [("whole", "cuda"), ("windows", "cuda", "cpu")]
+    assert used.type == "cuda" and count == prediction.count_windows((16, 16, 16))
+
+
 def test_whole_volume_pass_agrees_with_the_sliding_window_and_serves_the_domain_check(monkeypatch):
     """The bundled CT student (batch norm) on a held-out phantom: one pass over the whole image instead of
     overlapping windows, the domain evidence read from the same pass."""
