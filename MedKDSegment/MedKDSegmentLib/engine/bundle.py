@@ -185,34 +185,48 @@ class Bundle:
         return self.info.get("onnx")
 
     def load_onnx(self) -> OnnxNetwork:
-        """The ONNX copy in an ONNX Runtime session on the CPU (checksum verified first)."""
+        """The ONNX copy in an ONNX Runtime session on the CPU. Its bytes and the weights file are checked
+        against their recorded sha256 first: a bundle with either changed is damaged, whichever one runs."""
         if self.onnx is None:
             raise BundleError(f"Bundle '{self.name}' has no ONNX copy.", "Run it with torch (any device).")
+        self._check_weights()
         try:
             model = (self.path / ONNX_WEIGHTS).read_bytes()
         except OSError as error:
             raise BundleError(f"The ONNX copy of bundle '{self.name}' could not be read ({error}).",
                               "Restore the bundle from its source or re-create it.") from error
-        if hashlib.sha256(model).hexdigest() != self.onnx.get("sha256"):
-            raise BundleError(f"The ONNX copy of bundle '{self.name}' does not match its recorded sha256 "
-                              "(the file was changed or damaged).",
-                              f"Restore '{self.path / ONNX_WEIGHTS}' from its source or re-create the bundle.")
+        self._check_onnx(hashlib.sha256(model).hexdigest())
         return OnnxNetwork(model, self.onnx)
 
+    def _check_weights(self) -> None:
+        if sha256_of(self.weights_path) != self.weights_sha256:
+            raise BundleError(
+                f"The weights of bundle '{self.name}' do not match their recorded sha256 "
+                "(the file was changed or damaged).",
+                f"Restore '{self.weights_path}' from its source or re-create the bundle.",
+            )
+
+    def _check_onnx(self, digest: str | None = None) -> None:
+        """The ONNX copy (when the bundle records one) against its recorded sha256; ``digest``: of bytes read."""
+        if self.onnx is None:
+            return
+        path = self.path / ONNX_WEIGHTS
+        if (digest or (sha256_of(path) if path.is_file() else None)) != self.onnx.get("sha256"):
+            raise BundleError(f"The ONNX copy of bundle '{self.name}' does not match its recorded sha256 "
+                              "(the file was changed, damaged or removed).",
+                              f"Restore '{path}' from its source or re-create the bundle.")
+
     def load_network(self, device: str | torch.device = "cpu") -> nn.Module:
-        """The network in eval mode with the bundle's weights (checksum verified first)."""
+        """The network in eval mode with the bundle's weights (the weights and any ONNX copy checked against
+        their recorded sha256 first)."""
         import torch
 
         from .networks import build_network
         from .unpaired import make_modality_specific
 
         weights = self.weights_path
-        if sha256_of(weights) != self.weights_sha256:
-            raise BundleError(
-                f"The weights of bundle '{self.name}' do not match their recorded sha256 "
-                "(the file was changed or damaged).",
-                f"Restore '{weights}' from its source or re-create the bundle.",
-            )
+        self._check_weights()
+        self._check_onnx()
         kind = self.info["architecture"]["name"]
         if kind == "TorchScript":  # the file whose sha256 the user confirmed at import, checked just above
             try:
