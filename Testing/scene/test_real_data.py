@@ -74,3 +74,46 @@ def test_comparison_views_show_the_real_ct_which_lies_far_from_the_origin(real_c
         assert all(bounds[2 * i] <= centre[i] <= bounds[2 * i + 1] for i in range(3)), (name, centre, bounds)
         field = view.GetFieldOfView()
         assert field[0] >= bounds[1] - bounds[0] - 1e-3 or field[1] >= bounds[3] - bounds[2] - 1e-3
+
+
+def test_the_comparison_on_the_real_ct_is_saved_and_reopened_with_each_overlay_in_its_fitted_view(
+        real_ct_dir, scene, application, tmp_path):
+    """Compare with the bundled models on the real CT, save the scene (.mrb), reopen it: each model's overlay is
+    shown in its own view, and each view's plane lies in the volume. MEDKDSEGMENT_COMPARISON_SCENE keeps the saved
+    scene (for ../shared/tools/render_scene.py, which draws docs/comparison_real_ct.png from it)."""
+    import os
+    from pathlib import Path
+
+    from MedKDSegmentLib.engine.demo import model_name
+    from MedKDSegmentLib.scene import comparison
+    from MedKDSegmentLib.scene.logic import SceneLogic
+
+    node = volumes.load_volume_node(real_ct_dir / "ct.nii.gz")
+    result = SceneLogic().compare(node, teacher=model_name("CT", "teacher"), student=model_name("CT", "student"),
+                                  device="cpu")
+    path = Path(os.environ.get("MEDKDSEGMENT_COMPARISON_SCENE") or tmp_path / "comparison.mrb")
+    assert scene.WriteToMRB(str(path))
+    reopened = application.new_scene()
+    cache, io, messages = slicer.vtkCacheManager(), slicer.vtkDataIOManager(), slicer.vtkMRMLMessageCollection()
+    cache.SetRemoteCacheDirectory(str(tmp_path / "cache"))  # where ReadFromMRB unpacks, as Slicer sets it up
+    io.SetCacheManager(cache)
+    reopened.SetCacheManager(cache)
+    reopened.SetDataIOManager(io)
+    assert reopened.ReadFromMRB(str(path), False, messages), messages.GetAllMessagesAsString()
+    layout = reopened.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    assert layout.GetViewArrangement() == comparison.LAYOUT_ID
+    volume = reopened.GetFirstNodeByName(node.GetName())
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    for name, segmentation in ((comparison.TEACHER_VIEW, result.teacherSegmentation),
+                               (comparison.STUDENT_VIEW, result.studentSegmentation)):
+        view = reopened.GetNodeByID(result.viewNodeIds[name])
+        centre = slicer.util.arrayFromVTKMatrix(view.GetSliceToRAS())[:3, 3]
+        assert all(bounds[2 * i] <= centre[i] <= bounds[2 * i + 1] for i in range(3)), name
+        display = reopened.GetNodeByID(segmentation.GetID()).GetDisplayNode()
+        assert display.GetViewNodeIDs() == (view.GetID(),)
+    camera = next(reopened.GetNthNodeByClass(i, "vtkMRMLCameraNode")
+                  for i in range(reopened.GetNumberOfNodesByClass("vtkMRMLCameraNode"))
+                  if reopened.GetNthNodeByClass(i, "vtkMRMLCameraNode").GetLayoutName() == comparison.THREE_D_VIEW)
+    focal = camera.GetFocalPoint()
+    assert all(bounds[2 * i] <= focal[i] <= bounds[2 * i + 1] for i in range(3))  # the 3D view looks at the scan

@@ -128,6 +128,24 @@ def fit_slice_views(volume_node, view_nodes) -> None:
         logic.SetMRMLScene(None)
 
 
+def centre_3d_view(volume_node) -> None:
+    """Aim the 3D view's camera at the volume's centre, from the front, far enough to see all of it (MRML's default
+    camera looks at RAS 0, 0, 0, which leaves a scan elsewhere at the edge or out of sight)."""
+    bounds = [0.0] * 6
+    volume_node.GetRASBounds(bounds)
+    centre = [(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)]
+    extent = max(bounds[2 * i + 1] - bounds[2 * i] for i in range(3))
+    camera = _view_node("vtkMRMLCameraNode", THREE_D_VIEW)
+    if camera is None:
+        camera = slicer.mrmlScene.CreateNodeByClass("vtkMRMLCameraNode")
+        camera.UnRegister(None)
+        camera.SetLayoutName(THREE_D_VIEW)
+        camera = slicer.mrmlScene.AddNode(camera)
+    camera.SetFocalPoint(*centre)
+    camera.SetPosition(centre[0], centre[1] + 2.5 * extent, centre[2])  # anterior, as Slicer's default view
+    camera.SetViewUp(0.0, 0.0, 1.0)
+
+
 def show_only_in(segmentation_node, view_node_ids: list[str], visible_3d: bool | None = None) -> None:
     """Show a segmentation only in the given views (an empty view list would mean every view)."""
     segmentation_node.CreateDefaultDisplayNodes()
@@ -154,6 +172,7 @@ def show_comparison(volume_node, teacher_node, student_node, disagreement_node=N
         composite.SetBackgroundVolumeID(volume_node.GetID())
         composite.SetLinkedControl(True)
     fit_slice_views(volume_node, [views[name] for name in SLICE_VIEWS])
+    centre_3d_view(volume_node)
     show_only_in(teacher_node, [ids[TEACHER_VIEW]], visible_3d=False)
     show_only_in(student_node, [ids[STUDENT_VIEW]], visible_3d=False)
     if disagreement_node is not None:
