@@ -1129,7 +1129,7 @@ class MedKDSegmentTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Segmenting in-process")
         segmentationNode = logic.segment(volumeNode, model=models["student"], device="cpu")
-        self.assertEqual(segmentationNode.GetName(), f"phantom CT – {models['student']}")
+        self.assertEqual(segmentationNode.GetName(), f"phantom CT - {models['student']}")
         segmentation = segmentationNode.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), 8)
         self.assertEqual(segmentation.GetNthSegment(0).GetName(), "liver")

@@ -232,3 +232,12 @@ def test_window_dependent_networks_keep_the_sliding_window(tiny_bundle_session):
     instance_norm = UNet(3, 1, 9, channels=(4, 8), strides=(2,))  # MONAI's default: instance normalisation
     assert not whole_volume_fits(instance_norm, (32, 32, 32))
     assert not whole_volume_fits(torch.jit.script(student), (32, 32, 32))  # cannot be inspected
+
+
+def test_the_device_names_its_threads_in_plain_english(monkeypatch):
+    from MedKDSegmentLib.engine.device import describe_device
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert describe_device(torch.device("cpu")) == "cpu (1 thread)"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert describe_device(torch.device("cpu")) == "cpu (2 threads)"

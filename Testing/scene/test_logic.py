@@ -49,7 +49,7 @@ def test_segment_makes_a_new_named_node_on_the_input_grid_and_leaves_the_input_a
     fractions = []
     node = logic.segment(ct_node, model="selftest-ct-student", device="cpu",
                          progress=lambda fraction, stage: fractions.append(fraction))
-    assert node.GetName() == "phantom CT – selftest-ct-student"
+    assert node.GetName() == "phantom CT - selftest-ct-student"
     assert node.IsA("vtkMRMLSegmentationNode")
     segmentation = node.GetSegmentation()
     assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == STRUCTURES
@@ -107,10 +107,10 @@ def compared(application, shared_comparison):
 
 def test_compare_makes_two_segmentations_and_a_disagreement(compared):
     result, reference, before, ct_node = compared.result, compared.reference, compared.before, compared.ct_node
-    assert result.teacherSegmentation.GetName() == "phantom CT – selftest-ct-teacher"
-    assert result.studentSegmentation.GetName() == "phantom CT – selftest-ct-student"
+    assert result.teacherSegmentation.GetName() == "phantom CT - selftest-ct-teacher"
+    assert result.studentSegmentation.GetName() == "phantom CT - selftest-ct-student"
     disagreement = result.disagreementSegmentation
-    assert disagreement.GetName() == "phantom CT – teacher vs student disagreement"
+    assert disagreement.GetName() == "phantom CT - teacher vs student disagreement"
     names = [disagreement.GetSegmentation().GetNthSegment(i).GetName() for i in range(3)]
     assert names == ["teacher only", "student only", "different structure"]
     # Each result is one shared labelmap layer holding the model's label values.
@@ -135,6 +135,10 @@ def test_compare_table_has_dice_hd95_reference_and_volumes_per_structure(compare
         assert math.isnan(dice) or 0.0 <= dice <= 1.0
     liver_ml = rows[0]["Volume reference"]
     assert 100 < liver_ml < 5000  # the phantom's liver is a liver-sized structure (ml, not voxels or mm³)
+    mean = rows[-1]  # Dice and HD95 average over structures; volumes of different organs do not
+    assert mean["Dice teacher-student"] == pytest.approx(
+        np.nanmean([r["Dice teacher-student"] for r in rows[:-1]]))
+    assert all(math.isnan(mean[c]) for c in ("Volume teacher", "Volume student", "Volume reference"))
     table = result.structuresTable
     assert table.GetColumnUnitLabel("Volume teacher") == "ml"
     assert table.GetColumnUnitLabel("HD95 teacher-student") == "mm"

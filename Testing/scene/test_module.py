@@ -77,6 +77,6 @@ def test_console_api_delegates_to_the_scene_logic(module, scene, ct_node, models
     assert [m.name for m in logic.listModels(modality="CT", role="student")] == ["selftest-ct-student"]
     assert logic.detectModality(ct_node) == ("CT", "intensities")
     node = logic.segment(ct_node, model="selftest-ct-student", device="cpu")
-    assert node.GetName() == "phantom CT – selftest-ct-student"
+    assert node.GetName() == "phantom CT - selftest-ct-student"
     logic.setUserModelFolders([])
     assert logic.listModels() == []

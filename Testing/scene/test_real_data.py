@@ -39,7 +39,7 @@ def test_real_ct_loads_through_storage_nodes_and_is_segmented_on_its_grid(source
     assert modality == "CT"
     assert how == ("DICOM" if source == "ct_dicom" else "intensities")
     result = logic.segment(node, model="selftest-ct-student", device="cpu")
-    assert result.GetName() == f"{node.GetName()} – selftest-ct-student"
+    assert result.GetName() == f"{node.GetName()} - selftest-ct-student"
     assert_result_on_grid(result, node, STRUCTURES)
 
 

@@ -35,9 +35,9 @@ def oblique_node(scene):
 
 
 def test_new_node_has_name_segments_colours_and_label_values(oblique_node):
-    node = segmentations.segmentation_from_labels(labels_for(oblique_node), oblique_node, "patient 1 – tiny-student",
+    node = segmentations.segmentation_from_labels(labels_for(oblique_node), oblique_node, "patient 1 - tiny-student",
                                                   NAMES, COLORS, {"Model": "tiny-student", "Device": "cpu"})
-    assert node.GetName() == "patient 1 – tiny-student"
+    assert node.GetName() == "patient 1 - tiny-student"
     segmentation = node.GetSegmentation()
     ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
     found = {segmentation.GetSegment(i).GetName(): segmentation.GetSegment(i) for i in ids}

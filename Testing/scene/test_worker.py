@@ -118,7 +118,7 @@ def test_background_job_reports_progress_then_creates_the_node(logic, scene, ct_
         time.sleep(0.01)
     assert job.state == "done", job.error
     node = job.result
-    assert node.GetName() == "phantom CT – selftest-ct-student"
+    assert node.GetName() == "phantom CT - selftest-ct-student"
     assert node.GetSegmentation().GetNumberOfSegments() == 8
     stages = [stage for _, stage in job.history]
     assert "preprocessing" in stages and "inference" in stages and stages[-1].startswith("resampling")
@@ -127,7 +127,7 @@ def test_background_job_reports_progress_then_creates_the_node(logic, scene, ct_
     assert not folder.exists()  # the temporary NRRD files are gone
     assert node_content(ct_node) == before
     second = logic.startSegment(ct_node, model="selftest-ct-student", device="cpu")
-    assert second.wait(timeout=120).GetName().startswith("phantom CT – selftest-ct-student")
+    assert second.wait(timeout=120).GetName().startswith("phantom CT - selftest-ct-student")
     assert logic.workerInfo()["pid"] == logic.worker.process.pid  # the same warm worker did both
 
 

@@ -23,7 +23,7 @@ LAYOUT_XML = f"""<layout type="vertical" split="true">
    <item>
     <view class="vtkMRMLSliceNode" singletontag="{TEACHER_VIEW}">
      <property name="orientation" action="default">Axial</property>
-     <property name="viewlabel" action="default">T</property>
+     <property name="viewlabel" action="default">Tch</property>
      <property name="viewcolor" action="default">#E0823A</property>
      <property name="viewgroup" action="default">{VIEW_GROUP}</property>
     </view>
@@ -31,7 +31,7 @@ LAYOUT_XML = f"""<layout type="vertical" split="true">
    <item>
     <view class="vtkMRMLSliceNode" singletontag="{STUDENT_VIEW}">
      <property name="orientation" action="default">Axial</property>
-     <property name="viewlabel" action="default">S</property>
+     <property name="viewlabel" action="default">Stu</property>
      <property name="viewcolor" action="default">#3A9AE0</property>
      <property name="viewgroup" action="default">{VIEW_GROUP}</property>
     </view>
@@ -44,7 +44,8 @@ LAYOUT_XML = f"""<layout type="vertical" split="true">
   </view>
  </item>
 </layout>"""
-SLICE_VIEWS = {TEACHER_VIEW: ("T", (0.88, 0.51, 0.23)), STUDENT_VIEW: ("S", (0.23, 0.60, 0.88))}
+# View labels that cannot be read as anatomical directions (Slicer shows "S: 136 mm" beside them).
+SLICE_VIEWS = {TEACHER_VIEW: ("Tch", (0.88, 0.51, 0.23)), STUDENT_VIEW: ("Stu", (0.23, 0.60, 0.88))}
 
 
 def layout_node():
@@ -220,7 +221,8 @@ def new_table(name: str):
 
 def structures_table(name: str, rows: list[dict]):
     """One row per structure (then a mean row): Dice and HD95 teacher-student (and against a reference
-    when the rows have it), volumes in ml."""
+    when the rows have it), volumes in ml. The mean row leaves volumes out (NaN): a mean volume of different
+    organs means nothing."""
     table = new_table(name)
     columns = [c for c in STRUCTURE_COLUMNS if rows and c[0] in rows[0]]
     structure = vtk.vtkStringArray()
@@ -233,7 +235,7 @@ def structures_table(name: str, rows: list[dict]):
         array = vtk.vtkDoubleArray()
         array.SetName(column)
         values = [float(row[key]) for row in rows]
-        for value in values + [_mean(values)]:
+        for value in values + [math.nan if unit == "ml" else _mean(values)]:
             array.InsertNextValue(value)
         table.AddColumn(array)
         table.SetColumnUnitLabel(column, unit)

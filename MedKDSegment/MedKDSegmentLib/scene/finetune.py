@@ -148,7 +148,7 @@ class LossCurve:
 
     def __init__(self, title: str) -> None:
         scene = slicer.mrmlScene
-        self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{title} – loss"))
+        self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{title} - loss"))
         epochs = vtk.vtkIntArray()
         epochs.SetName(EPOCH_COLUMN)
         losses = vtk.vtkDoubleArray()
@@ -157,14 +157,14 @@ class LossCurve:
         self.table.AddColumn(losses)
         self.table.SetColumnDescription(LOSS_COLUMN, "mean training loss of the epoch")
         self.table.SetUseColumnTitleAsColumnHeader(True)
-        self.series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{title} – loss"))
+        self.series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{title} - loss"))
         self.series.SetAndObserveTableNodeID(self.table.GetID())
         self.series.SetXColumnName(EPOCH_COLUMN)
         self.series.SetYColumnName(LOSS_COLUMN)
         self.series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)  # scatter + line = a curve
         self.series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
         self.series.SetColor(*LOSS_COLOR)
-        self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{title} – loss"))
+        self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{title} - loss"))
         self.chart.AddAndObservePlotSeriesNodeID(self.series.GetID())
         self.chart.SetTitle(f"{title}: training loss")
         self.chart.SetXAxisTitle("epoch")

@@ -60,7 +60,7 @@ def worker_python() -> str:
 
 
 def result_name(volume_node, model_name: str) -> str:
-    return f"{volume_node.GetName()} – {model_name}"
+    return f"{volume_node.GetName()} - {model_name}"
 
 
 @dataclass
@@ -297,11 +297,11 @@ class SceneLogic:
             created.append(student)
             disagreement = segmentations.segmentation_from_labels(
                 jobs.disagreement(labels["teacher"], labels["student"]), volumeNode,
-                f"{volumeNode.GetName()} – teacher vs student disagreement",
+                f"{volumeNode.GetName()} - teacher vs student disagreement",
                 jobs.DISAGREEMENT_NAMES, jobs.DISAGREEMENT_COLORS,
                 {"Teacher": runs["teacher"]["model"], "Student": runs["student"]["model"]})
             created.append(disagreement)
-            title = f"{volumeNode.GetName()} – {runs['teacher']['model']} vs {runs['student']['model']}"
+            title = f"{volumeNode.GetName()} - {runs['teacher']['model']} vs {runs['student']['model']}"
             structures = comparison.structures_table(title, rows)
             created.append(structures)
             models = comparison.models_table(f"{title} (models)", [runs["teacher"], runs["student"]])
@@ -694,7 +694,7 @@ class SceneLogic:
     def _fineTuneReport(self, plan: dict, curve: finetune.LossCurve, outputs: dict) -> FineTuneReport:
         curve.replace(list(outputs["epoch_loss"]))  # exactly one row per epoch, a resumed run's earlier ones too
         rows = finetune.dice_rows(outputs["before"], outputs["after"], outputs["worse"])
-        title = f"{outputs['name']} vs {plan['parent'].name} – held-out Dice"
+        title = f"{outputs['name']} vs {plan['parent'].name} - held-out Dice"
         table = finetune.dice_table(title, rows, outputs["mean_before"], outputs["mean_after"])
         warning = finetune.worse_warning(outputs["worse"], outputs["mean_before"], outputs["mean_after"])
         table.SetAttribute("MedKDSegment.HeldOut", outputs["held_out"])
