@@ -111,3 +111,43 @@ def test_disagreement_marks_each_kind_of_difference():
     assert jobs.DISAGREEMENT_NAMES == {1: "teacher only", 2: "student only", 3: "different structure"}
     with pytest.raises(InvalidInputError):
         jobs.disagreement(teacher, student[..., :3])
+
+
+def test_segments_carry_their_coded_terminology_in_the_scene_and_in_a_seg_nrrd_slicer_reads(oblique_node, tmp_path):
+    """Known structures get their SNOMED CT category, type and laterality as Slicer's terminology entry: set on
+    the segments made in the scene, and written into the engine's .seg.nrrd, which Slicer's own storage node
+    reads back with the same entry."""
+    from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, known_structure
+    from MedKDSegmentLib.engine.segfile import write_seg_nrrd
+
+    names = {s.value: s.name for s in ABDOMEN_STRUCTURES}
+    node = segmentations.segmentation_from_labels(labels_for(oblique_node), oblique_node, "coded", names)
+    tag = slicer.vtkSegment.GetTerminologyEntryTagName()
+    labels = Volume(labels_for(oblique_node), (0.8, 1.2, 2.0), (5.0, -3.0, 40.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    path = write_seg_nrrd(labels, tmp_path / "coded.seg.nrrd", names)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    loaded = slicer.vtkMRMLSegmentationNode()
+    assert storage.ReadData(loaded)
+    for made in (node.GetSegmentation(), loaded.GetSegmentation()):
+        segments = [made.GetNthSegment(i) for i in range(made.GetNumberOfSegments())]
+        assert [s.GetName() for s in segments] == list(names.values())
+        for segment in segments:
+            entry = vtk.mutable("")
+            assert segment.GetTag(tag, entry)
+            assert str(entry) == known_structure(segment.GetName()).terminology.serialized()
+    right = known_structure("right kidney").terminology.serialized().split("~")
+    assert len(right) == 7 and right[2] == "SCT^64033007^Kidney" and right[3] == "SCT^24028007^Right"
+
+
+def test_each_abdominal_structure_has_a_distinct_colour_and_a_terminology_entry():
+    import itertools
+    import math
+
+    from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES
+
+    assert min(math.dist(a.color, b.color) for a, b in itertools.combinations(ABDOMEN_STRUCTURES, 2)) > 0.25
+    for structure in ABDOMEN_STRUCTURES:
+        parts = structure.terminology.serialized().split("~")
+        assert len(parts) == 7 and parts[1] == "SCT^123037004^Anatomical Structure"
+        assert all(len(code.split("^")) == 3 for code in parts[1:4] + parts[5:])

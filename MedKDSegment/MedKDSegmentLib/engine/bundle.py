@@ -29,7 +29,7 @@ import numpy as np
 
 from .architectures import architecture_problem
 from .errors import BundleError, InvalidInputError
-from .labels import Structure
+from .labels import Structure, known_structure
 from .locations import user_models_dir
 from .onnx_network import ONNX_WEIGHTS, OnnxNetwork, export_onnx, onnx_exporter_installed
 from .profiles import Profile
@@ -126,13 +126,23 @@ class Bundle:
 
     @property
     def colors(self) -> dict[int, tuple[float, float, float]]:
-        return {int(k): tuple(v) for k, v in self.info.get("label_colors", {}).items()}
+        """Label value -> RGB: the label table's colour for a name it knows (``labels.known_structure``, the one
+        home of colours), else the colour the bundle recorded."""
+        recorded = {int(k): tuple(v) for k, v in self.info.get("label_colors", {}).items()}
+        colors = {}
+        for value, name in self.labels.items():
+            known = known_structure(name)
+            if known is not None or value in recorded:
+                colors[value] = known.color if known is not None else recorded[value]
+        return colors
 
     @property
     def structures(self) -> tuple[Structure, ...]:
-        """The foreground labels with their colours (grey where none is recorded)."""
+        """The foreground labels with their colours (grey where none is known) and terminology (where known)."""
         colors = self.colors
-        return tuple(Structure(value, name, colors.get(value, (0.5, 0.5, 0.5))) for value, name in self.labels.items())
+        return tuple(Structure(value, name, colors.get(value, (0.5, 0.5, 0.5)),
+                               getattr(known_structure(name), "terminology", None))
+                     for value, name in self.labels.items())
 
     @property
     def student_profile(self) -> Profile:

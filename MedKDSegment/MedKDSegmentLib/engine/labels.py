@@ -1,27 +1,61 @@
 """Label tables (phantom abdomen, BRATS brain tumour, liver, brain, brain tissue): the one place that names
-structures and colours."""
+structures, their colours and their coded terminology."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+Code = tuple[str, str, str]  # coding scheme, code value, code meaning (DICOM's triplet)
+GENERAL_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
+DICOM_MASTER = "Segmentation category and type - DICOM master list"
+ANATOMIC_REGIONS = "Anatomic codes - DICOM master list"
+ANATOMICAL_STRUCTURE: Code = ("SCT", "123037004", "Anatomical Structure")
+
+
+@dataclass(frozen=True)
+class Terminology:
+    """A segment's SNOMED CT category, type and modifier, from one of Slicer's terminology contexts."""
+
+    context: str
+    type: Code
+    modifier: Code | None = None
+    category: Code = ANATOMICAL_STRUCTURE
+
+    def serialized(self) -> str:
+        """Slicer's terminology entry string (``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``):
+        context ~ category ~ type ~ modifier ~ region context ~ region ~ region modifier, codes as
+        scheme^value^meaning, an empty code as ^^."""
+        codes = ["^".join(code) if code else "^^" for code in (self.category, self.type, self.modifier)]
+        return "~".join([self.context, *codes, ANATOMIC_REGIONS, "^^", "^^"])
 
 
 @dataclass(frozen=True)
 class Structure:
     value: int
     name: str
-    color: tuple[float, float, float]  # RGB in 0..1, Slicer's GenericAnatomyColors where one exists
+    color: tuple[float, float, float]  # RGB in 0..1; distinct within a table, Slicer's anatomy colours where they are
+    terminology: Terminology | None = None
 
 
+def _rgb(red: int, green: int, blue: int) -> tuple[float, float, float]:
+    return (round(red / 255, 3), round(green / 255, 3), round(blue / 255, 3))
+
+
+_KIDNEY: Code = ("SCT", "64033007", "Kidney")
+# Codes as Slicer's terminology lists have them (the General Anatomy list where it has the structure, else the
+# DICOM master list: it alone has the vena cava and the vertebra, the nearest code for the vertebral bodies).
+# Slicer gives both kidneys, and liver and aorta, near-identical colours; these stay apart at 50 % fill.
 ABDOMEN_STRUCTURES: tuple[Structure, ...] = (
-    Structure(1, "liver", (0.867, 0.510, 0.396)),
-    Structure(2, "spleen", (0.616, 0.424, 0.635)),
-    Structure(3, "right kidney", (0.722, 0.478, 0.345)),
-    Structure(4, "left kidney", (0.804, 0.557, 0.412)),
-    Structure(5, "aorta", (0.882, 0.290, 0.263)),
-    Structure(6, "vertebral bodies", (0.945, 0.839, 0.569)),
-    Structure(7, "pancreas", (0.980, 0.859, 0.541)),
-    Structure(8, "inferior vena cava", (0.000, 0.592, 0.808)),
+    Structure(1, "liver", _rgb(221, 130, 101), Terminology(GENERAL_ANATOMY, ("SCT", "10200004", "Liver"))),
+    Structure(2, "spleen", _rgb(157, 108, 162), Terminology(GENERAL_ANATOMY, ("SCT", "78961009", "Spleen"))),
+    Structure(3, "right kidney", _rgb(74, 156, 96),
+              Terminology(GENERAL_ANATOMY, _KIDNEY, ("SCT", "24028007", "Right"))),
+    Structure(4, "left kidney", _rgb(170, 220, 90), Terminology(GENERAL_ANATOMY, _KIDNEY, ("SCT", "7771000", "Left"))),
+    Structure(5, "aorta", _rgb(224, 60, 60), Terminology(GENERAL_ANATOMY, ("SCT", "15825003", "Aorta"))),
+    Structure(6, "vertebral bodies", _rgb(241, 214, 145), Terminology(DICOM_MASTER, ("SCT", "51282000", "Vertebra"))),
+    Structure(7, "pancreas", _rgb(240, 120, 200), Terminology(GENERAL_ANATOMY, ("SCT", "15776009", "Pancreas"))),
+    Structure(8, "inferior vena cava", _rgb(0, 151, 206),
+              Terminology(DICOM_MASTER, ("SCT", "64131007", "Inferior vena cava"))),
 )
 
 # BRATS 2013 multi-class labels (used by the methods benchmark on the real brain tumour MRI).
@@ -53,3 +87,13 @@ def channel_def(structures: tuple[Structure, ...] = ABDOMEN_STRUCTURES) -> dict[
 
 def label_names(structures: tuple[Structure, ...] = ABDOMEN_STRUCTURES) -> dict[int, str]:
     return {s.value: s.name for s in structures}
+
+
+def _known() -> dict[str, Structure]:
+    tables = (ABDOMEN_STRUCTURES, BRATS_STRUCTURES, BRAIN, BRAIN_TISSUE_STRUCTURES)
+    return {s.name: s for table in tables for s in table}
+
+
+def known_structure(name: str) -> Structure | None:
+    """The table entry of a label name (its colour and terminology), or None for a name no table has."""
+    return _known().get(name)

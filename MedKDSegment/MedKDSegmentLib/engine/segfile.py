@@ -1,7 +1,8 @@
 """Slicer segmentation files (``.seg.nrrd``): one shared labelmap layer with segment metadata.
 
-The keys follow Slicer's documented segmentation file format, so Slicer loads names,
-colours and label values; SimpleITK reads the same file as a plain labelmap.
+The keys follow Slicer's documented segmentation file format, so Slicer loads names, colours, label
+values and, for the structures the label tables know, their coded terminology (SNOMED CT); SimpleITK
+reads the same file as a plain labelmap.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from .labels import known_structure
 from .volume import Volume, write_image
 
 
@@ -38,8 +40,16 @@ def write_seg_nrrd(
         image.SetMetaData(prefix + "LabelValue", str(value))
         image.SetMetaData(prefix + "Layer", "0")
         image.SetMetaData(prefix + "Extent", extent)
-        image.SetMetaData(prefix + "Tags", "Segmentation.Status:inprogress|")
+        image.SetMetaData(prefix + "Tags", segment_tags(name))
     return write_image(image, path)  # its temporary name ends in .seg.nrrd: SimpleITK picks the NRRD writer
+
+
+def segment_tags(name: str) -> str:
+    """A segment's tags as Slicer writes them (``key:value|`` each): its status and, for a structure the label
+    tables know, its terminology entry."""
+    terminology = getattr(known_structure(name), "terminology", None)
+    entry = f"TerminologyEntry:{terminology.serialized()}|" if terminology else ""
+    return f"Segmentation.Status:inprogress|{entry}"
 
 
 def read_seg_nrrd_names(path: str | os.PathLike) -> dict[int, str]:
