@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine.errors import BundleError
+from .engine.labels import label_colors
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class ModelInfo:
     sha256: str | None = None  # this model's weights checksum (as recorded in its metadata)
     created: str | None = None
     teachers: dict = field(default_factory=dict, compare=False)  # CT+MR student: modality -> teacher name
+    trained_on: str | None = None  # its own volumes, e.g. "20 CT phantom abdomens" (phantom models fail on scans)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -67,15 +69,17 @@ class ModelInfo:
         return _modality_name(modality) in self.modalities
 
     def describe(self) -> str:
-        """One line for a model list: name · role · modality · labels · parameters · size."""
+        """One line for a model list: name · role · modality · labels · parameters · size · trained on."""
+        trained = f" · trained on {self.trained_on}" if self.trained_on else ""
         return (f"{self.name} · {self.role} · {self.modality} · {len(self.labels)} labels · "
-                f"{self.parameters / 1e6:.2f} M parameters · {self.size_mb:.1f} MB")
+                f"{self.parameters / 1e6:.2f} M parameters · {self.size_mb:.1f} MB{trained}")
 
     def summary(self) -> dict:
         return {
             "name": self.name, "role": self.role, "modality": self.modality,
             "labels": list(self.labels.values()), "parameters": self.parameters, "size_mb": self.size_mb,
             "teacher": self.teacher, "version": self.version, "parent": self.parent, "source": self.source,
+            "trained_on": self.trained_on,
             "path": str(self.path),
         }
 
@@ -96,14 +100,15 @@ def read_model_info(path: str | os.PathLike, source: str = "bundled") -> ModelIn
         if section:
             modality = "+".join(_modality_name(m) for m in sorted(section, key=lambda m: section[m]["norm_index"]))
         labels = {int(k): str(v) for k, v in channel_def.items() if int(k) != 0}
-        colors = {int(k): tuple(float(c) for c in v) for k, v in info.get("label_colors", {}).items()}
+        recorded = {int(k): tuple(float(c) for c in v) for k, v in info.get("label_colors", {}).items()}
+        colors = label_colors(labels, recorded)
         return ModelInfo(
             name=str(metadata["name"]), role=str(info["role"]), modality=modality, labels=labels, colors=colors,
             parameters=int(info["parameters"]), size_mb=round((path / WEIGHTS).stat().st_size / 1e6, 2),
             path=path, source=source, teacher=(info.get("teacher") or {}).get("name"),
             version=metadata.get("version"), parent=(info.get("parent") or {}).get("name"),
             parent_sha256=(info.get("parent") or {}).get("weights_sha256"), sha256=info.get("weights_sha256"),
-            created=info.get("created"),
+            created=info.get("created"), trained_on=(info.get("domain") or {}).get("volumes"),
             teachers={_modality_name(m): e["teacher"]["name"] for m, e in section.items() if e.get("teacher")},
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:

@@ -61,13 +61,14 @@ class ModelRun:
     parameters: int = 0
     windows: int = 0
     warnings: list[str] = field(default_factory=list)  # the scan looks outside the model's world
+    trained_on: str = ""  # the model's own volumes (``Bundle.trained_on``): a phantom model says so
 
     def summary(self) -> dict:
         """Everything but the labels, JSON-ready (label keys become strings in JSON)."""
         return {
             "model": self.model, "role": self.role, "device": self.device, "seconds": self.seconds,
             "stage_seconds": self.stage_seconds, "parameters": self.parameters, "windows": self.windows,
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings), "trained_on": self.trained_on,
             "names": {str(k): v for k, v in self.names.items()},
             "colors": {str(k): list(v) for k, v in self.colors.items()},
         }
@@ -111,6 +112,7 @@ def segment_volume(
         device=result.device, seconds=time.perf_counter() - started,
         stage_seconds={k: round(v, 4) for k, v in result.seconds.items()},
         parameters=bundle.parameters, windows=result.windows, warnings=list(result.warnings),
+        trained_on=bundle.trained_on or "",
     )
 
 

@@ -206,3 +206,22 @@ def test_models_table_carries_the_speed_up_and_each_models_warning(scene):
     rows = comparison.table_rows(comparison.models_table("models", runs))
     assert [r["Speed-up"] for r in rows] == [1.0, 24.0]
     assert rows[0]["Warning"] == "" and rows[1]["Warning"].startswith("This scan looks unlike")
+
+
+def test_phantom_trained_models_say_so_in_the_model_list_and_the_comparison_table(scene, real_ct_dir):
+    """Until real models exist, a user must see which models were trained on phantoms (they fail on real scans)."""
+    from MedKDSegmentLib.engine.bundle import resolve_bundle
+    from MedKDSegmentLib.engine.demo import model_name
+    from MedKDSegmentLib.scene.logic import SceneLogic
+
+    bundled = {m.name: m for m in catalog.list_models()}
+    for role in ("teacher", "student"):
+        info = bundled[model_name("CT", role)]
+        assert "phantom" in info.trained_on and info.describe().endswith(f"trained on {info.trained_on}")
+        assert info.colors == resolve_bundle(info.name).colors  # one rule for colours: the label table's
+    node = volumes.load_volume_node(real_ct_dir / "ct.nii.gz")
+    result = SceneLogic().compare(node, teacher=model_name("CT", "teacher"), student=model_name("CT", "student"),
+                                  device="cpu", showLayout=False)
+    rows = comparison.table_rows(result.modelsTable)
+    assert [r["Trained on"] for r in rows] == [bundled[model_name("CT", r)].trained_on for r in ("teacher", "student")]
+    assert all("phantom" in r["Trained on"] for r in rows)

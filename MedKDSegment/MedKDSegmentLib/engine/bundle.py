@@ -29,7 +29,7 @@ import numpy as np
 
 from .architectures import architecture_problem
 from .errors import BundleError, InvalidInputError
-from .labels import Structure, known_structure
+from .labels import Structure, known_structure, label_colors
 from .locations import user_models_dir
 from .onnx_network import ONNX_WEIGHTS, OnnxNetwork, export_onnx, onnx_exporter_installed
 from .profiles import Profile
@@ -126,15 +126,13 @@ class Bundle:
 
     @property
     def colors(self) -> dict[int, tuple[float, float, float]]:
-        """Label value -> RGB: the label table's colour for a name it knows (``labels.known_structure``, the one
-        home of colours), else the colour the bundle recorded."""
-        recorded = {int(k): tuple(v) for k, v in self.info.get("label_colors", {}).items()}
-        colors = {}
-        for value, name in self.labels.items():
-            known = known_structure(name)
-            if known is not None or value in recorded:
-                colors[value] = known.color if known is not None else recorded[value]
-        return colors
+        """Label value -> RGB (``labels.label_colors``: the label table's colour for a name it knows)."""
+        return label_colors(self.labels, {int(k): tuple(v) for k, v in self.info.get("label_colors", {}).items()})
+
+    @property
+    def trained_on(self) -> str | None:
+        """What the model's own volumes were, as its domain record says (e.g. "20 CT phantom abdomens")."""
+        return (self.info.get("domain") or {}).get("volumes")
 
     @property
     def structures(self) -> tuple[Structure, ...]:

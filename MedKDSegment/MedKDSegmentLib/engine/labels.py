@@ -97,3 +97,14 @@ def _known() -> dict[str, Structure]:
 def known_structure(name: str) -> Structure | None:
     """The table entry of a label name (its colour and terminology), or None for a name no table has."""
     return _known().get(name)
+
+
+def label_colors(names: dict[int, str], recorded: dict[int, tuple[float, float, float]]) -> dict[int, tuple]:
+    """Label value -> RGB: a table's colour for a name it knows (this module is the one home of colours), else
+    the colour a bundle recorded; labels with neither are left out (shown grey)."""
+    colors = {}
+    for value, name in names.items():
+        known = known_structure(name)
+        if known is not None or value in recorded:
+            colors[value] = known.color if known is not None else tuple(recorded[value])
+    return colors

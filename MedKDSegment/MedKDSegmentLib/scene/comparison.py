@@ -206,6 +206,7 @@ MODEL_COLUMNS = (
     ("windows", "Windows", "", "sliding-window patches evaluated", int),
     ("speedup", "Speed-up", "x", "the teacher's run time divided by this model's", float),
     ("warning", "Warning", "", "why the scan looks outside this model's world (empty: nothing found)", str),
+    ("trained_on", "Trained on", "", "the model's own volumes (phantom-trained models fail on real scans)", str),
 )
 
 
@@ -246,11 +247,11 @@ def structures_table(name: str, rows: list[dict]):
 
 def models_table(name: str, runs: list[dict]):
     """One row per model (the teacher first): run time, speed-up over the teacher, parameter count, device,
-    and the model's warning when the scan looks outside its world."""
+    the model's warning when the scan looks outside its world, and what it was trained on."""
     table = new_table(name)
     teacher_seconds = runs[0]["seconds"]
     runs = [{**run, "speedup": teacher_seconds / run["seconds"] if run["seconds"] > 0 else math.nan,
-             "warning": " ".join(run.get("warnings") or [])} for run in runs]
+             "warning": " ".join(run.get("warnings") or []), "trained_on": run.get("trained_on") or ""} for run in runs]
     for key, column, unit, description, kind in MODEL_COLUMNS:
         array = {str: vtk.vtkStringArray, float: vtk.vtkDoubleArray, int: vtk.vtkIntArray}[kind]()
         array.SetName(column)
