@@ -90,6 +90,17 @@ def _snapshot(*folders: Path) -> dict[str, bytes]:
             for folder in folders for p in sorted(folder.rglob("*"))}
 
 
+def _assert_refused_leaving_everything(argv: list, capsys, *folders: Path) -> None:
+    """The command exits 2 with the problem and its fix (an exception escaping ``main`` is the traceback a user
+    would see), and every file in ``folders`` is as it was."""
+    before = _snapshot(*folders)
+    code = main(["--quiet", *[str(a) for a in argv]])
+    error = capsys.readouterr().err
+    assert code == EXIT_ERROR, error
+    assert "error: " in error and "fix: " in error, error
+    assert _snapshot(*folders) == before
+
+
 @pytest.mark.parametrize("bad_kind", list(BAD_VOLUMES))
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_a_bad_volume_gives_exit_2_with_a_fix_and_leaves_everything_as_it_was(model, good, tmp_path, capsys,
@@ -98,13 +109,8 @@ def test_a_bad_volume_gives_exit_2_with_a_fix_and_leaves_everything_as_it_was(mo
     inputs.mkdir()
     out.mkdir()
     bad = BAD_VOLUMES[bad_kind](inputs)
-    before = _snapshot(inputs, out, good[0].parent, model)
-    argv = [str(a) for a in COMMANDS[command](bad, model, good, out)]
-    code = main(["--quiet", *argv])  # an exception escaping here is the traceback a user would see
-    error = capsys.readouterr().err
-    assert code == EXIT_ERROR, error
-    assert "error: " in error and "fix: " in error, error
-    assert _snapshot(inputs, out, good[0].parent, model) == before
+    _assert_refused_leaving_everything(COMMANDS[command](bad, model, good, out), capsys,
+                                       inputs, out, good[0].parent, model)
 
 
 def _damaged_copy(model: Path, folder: Path, member: str, data: bytes | None) -> Path:
@@ -139,9 +145,5 @@ def test_a_bad_model_gives_exit_2_with_a_fix_and_leaves_everything_as_it_was(mod
     inputs.mkdir()
     out.mkdir()
     bad = BAD_MODELS[bad_kind](model, inputs)
-    before = _snapshot(inputs, out, good[0].parent, model)
-    code = main(["--quiet", *[str(a) for a in MODEL_COMMANDS[command](bad, good, out)]])
-    error = capsys.readouterr().err
-    assert code == EXIT_ERROR, error
-    assert "error: " in error and "fix: " in error, error
-    assert _snapshot(inputs, out, good[0].parent, model) == before
+    _assert_refused_leaving_everything(MODEL_COMMANDS[command](bad, good, out), capsys,
+                                       inputs, out, good[0].parent, model)

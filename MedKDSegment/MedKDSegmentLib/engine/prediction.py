@@ -178,6 +178,14 @@ def _whole_volume(network, padded, compute, size, cancel, domain) -> tuple[np.nd
     return scores[0].cpu().numpy(), evidence(statistics.float().cpu().numpy(), entropy.float().cpu().numpy(), size)
 
 
+def sliding_window_inferer(shape: tuple[int, ...], compute: torch.device, stitch: torch.device) -> SlidingWindowInferer:
+    """MONAI's sliding window as every caller here runs it (96³ windows, 25 % overlap, Gaussian blending).
+    Windows never exceed the (padded) image: MONAI would pad them with zeros, which are not background after
+    normalisation and skew instance-normalised networks."""
+    return SlidingWindowInferer(roi_size=tuple(min(r, s) for r, s in zip(ROI_SIZE, shape)), sw_batch_size=1,
+                                overlap=OVERLAP, mode="gaussian", sw_device=compute, device=stitch)
+
+
 def _sliding_window(
     network: nn.Module,
     image: np.ndarray,
@@ -199,16 +207,7 @@ def _sliding_window(
         report(done / windows, "inference")
         return torch.softmax(logits.float(), dim=1)
 
-    # Windows never exceed the (padded) image: MONAI would pad them with zeros, which are not
-    # background after normalisation and skew instance-normalised networks.
-    inferer = SlidingWindowInferer(
-        roi_size=tuple(min(r, s) for r, s in zip(ROI_SIZE, image.shape)),
-        sw_batch_size=1,
-        overlap=OVERLAP,
-        mode="gaussian",
-        sw_device=compute,
-        device=stitch,
-    )
+    inferer = sliding_window_inferer(image.shape, compute, stitch)
     tensor = torch.from_numpy(image)[None, None]
     with torch.inference_mode():
         scores = inferer(tensor, predictor)

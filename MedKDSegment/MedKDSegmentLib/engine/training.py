@@ -46,7 +46,7 @@ from .losses import SupervisedLoss
 from .metrics import dice_per_label
 from .networks import ASSISTANT_CONFIG, STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution, output_stride
 from .pipelines import PipelineTeacher
-from .prediction import OVERLAP, ROI_SIZE, predict_labels, predict_scores, scan_statistics
+from .prediction import predict_labels, predict_scores, scan_statistics, sliding_window_inferer
 from .profiles import DEFAULT_PROFILES, Profile
 from .volume import check_output_path, normalize_modality
 
@@ -421,17 +421,8 @@ def _fingerprint(network: nn.Module) -> str:
 def _predict_logits(network: nn.Module, image: np.ndarray, device: torch.device) -> np.ndarray:
     """Logits (C, z, y, x) of the padded whole image, stitched like inference's sliding window
     (prediction.predict_scores returns softmax scores, whose logits cannot be recovered)."""
-    from monai.inferers import SlidingWindowInferer
-
     padded = pad_to_multiple_of_8(image)
-    inferer = SlidingWindowInferer(
-        roi_size=tuple(min(r, s) for r, s in zip(ROI_SIZE, padded.shape)),
-        sw_batch_size=1,
-        overlap=OVERLAP,
-        mode="gaussian",
-        sw_device=device,
-        device=torch.device("cpu"),
-    )
+    inferer = sliding_window_inferer(padded.shape, device, torch.device("cpu"))
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
