@@ -29,7 +29,7 @@ import numpy as np
 
 from .architectures import architecture_problem
 from .errors import BundleError, InvalidInputError
-from .labels import Structure, known_structure, label_colors
+from .labels import Structure, label_colors, terminology_of
 from .locations import user_models_dir
 from .onnx_network import ONNX_WEIGHTS, OnnxNetwork, export_onnx, onnx_exporter_installed
 from .profiles import Profile
@@ -138,8 +138,7 @@ class Bundle:
     def structures(self) -> tuple[Structure, ...]:
         """The foreground labels with their colours (grey where none is known) and terminology (where known)."""
         colors = self.colors
-        return tuple(Structure(value, name, colors.get(value, (0.5, 0.5, 0.5)),
-                               getattr(known_structure(name), "terminology", None))
+        return tuple(Structure(value, name, colors.get(value, (0.5, 0.5, 0.5)), terminology_of(name))
                      for value, name in self.labels.items())
 
     @property

@@ -23,7 +23,7 @@ from .bundle import Bundle
 from .domain import domain_warnings, evidence
 from .errors import CancelledError, InvalidInputError
 from .onnx_network import OnnxNetwork, onnx_runtime_installed
-from .profiles import model_grid, to_model_grid
+from .profiles import Geometry, model_grid, to_model_grid
 from .volume import Volume, check_image, detect_modality
 
 if TYPE_CHECKING:
@@ -96,8 +96,8 @@ def segment(
     seconds["preprocess"] = time.perf_counter() - started
 
     network = network if network is not None else load_runner(bundle, device)
-    padded = pad_to_multiple_of_8(image)
-    if isinstance(network, OnnxNetwork) and padded.size * network.bytes_per_voxel > WHOLE_VOLUME_BYTES:
+    shape = padded_shape(image.shape)
+    if isinstance(network, OnnxNetwork) and not fits_one_pass(shape, network.bytes_per_voxel):
         from .device import select_device  # too large for one pass: torch's sliding window
 
         network = bundle.load_network(select_device(device))
@@ -106,7 +106,7 @@ def segment(
     if isinstance(network, OnnxNetwork):
         if cancel is not None and cancel():
             raise CancelledError()
-        scores, statistics, entropy = network(padded)
+        scores, statistics, entropy = network(pad_to_multiple_of_8(image))
         found = evidence(statistics, entropy, image.shape) if domain else None
         stride, windows, used = network.output_stride, 1, "cpu (ONNX Runtime)"
         report(1.0, "inference")
@@ -118,7 +118,7 @@ def segment(
     warnings = domain_warnings(domain, *found, bundle.name) if domain else []
     step = time.perf_counter()
     report(1.0, "resampling to the input grid")
-    labels = resample_to_input(scores, _output_grid(grid, padded.shape, stride), volume)
+    labels = resample_to_input(scores, _output_grid(grid, shape, stride), volume)
     seconds["postprocess"] = time.perf_counter() - step
     seconds["total"] = time.perf_counter() - started
     return Segmentation(
@@ -163,20 +163,24 @@ def _segment_with_pipeline(volume, bundle, device, progress, cancel, network, op
                         warnings=warnings)
 
 
-def _output_grid(grid: sitk.Image, padded_shape: tuple[int, ...], stride: int) -> sitk.Image:
-    """The physical grid of the network's output: the padded model grid, ``stride`` times coarser."""
-    padded = sitk.Image([int(s) for s in padded_shape[::-1]], sitk.sitkFloat32)
-    padded.SetSpacing(grid.GetSpacing())
-    padded.SetOrigin(grid.GetOrigin())
-    padded.SetDirection(grid.GetDirection())
-    if stride == 1:
-        return padded
+def _output_grid(grid: sitk.Image, shape: tuple[int, ...], stride: int) -> sitk.Image:
+    """The physical grid of the network's output: the padded model grid (``shape``), ``stride`` times coarser."""
+    padded = Geometry(tuple(int(s) for s in shape[::-1]), grid.GetSpacing(), grid.GetOrigin(), grid.GetDirection())
     return model_grid(padded, tuple(s * stride for s in grid.GetSpacing()))
+
+
+def fits_one_pass(shape: tuple[int, ...], bytes_per_voxel: float) -> bool:
+    """Whether a whole-volume pass over a (padded) image of ``shape`` stays within ``WHOLE_VOLUME_BYTES``."""
+    return float(np.prod(shape)) * bytes_per_voxel <= WHOLE_VOLUME_BYTES
+
+
+def padded_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` rounded up to a multiple of 8 (at least 8) along each axis."""
+    return tuple(int(np.ceil(max(s, 8) / 8) * 8) for s in shape)
 
 
 def pad_to_multiple_of_8(image: np.ndarray) -> np.ndarray:
     """Pad at the far end with the image minimum so every stride-2 stage halves exactly."""
-    shape = tuple(int(np.ceil(max(s, 8) / 8) * 8) for s in image.shape)
-    padded = np.full(shape, float(image.min()), dtype=np.float32)
+    padded = np.full(padded_shape(image.shape), float(image.min()), dtype=np.float32)
     padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
     return padded

@@ -89,14 +89,19 @@ def label_names(structures: tuple[Structure, ...] = ABDOMEN_STRUCTURES) -> dict[
     return {s.value: s.name for s in structures}
 
 
-def _known() -> dict[str, Structure]:
-    tables = (ABDOMEN_STRUCTURES, BRATS_STRUCTURES, BRAIN, BRAIN_TISSUE_STRUCTURES)
-    return {s.name: s for table in tables for s in table}
+_KNOWN = {s.name: s for table in (ABDOMEN_STRUCTURES, BRATS_STRUCTURES, BRAIN, BRAIN_TISSUE_STRUCTURES)
+          for s in table}
 
 
 def known_structure(name: str) -> Structure | None:
     """The table entry of a label name (its colour and terminology), or None for a name no table has."""
-    return _known().get(name)
+    return _KNOWN.get(name)
+
+
+def terminology_of(name: str) -> Terminology | None:
+    """The coded terminology of a label name, where a table gives one."""
+    known = _KNOWN.get(name)
+    return known.terminology if known is not None else None
 
 
 def label_colors(names: dict[int, str], recorded: dict[int, tuple[float, float, float]]) -> dict[int, tuple]:

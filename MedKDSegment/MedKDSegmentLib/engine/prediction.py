@@ -101,8 +101,7 @@ def activation_bytes_per_voxel(network: nn.Module) -> float:
 def whole_volume_fits(network: nn.Module, padded_shape: tuple[int, ...]) -> bool:
     """Whether one pass over the whole (padded) image replaces the sliding window: the network is
     ``window_independent`` and its activations fit ``inference.WHOLE_VOLUME_BYTES``."""
-    return window_independent(network) and \
-        float(np.prod(padded_shape)) * activation_bytes_per_voxel(network) <= inference.WHOLE_VOLUME_BYTES
+    return window_independent(network) and inference.fits_one_pass(padded_shape, activation_bytes_per_voxel(network))
 
 
 def predict(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .labels import known_structure
+from .labels import terminology_of
 from .volume import Volume, write_image
 
 
@@ -47,7 +47,7 @@ def write_seg_nrrd(
 def segment_tags(name: str) -> str:
     """A segment's tags as Slicer writes them (``key:value|`` each): its status and, for a structure the label
     tables know, its terminology entry."""
-    terminology = getattr(known_structure(name), "terminology", None)
+    terminology = terminology_of(name)
     entry = f"TerminologyEntry:{terminology.serialized()}|" if terminology else ""
     return f"Segmentation.Status:inprogress|{entry}"
 

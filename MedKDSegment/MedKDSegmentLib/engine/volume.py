@@ -156,7 +156,6 @@ def read_volume(path: str | os.PathLike, modality: str | None = None, series: st
             if series is not None:  # a file holds one image: a series choice means the wrong input was given
                 raise InvalidInputError(f"'{path}' is a file, so --series {series} cannot apply.",
                                         "Give the DICOM folder holding that series, or leave --series out.")
-            image = None
             if path.name.lower().endswith(NIFTI_SUFFIXES):
                 volume = _nifti_volume(path, read_nifti_voxels(path))
                 if volume is not None:

@@ -17,25 +17,28 @@ TEACHER_VIEW = "MedKDTeacher"
 STUDENT_VIEW = "MedKDStudent"
 THREE_D_VIEW = "1"  # Slicer's first 3D view
 VIEW_GROUP = 7  # the two slice views link with each other only
+# View labels that cannot be read as anatomical directions (Slicer shows "S: 136 mm" beside them).
+SLICE_VIEWS = {TEACHER_VIEW: ("Tch", (0.88, 0.51, 0.23)), STUDENT_VIEW: ("Stu", (0.23, 0.60, 0.88))}
+
+
+def _slice_view_xml(layout_name: str) -> str:
+    label, color = SLICE_VIEWS[layout_name]
+    hex_color = "#" + "".join(f"{round(c * 255):02X}" for c in color)
+    return f"""   <item>
+    <view class="vtkMRMLSliceNode" singletontag="{layout_name}">
+     <property name="orientation" action="default">Axial</property>
+     <property name="viewlabel" action="default">{label}</property>
+     <property name="viewcolor" action="default">{hex_color}</property>
+     <property name="viewgroup" action="default">{VIEW_GROUP}</property>
+    </view>
+   </item>"""
+
+
 LAYOUT_XML = f"""<layout type="vertical" split="true">
  <item splitSize="600">
   <layout type="horizontal" split="true">
-   <item>
-    <view class="vtkMRMLSliceNode" singletontag="{TEACHER_VIEW}">
-     <property name="orientation" action="default">Axial</property>
-     <property name="viewlabel" action="default">Tch</property>
-     <property name="viewcolor" action="default">#E0823A</property>
-     <property name="viewgroup" action="default">{VIEW_GROUP}</property>
-    </view>
-   </item>
-   <item>
-    <view class="vtkMRMLSliceNode" singletontag="{STUDENT_VIEW}">
-     <property name="orientation" action="default">Axial</property>
-     <property name="viewlabel" action="default">Stu</property>
-     <property name="viewcolor" action="default">#3A9AE0</property>
-     <property name="viewgroup" action="default">{VIEW_GROUP}</property>
-    </view>
-   </item>
+{_slice_view_xml(TEACHER_VIEW)}
+{_slice_view_xml(STUDENT_VIEW)}
   </layout>
  </item>
  <item splitSize="400">
@@ -44,8 +47,6 @@ LAYOUT_XML = f"""<layout type="vertical" split="true">
   </view>
  </item>
 </layout>"""
-# View labels that cannot be read as anatomical directions (Slicer shows "S: 136 mm" beside them).
-SLICE_VIEWS = {TEACHER_VIEW: ("Tch", (0.88, 0.51, 0.23)), STUDENT_VIEW: ("Stu", (0.23, 0.60, 0.88))}
 
 
 def layout_node():

@@ -15,7 +15,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..engine.errors import InvalidInputError
-from ..engine.labels import known_structure
+from ..engine.labels import terminology_of
 from ..engine.volume import Volume
 from .volumes import ijk_to_ras, volume_from_node
 
@@ -80,7 +80,7 @@ def segmentation_from_labels(
             segment.SetName(segment_name)
             segment.SetColor(*(colors or {}).get(value, DEFAULT_COLOR))
             segment.SetLabelValue(int(value))
-            terminology = getattr(known_structure(segment_name), "terminology", None)
+            terminology = terminology_of(segment_name)
             if terminology is not None:  # coded, so Slicer's DICOM SEG export and terminology views get it right
                 segment.SetTag(segment.GetTerminologyEntryTagName(), terminology.serialized())
             segment.AddRepresentation(representation, image)  # one shared layer for all segments
