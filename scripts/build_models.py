@@ -7,8 +7,9 @@ On a 2-core CPU, one process per modality with one thread each is fastest (about
     scripts/medkd-python scripts/build_models.py --modalities CT --threads 1 &
     scripts/medkd-python scripts/build_models.py --modalities MR --threads 1
 
-Bundles saved now carry an ONNX copy of a window-independent network; ``--add-onnx`` gives the bundled
-students made before that theirs (weights unchanged): scripts/medkd-python scripts/build_models.py --add-onnx
+Bundles saved now carry an ONNX copy of a window-independent network and MONAI's ``configs/inference.json``;
+``--upgrade`` gives the bundled models made before that theirs (weights unchanged):
+scripts/medkd-python scripts/build_models.py --upgrade
 
 Seeds are fixed, so a rerun on the same machine and library versions gives the same
 data and comparable models. Held-out seeds (the demo's and the benchmark's) are never
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "MedKDSegment"))
 
 from MedKDSegmentLib.engine.bundle import METADATA, find_bundles, sha256_of  # noqa: E402
 from MedKDSegmentLib.engine.demo import model_name  # noqa: E402
+from MedKDSegmentLib.engine.monai_config import CONFIG, write_inference_config  # noqa: E402
 from MedKDSegmentLib.engine.onnx_network import ONNX_WEIGHTS, export_onnx  # noqa: E402
 from MedKDSegmentLib.engine.phantom import write_phantom_dataset  # noqa: E402
 from MedKDSegmentLib.engine.prediction import window_independent  # noqa: E402
@@ -53,10 +55,11 @@ def main() -> int:
     parser.add_argument("--work", default=str(ROOT / "build" / "models"))
     parser.add_argument("--modalities", nargs="+", default=["CT", "MR"])
     parser.add_argument("--threads", type=int, help="torch threads (e.g. 1 per process when running CT and MR at once)")
-    parser.add_argument("--add-onnx", action="store_true", help="only add ONNX copies to the bundled students")
+    parser.add_argument("--upgrade", action="store_true",
+                        help="only add ONNX copies and MONAI configs to the bundled models that lack them")
     args = parser.parse_args()
-    if args.add_onnx:
-        add_onnx_copies(Path(args.output))
+    if args.upgrade:
+        upgrade(Path(args.output))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,10 +81,13 @@ def main() -> int:
     return 0
 
 
-def add_onnx_copies(folder: Path) -> None:
-    """Give each bundled student without an ONNX copy its copy, recorded as ``save_bundle`` records it (a release
-    step on the project's own bundles: a user's bundles are never changed)."""
+def upgrade(folder: Path) -> None:
+    """Give each bundled model what ``save_bundle`` now writes and it lacks: MONAI's inference config, and a
+    student's ONNX copy, recorded as ``save_bundle`` records it (a release step on the project's own bundles:
+    a user's bundles are never changed)."""
     for bundle in find_bundles(folder):
+        if not (bundle.path / CONFIG).is_file() and write_inference_config(bundle.path, bundle.metadata):
+            print(f"{bundle.name}: {CONFIG} added")
         if bundle.role != "student" or bundle.onnx is not None or bundle.modality_specific:
             continue
         network = bundle.load_network()

@@ -24,7 +24,8 @@ from MedKDSegmentLib.engine.volume import Volume, read_volume
 
 
 def straightforward(volume: Volume, profile: Profile) -> tuple[np.ndarray, sitk.Image]:
-    """The textbook order: reorient to LPS, normalise every voxel in float32, resample (outside: 0)."""
+    """The textbook order: reorient to LPS, normalise every voxel in float32, resample; beyond the volume its
+    edge voxels repeat (SimpleITK's zero-flux Neumann padding), as MONAI's ``padding_mode="border"`` samples."""
     image = canonical(volume.to_sitk())
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     if profile.clip is not None:
@@ -38,6 +39,7 @@ def straightforward(volume: Volume, profile: Profile) -> tuple[np.ndarray, sitk.
     normalised_image = sitk.GetImageFromArray(normalised.astype(np.float32))
     normalised_image.CopyInformation(image)
     grid = model_grid(image, profile.spacing)
+    normalised_image = sitk.ZeroFluxNeumannPad(normalised_image, [4] * 3, [4] * 3)
     resampled = sitk.Resample(normalised_image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(resampled), grid
 

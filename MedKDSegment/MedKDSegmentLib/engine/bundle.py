@@ -1,6 +1,7 @@
 """Model bundles: MONAI's bundle layout plus a ``medkdsegment`` section.
 
     <name>/configs/metadata.json   MONAI metadata (network_data_format, channel_def) + medkdsegment
+    <name>/configs/inference.json  how MONAI's own bundle runner segments with it (``monai_config``), where it can
     <name>/models/model.pt         state dict, loaded with ``weights_only=True``, sha256-checked
     <name>/models/model.ts         instead, for an imported TorchScript teacher (sha256 confirmed at import)
     <name>/models/model.onnx       the same network for ONNX Runtime, where it exports (``onnx_network``)
@@ -31,6 +32,7 @@ from .architectures import architecture_problem
 from .errors import BundleError, InvalidInputError
 from .labels import Structure, label_colors, terminology_of
 from .locations import user_models_dir
+from .monai_config import write_inference_config
 from .onnx_network import ONNX_WEIGHTS, OnnxNetwork, export_onnx, onnx_exporter_installed
 from .profiles import Profile
 from .volume import MODALITIES, normalize_modality, usual_permissions
@@ -581,6 +583,7 @@ def save_bundle(
                 for index, m in enumerate(modalities)
             }
         (staging / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        write_inference_config(staging, metadata)
         usual_permissions(staging)
         os.rename(staging, folder)
     except BaseException:

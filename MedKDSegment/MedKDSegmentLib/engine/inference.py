@@ -23,7 +23,7 @@ from .bundle import Bundle
 from .domain import domain_warnings, evidence
 from .errors import CancelledError, InvalidInputError
 from .onnx_network import OnnxNetwork, onnx_runtime_installed
-from .profiles import Geometry, model_grid, to_model_grid
+from .profiles import to_model_grid, zoomed_grid
 from .volume import Volume, check_image, detect_modality
 
 if TYPE_CHECKING:
@@ -164,9 +164,11 @@ def _segment_with_pipeline(volume, bundle, device, progress, cancel, network, op
 
 
 def _output_grid(grid: sitk.Image, shape: tuple[int, ...], stride: int) -> sitk.Image:
-    """The physical grid of the network's output: the padded model grid (``shape``), ``stride`` times coarser."""
-    padded = Geometry(tuple(int(s) for s in shape[::-1]), grid.GetSpacing(), grid.GetOrigin(), grid.GetDirection())
-    return model_grid(padded, tuple(s * stride for s in grid.GetSpacing()))
+    """The physical grid of the network's output: the padded model grid (``shape``), ``stride`` times coarser
+    (a strided network's output voxel covers ``stride`` input voxels: their outer corners stay in place)."""
+    size = tuple(int(s) for s in shape[::-1])
+    return zoomed_grid(grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection(), (0, 0, 0), size,
+                       tuple(s // stride for s in size))
 
 
 def fits_one_pass(shape: tuple[int, ...], bytes_per_voxel: float) -> bool:

@@ -1,8 +1,8 @@
 """Preprocessing profiles per modality and resampling to the model grid and exactly back.
 
 A profile is stored in every bundle, so a model always sees data prepared the way it
-was trained. The model grid keeps the input's orientation (after reorienting to LPS)
-and physical extent; ``argmax_resample.resample_to_input`` brings labels back onto the input's exact grid.
+was trained. The model grid keeps the input's orientation (after reorienting to LPS) and first voxel, as
+MONAI's ``Spacing`` does; ``argmax_resample.resample_to_input`` brings labels back onto the input's exact grid.
 """
 
 from __future__ import annotations
@@ -49,24 +49,53 @@ DEFAULT_PROFILES = {"CT": CT_PROFILE, "MR": MR_PROFILE}
 BRATS_FLAIR_PROFILE = Profile("MR", (2.0, 2.0, 2.0), percentiles=(0.0, 100.0))
 
 
-def intensity_window(array: np.ndarray, profile: Profile) -> tuple[np.ndarray, float, float]:
+def intensity_window(array: np.ndarray, profile: Profile,
+                     pad: tuple = ((0, 0),) * 3) -> tuple[np.ndarray, float, float]:
     """The clipped intensities and the (centre, scale) that normalise them, ``(clipped - centre) / scale``:
-    the scaling is linear, so it can wait until the image is on the (smaller) model grid."""
+    the scaling is linear, so it can wait until the image is on the (smaller) model grid.
+
+    Args:
+        array: the volume's voxels.
+        profile: its preprocessing profile (a CT window, or MR percentiles and statistics over the body).
+        pad: (before, after) voxels per array axis to add around the result as copies of its edge voxels;
+            the statistics are those of ``array`` alone.
+    """
     if profile.clip is not None:
         low, high = profile.clip
         if array.dtype.kind in "iu" and float(low).is_integer() and float(high).is_integer() \
                 and np.iinfo(array.dtype).min <= low and high <= np.iinfo(array.dtype).max:
-            clipped = np.clip(array, array.dtype.type(low), array.dtype.type(high))  # integers stay integers
+            clipped, inner = _padded_like(array, array.dtype, pad)  # integers stay integers
+            np.clip(array, array.dtype.type(low), array.dtype.type(high), out=inner)
         else:
-            clipped = np.clip(array.astype(np.float32, copy=False), np.float32(low), np.float32(high))
-        return clipped, (low + high) / 2, (high - low) / 2
+            clipped, inner = _padded_like(array, np.float32, pad)
+            np.clip(array, np.float32(low), np.float32(high), out=inner)
+        return _replicate_edges(clipped, pad), (low + high) / 2, (high - low) / 2
     converted = array.astype(np.float32, copy=False)
     low, high = np.percentile(converted, profile.percentiles)
-    clipped = np.clip(converted, low, high, out=None if converted is array else converted)
+    clipped, inner = _padded_like(array, np.float32, pad)
+    np.clip(converted, low, high, out=inner)
     # Statistics over the body only: air or empty background would dominate them otherwise.
-    foreground = clipped > low + 0.1 * (high - low)
-    values = clipped[foreground] if foreground.sum() > 100 else clipped
-    return clipped, float(values.mean()), max(float(values.std()), 1e-6)
+    foreground = inner > low + 0.1 * (high - low)
+    values = inner[foreground] if foreground.sum() > 100 else inner
+    return _replicate_edges(clipped, pad), float(values.mean()), max(float(values.std()), 1e-6)
+
+
+def _padded_like(array: np.ndarray, dtype, pad) -> tuple[np.ndarray, np.ndarray]:
+    """An empty array ``pad`` larger than ``array``, and the view of its interior."""
+    padded = np.empty([size + before + after for size, (before, after) in zip(array.shape, pad)], dtype=dtype)
+    return padded, padded[tuple(slice(before, before + size) for size, (before, _) in zip(array.shape, pad))]
+
+
+def _replicate_edges(padded: np.ndarray, pad) -> np.ndarray:
+    """Fill the ``pad`` margins of ``padded`` with copies of its interior's edge voxels (axis by axis, so the
+    corners too), in place: ``np.pad(mode="edge")`` without a second copy of the volume."""
+    for axis, (before, after) in enumerate(pad):
+        moved = np.moveaxis(padded, axis, 0)
+        if before:
+            moved[:before] = moved[before]
+        if after:
+            moved[-after:] = moved[-after - 1]
+    return padded
 
 
 def canonical(image: sitk.Image) -> sitk.Image:
@@ -118,7 +147,10 @@ MAX_GRID_VOXELS = 2**30  # 4 GB as float32, before any network runs
 
 
 def model_grid(image: sitk.Image | Geometry, spacing: tuple[float, float, float]) -> sitk.Image:
-    """An empty image covering the same physical box as ``image`` at ``spacing``."""
+    """An empty image at ``spacing`` over ``image``'s box, laid out as MONAI's ``Spacing`` lays it out by default
+    (``scale_extent=False``): the first voxel centre stays where it is, and the grid spans the distance from the
+    first to the last centre rounded to whole voxels. A bundle's ``configs/inference.json`` (``monai_config``)
+    then prepares the same grid with MONAI's own transforms."""
     geometry = Geometry.of(image) if isinstance(image, sitk.Image) else image
     old_spacing = np.array(geometry.spacing)
     new_spacing = np.array(spacing, dtype=float)
@@ -128,19 +160,33 @@ def model_grid(image: sitk.Image | Geometry, spacing: tuple[float, float, float]
             f"The volume spans {np.round(extent, 1).tolist()} mm ({list(geometry.size)} voxels of "
             f"{np.round(old_spacing, 4).tolist()} mm): no scan is this {'small' if extent.min() < 5 else 'large'}.",
             f"Check the voxel spacing in the file's header (a scan spans {EXTENT_MM[0]:g} to {EXTENT_MM[1]:g} mm).")
-    size = np.maximum(np.round(extent / new_spacing).astype(int), 1)
+    size = np.round((np.array(geometry.size) - 1) * old_spacing / new_spacing).astype(int) + 1
     if np.prod(size.astype(float)) > MAX_GRID_VOXELS:
         raise InvalidInputError(
             f"At {new_spacing.tolist()} mm the volume would need a {size.tolist()} model grid, too large to hold.",
             "Crop the volume to the region of interest first.")
-    direction = np.array(geometry.direction).reshape(3, 3)
-    # Keep the box centre: corner of the first voxel stays where it was.
-    origin = np.array(geometry.origin) + direction @ ((new_spacing - old_spacing) / 2)
     grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
     grid.SetSpacing(new_spacing.tolist())
-    grid.SetOrigin(origin.tolist())
+    grid.SetOrigin([float(v) for v in geometry.origin])
     grid.SetDirection([float(v) for v in geometry.direction])
     return grid
+
+
+def edge_margins(volume: Volume, grid: sitk.Image) -> tuple[tuple[int, int], ...]:
+    """(before, after) voxels per array axis (z, y, x) that ``volume`` needs as copies of its edge voxels so that
+    every point of ``grid`` lies inside it: the last plane of a model grid can lie up to half a model voxel
+    beyond the last input voxel, where MONAI samples the edge (``padding_mode="border"``), and so do we."""
+    direction = np.array(volume.direction, dtype=float).reshape(3, 3)
+    size = np.array(grid.GetSize())
+    far = np.array(grid.GetOrigin()) + np.array(grid.GetDirection()).reshape(3, 3) @ ((size - 1) * grid.GetSpacing())
+    ends = [np.linalg.solve(direction, point - np.array(volume.origin)) / np.array(volume.spacing)
+            for point in (np.array(grid.GetOrigin()), far)]
+    low, high = np.minimum(*ends), np.maximum(*ends)
+    count = np.array(volume.shape[::-1])  # x, y, z
+    # ITK's buffer ends half a voxel beyond the last centre, that point excluded: pad at (or near) it too.
+    before = np.maximum(np.ceil(-0.5 - low + 1e-6), 0).astype(int)
+    after = np.maximum(np.ceil(high - (count - 0.5) + 1e-6), 0).astype(int)
+    return tuple((int(b), int(a)) for b, a in zip(before[::-1], after[::-1]))
 
 
 def to_model_grid(volume: Volume, profile: Profile) -> tuple[np.ndarray, sitk.Image]:
@@ -150,13 +196,15 @@ def to_model_grid(volume: Volume, profile: Profile) -> tuple[np.ndarray, sitk.Im
     (no reoriented copy; resampling reads any orientation), and the linear scaling is applied on the model
     grid, where it gives the same values as before the resampling (to float32 rounding)."""
     grid = model_grid(canonical_geometry(volume), profile.spacing)
-    clipped, centre, scale = intensity_window(volume.array, profile)
+    pad = edge_margins(volume, grid)
+    clipped, centre, scale = intensity_window(volume.array, profile, pad)
     image = sitk.GetImageFromArray(clipped)
     del clipped
+    direction = np.array(volume.direction, dtype=float).reshape(3, 3)
+    before_xyz = np.array([before for before, _ in pad[::-1]], dtype=float)
     image.SetSpacing([float(v) for v in volume.spacing])
-    image.SetOrigin([float(v) for v in volume.origin])
+    image.SetOrigin((np.array(volume.origin) - direction @ (before_xyz * volume.spacing)).tolist())
     image.SetDirection([float(v) for v in volume.direction])
-    # Beyond the volume lies the normalised value 0, as when the image was normalised first.
     resampled = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, centre, sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(resampled)
     array -= np.float32(centre)
