@@ -7,7 +7,8 @@ On a 2-core CPU, one process per modality with one thread each is fastest (about
     scripts/medkd-python scripts/build_models.py --modalities CT --threads 1 &
     scripts/medkd-python scripts/build_models.py --modalities MR --threads 1
 
-Bundles saved now carry an ONNX copy of a window-independent network and MONAI's ``configs/inference.json``;
+Bundles saved now carry an ONNX copy of a window-independent network, their labels' terminology and MONAI's
+``configs/inference.json``;
 ``--upgrade`` gives the bundled models made before that theirs (weights unchanged):
 scripts/medkd-python scripts/build_models.py --upgrade
 
@@ -29,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedKDSegment"))
 
-from MedKDSegmentLib.engine.bundle import METADATA, find_bundles, sha256_of  # noqa: E402
+from MedKDSegmentLib.engine.bundle import METADATA, find_bundles, recorded_terminology, sha256_of  # noqa: E402
 from MedKDSegmentLib.engine.demo import model_name  # noqa: E402
 from MedKDSegmentLib.engine.monai_config import CONFIG, write_inference_config  # noqa: E402
 from MedKDSegmentLib.engine.onnx_network import ONNX_WEIGHTS, export_onnx  # noqa: E402
@@ -56,7 +57,7 @@ def main() -> int:
     parser.add_argument("--modalities", nargs="+", default=["CT", "MR"])
     parser.add_argument("--threads", type=int, help="torch threads (e.g. 1 per process when running CT and MR at once)")
     parser.add_argument("--upgrade", action="store_true",
-                        help="only add ONNX copies and MONAI configs to the bundled models that lack them")
+                        help="only add ONNX copies, terminology and MONAI configs to bundled models lacking them")
     args = parser.parse_args()
     if args.upgrade:
         upgrade(Path(args.output))
@@ -86,6 +87,10 @@ def upgrade(folder: Path) -> None:
     student's ONNX copy, recorded as ``save_bundle`` records it (a release step on the project's own bundles:
     a user's bundles are never changed)."""
     for bundle in find_bundles(folder):
+        if "terminology" not in bundle.info:
+            bundle.info["terminology"] = recorded_terminology(bundle.structures)
+            (bundle.path / METADATA).write_text(json.dumps(bundle.metadata, indent=2), encoding="utf-8")
+            print(f"{bundle.name}: terminology recorded for {len(bundle.info['terminology'])} labels")
         if not (bundle.path / CONFIG).is_file() and write_inference_config(bundle.path, bundle.metadata):
             print(f"{bundle.name}: {CONFIG} added")
         if bundle.role != "student" or bundle.onnx is not None or bundle.modality_specific:

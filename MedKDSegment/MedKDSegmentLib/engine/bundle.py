@@ -30,7 +30,7 @@ import numpy as np
 
 from .architectures import architecture_problem
 from .errors import BundleError, InvalidInputError
-from .labels import Structure, label_colors, terminology_of
+from .labels import Structure, Terminology, label_colors, terminology_of
 from .locations import user_models_dir
 from .monai_config import write_inference_config
 from .onnx_network import ONNX_WEIGHTS, OnnxNetwork, export_onnx, onnx_exporter_installed
@@ -138,10 +138,16 @@ class Bundle:
 
     @property
     def structures(self) -> tuple[Structure, ...]:
-        """The foreground labels with their colours (grey where none is known) and terminology (where known)."""
-        colors = self.colors
-        return tuple(Structure(value, name, colors.get(value, (0.5, 0.5, 0.5)), terminology_of(name))
-                     for value, name in self.labels.items())
+        """The foreground labels with their colours (grey where none is known) and coded terminology: the label
+        tables' for a name they know, else what the bundle records (``medkdsegment.terminology``), else none."""
+        colors, recorded = self.colors, self.info.get("terminology") or {}
+        try:
+            return tuple(Structure(value, name, colors.get(value, (0.5, 0.5, 0.5)), terminology_of(name) or (
+                Terminology.from_dict(recorded[str(value)]) if str(value) in recorded else None))
+                for value, name in self.labels.items())
+        except (AttributeError, TypeError, ValueError) as error:
+            raise BundleError(f"Bundle '{self.name}' records an invalid terminology ({error}).",
+                              "Correct medkdsegment.terminology in its metadata.json, or re-create it.") from error
 
     @property
     def student_profile(self) -> Profile:
@@ -559,6 +565,7 @@ def save_bundle(
                 "output_stride": getattr(network, "output_stride", 1),
                 "preprocessing": profile.to_dict(),
                 "label_colors": {str(s.value): list(s.color) for s in structures},
+                "terminology": recorded_terminology(structures),
                 "method": method,
                 "teacher": _reference(teacher),
                 "parent": _reference(parent),
@@ -590,6 +597,12 @@ def save_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(folder)
+
+
+def recorded_terminology(structures: tuple[Structure, ...]) -> dict[str, dict]:
+    """What a bundle records of its labels' terminology (the structure's own, else the label tables')."""
+    coded = {s.value: s.terminology or terminology_of(s.name) for s in structures}
+    return {str(value): terminology.to_dict() for value, terminology in coded.items() if terminology}
 
 
 def _gmacs(network: nn.Module) -> float | None:

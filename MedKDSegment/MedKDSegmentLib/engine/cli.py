@@ -160,16 +160,7 @@ def cmd_distill_unpaired(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from .bundle import resolve_bundle
     from .inference import segment
-    from .segfile import write_seg_nrrd
-    from .volume import (
-        VOLUME_SUFFIXES,
-        check_outputs,
-        detect_modality,
-        dicom_series,
-        normalize_modality,
-        read_volume,
-        write_volume,
-    )
+    from .volume import VOLUME_SUFFIXES, check_outputs, detect_modality, dicom_series, normalize_modality, read_volume
 
     bundle = resolve_bundle(args.model)
     source = Path(args.input)
@@ -182,25 +173,33 @@ def cmd_segment(args: argparse.Namespace) -> int:
         targets = [output_dir / f"{p.name.split('.')[0]}_{bundle.name}" for p in inputs]
     else:
         inputs, output = [source], Path(args.output)
-        stem = output.name.removesuffix(".seg.nrrd").removesuffix(".nii.gz").removesuffix(".nrrd")
+        stem = output.name.removesuffix(".seg.nrrd").removesuffix(".nii.gz").removesuffix(".nrrd").removesuffix(".dcm")
         targets = [output.with_name(stem)]
     if not inputs:
         raise InvalidInputError(
             f"'{source}' holds no volumes.", "Give a volume file, a DICOM folder or a folder of volumes."
         )
-    suffixes = {"nifti": [".nii.gz"], "seg.nrrd": [".seg.nrrd"], "both": [".nii.gz", ".seg.nrrd"]}[args.format]
+    suffixes = OUTPUT_SUFFIXES[args.format]
+    if args.format == "dicom-seg" and not all(p.is_dir() for p in inputs):
+        raise InvalidInputError("DICOM SEG references the DICOM series it segments; the input is not a series.",
+                                "Give a DICOM folder as --input, or use --format nifti or seg.nrrd.")
     check_outputs([source, *inputs], [Path(f"{t}{s}") for t in targets for s in suffixes], args.overwrite)
+    if args.format == "dicom-seg":
+        from .dicomseg import source_images
+
+        for path in inputs:  # before any work: each series must carry the UIDs DICOM SEG references
+            source_images(path, args.series if path == source else None)
     for path, target in zip(inputs, targets):
+        series = args.series if path == source else None
         volume = read_volume(path, normalize_modality(args.modality) if args.modality != "auto" else None,
-                             series=args.series if path == source else None)
+                             series=series)
         volume.modality = detect_modality(volume)
         with progress_bar(f"{path.name}", not args.quiet) as update:
             result = segment(volume, bundle, args.device, update, pipeline_options=_pipeline_options(args))
         written = []
         try:  # the outputs of one volume are one unit: an interrupted pair leaves neither
             for suffix in suffixes:
-                written.append(write_volume(result.labels, f"{target}{suffix}") if suffix == ".nii.gz" else
-                               write_seg_nrrd(result.labels, f"{target}{suffix}", bundle.labels, bundle.colors))
+                written.append(_write_labels(result.labels, bundle, f"{target}{suffix}", path, series))
         except BaseException:
             for path in written:
                 path.unlink(missing_ok=True)
@@ -211,9 +210,47 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+OUTPUT_SUFFIXES = {"nifti": [".nii.gz"], "seg.nrrd": [".seg.nrrd"], "both": [".nii.gz", ".seg.nrrd"],
+                   "dicom-seg": [".dcm"]}
+
+
+def _write_labels(labels, bundle, path: str, source: Path, series: str | None) -> Path:
+    """``labels`` as the file ``path`` names: NIfTI, a Slicer ``.seg.nrrd``, or DICOM SEG of ``source``'s series."""
+    from .segfile import write_seg_nrrd
+    from .volume import write_volume
+
+    if path.endswith(".nii.gz"):
+        return write_volume(labels, path)
+    if path.endswith(".seg.nrrd"):
+        return write_seg_nrrd(labels, path, bundle.labels, bundle.colors)
+    from .dicomseg import write_dicom_seg
+
+    return write_dicom_seg(labels, source, bundle.structures, path, (bundle.name, bundle.metadata.get("version", "")),
+                           series)
+
+
 def _pipeline_options(args: argparse.Namespace) -> dict:
     """segment's options for published teachers' own pipelines (HD-BET's fast mode and mirroring)."""
     return {**({"folds": 1} if args.fast else {}), **({"mirror": True} if args.mirror else {})}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import resolve_bundle
+    from .export import export_bundle
+    from .volume import normalize_modality
+
+    bundle = resolve_bundle(args.model)
+    modality = normalize_modality(args.modality) if args.modality else None
+    result = export_bundle(bundle, args.output, args.format, modality)
+    if result.max_logit_difference is None:
+        print(f"{bundle.name} -> {result.path} (MONAI bundle: python -m monai.bundle run --config_file "
+              f"{result.path / 'configs' / 'inference.json'} --bundle_root {result.path} --dataset_dir DIR "
+              "--output_dir OUT, with MedKDSegment/ on PYTHONPATH)")
+    else:
+        shapes = " and ".join("x".join(map(str, shape)) for shape in result.checked_shapes)
+        print(f"{bundle.name} -> {result.path} ({args.format}): largest logit difference from torch "
+              f"{result.max_logit_difference:.2g} on a prepared phantom of {shapes} voxels")
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -499,12 +536,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output file stem, or folder when --input is a folder")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--modality", default="auto", help="auto (DICOM tag or intensities), CT or MR")
-    p.add_argument("--format", default="both", choices=["nifti", "seg.nrrd", "both"])
+    p.add_argument("--format", default="both", choices=list(OUTPUT_SUFFIXES),
+                   help="both: .nii.gz and .seg.nrrd; dicom-seg: a .dcm DICOM SEG of a DICOM series input")
     p.add_argument("--fast", action="store_true", help="published teachers: first fold only (HD-BET's fast mode)")
     p.add_argument("--mirror", action="store_true", help="published teachers: test-time mirroring (8x slower)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs never)")
     p.add_argument("--series", help="the series UID to read from a DICOM folder holding several")
     p.set_defaults(run=cmd_segment)
+
+    p = commands.add_parser("export", help="a copy of a model for MONAI's tools, ONNX Runtime or TorchScript")
+    p.add_argument("--model", required=True, help="bundle name or folder ('medkd info' lists them)")
+    p.add_argument("--format", required=True, choices=["monai", "onnx", "torchscript"])
+    p.add_argument("--output", required=True, help="new folder (monai) or .onnx / .ts file (never replaced)")
+    p.add_argument("--modality", help="CT+MR models: the modality whose normalisation layers to keep (default: first)")
+    p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("compare", help="per-structure Dice/HD95/volumes of two label volumes")
     p.add_argument("--first", required=True)

@@ -9,7 +9,10 @@ Code = tuple[str, str, str]  # coding scheme, code value, code meaning (DICOM's 
 GENERAL_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
 DICOM_MASTER = "Segmentation category and type - DICOM master list"
 ANATOMIC_REGIONS = "Anatomic codes - DICOM master list"
+# Slicer's terminology lists keep SNOMED CT's older code for the category (DICOM's CID 7150 now has 91723000);
+# Slicer matches entries by code, so its lists' codes are used here.
 ANATOMICAL_STRUCTURE: Code = ("SCT", "123037004", "Anatomical Structure")
+ABNORMAL_STRUCTURE: Code = ("SCT", "49755003", "Morphologically Abnormal Structure")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,22 @@ class Terminology:
         scheme^value^meaning, an empty code as ^^."""
         codes = ["^".join(code) if code else "^^" for code in (self.category, self.type, self.modifier)]
         return "~".join([self.context, *codes, ANATOMIC_REGIONS, "^^", "^^"])
+
+    def to_dict(self) -> dict:
+        """As a bundle records it (``medkdsegment.terminology``): codes as [scheme, value, meaning]."""
+        return {"context": self.context, "category": list(self.category), "type": list(self.type),
+                "modifier": list(self.modifier) if self.modifier else None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Terminology:
+        """``to_dict``'s inverse; ``ValueError`` for an entry that is not three strings per code."""
+        def code(value) -> Code:
+            if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) and v for v in value)):
+                raise ValueError(f"a code must be [scheme, value, meaning], not {value!r}")
+            return tuple(value)
+
+        return cls(str(data.get("context", "")), code(data.get("type")),
+                   code(data["modifier"]) if data.get("modifier") else None, code(data.get("category")))
 
 
 @dataclass(frozen=True)
@@ -58,25 +77,34 @@ ABDOMEN_STRUCTURES: tuple[Structure, ...] = (
               Terminology(DICOM_MASTER, ("SCT", "64131007", "Inferior vena cava"))),
 )
 
-# BRATS 2013 multi-class labels (used by the methods benchmark on the real brain tumour MRI).
+# BRATS 2013 multi-class labels (used by the methods benchmark on the real brain tumour MRI), coded as DICOM's
+# CID 7168 (Brain Lesion Segmentation Type With Necrosis) codes them: its lesion types are NCI Thesaurus codes.
 BRATS_STRUCTURES: tuple[Structure, ...] = (
-    Structure(1, "necrosis", (0.863, 0.078, 0.235)),
-    Structure(2, "oedema", (0.196, 0.804, 0.196)),
-    Structure(3, "non-enhancing tumour", (0.118, 0.565, 1.000)),
-    Structure(4, "enhancing tumour", (1.000, 0.843, 0.000)),
+    Structure(1, "necrosis", (0.863, 0.078, 0.235),
+              Terminology(DICOM_MASTER, ("SCT", "6574001", "Necrosis"), category=ABNORMAL_STRUCTURE)),
+    Structure(2, "oedema", (0.196, 0.804, 0.196),
+              Terminology(DICOM_MASTER, ("SCT", "79654002", "Edema"), category=ABNORMAL_STRUCTURE)),
+    Structure(3, "non-enhancing tumour", (0.118, 0.565, 1.000),
+              Terminology(DICOM_MASTER, ("NCIt", "C81175", "Non-Enhancing Lesion"), category=ABNORMAL_STRUCTURE)),
+    Structure(4, "enhancing tumour", (1.000, 0.843, 0.000),
+              Terminology(DICOM_MASTER, ("NCIt", "C113842", "Enhancing Lesion"), category=ABNORMAL_STRUCTURE)),
 )
 
 # The liver U-Net's one label (the phantom's liver colour).
 LIVER_STRUCTURES: tuple[Structure, ...] = tuple(s for s in ABDOMEN_STRUCTURES if s.name == "liver")
 
 # The published brain-extraction teachers' one label.
-BRAIN: tuple[Structure, ...] = (Structure(1, "brain", (0.863, 0.608, 0.529)),)
+BRAIN: tuple[Structure, ...] = (
+    Structure(1, "brain", (0.863, 0.608, 0.529), Terminology(GENERAL_ANATOMY, ("SCT", "12738006", "Brain"))),)
 
-# The tissue VNet's classes (colours of FreeSurfer's table: ventricle, cortex, cerebral white matter).
+# The tissue VNet's classes (colours of FreeSurfer's table: ventricle, cortex, cerebral white matter; codes of
+# DICOM's CID 7153, CNS Segmentation Types).
 BRAIN_TISSUE_STRUCTURES: tuple[Structure, ...] = (
-    Structure(1, "cerebrospinal fluid", (0.471, 0.071, 0.525)),
-    Structure(2, "grey matter", (0.804, 0.243, 0.306)),
-    Structure(3, "white matter", (0.961, 0.961, 0.961)),
+    Structure(1, "cerebrospinal fluid", (0.471, 0.071, 0.525),
+              Terminology(DICOM_MASTER, ("SCT", "65216001", "Cerebrospinal Fluid"))),
+    Structure(2, "grey matter", (0.804, 0.243, 0.306), Terminology(DICOM_MASTER, ("SCT", "389081007", "Gray Matter"))),
+    Structure(3, "white matter", (0.961, 0.961, 0.961),
+              Terminology(DICOM_MASTER, ("SCT", "389080008", "White Matter"))),
 )
 
 
