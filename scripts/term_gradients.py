@@ -48,8 +48,7 @@ def measure(method: str, student, teacher, cases, config: TrainingConfig, batche
     """Mean gradient norms of Dice + CE and of ``method`` at weight 1 over the same batches."""
     config = replace(config, methods=f"{method}:1")
     terms = build_terms(config.methods, TermSetup(config, len(bench.ABDOMEN_STRUCTURES) + 1, student, [teacher]))
-    cache_teacher_outputs(teacher, cases, torch.device("cpu"), lambda *_: None,
-                          any(t.needs_teacher_logits for t in terms))
+    cache_teacher_outputs(teacher, cases, torch.device("cpu"), lambda *_: None)
     student_tap, teacher_taps = feature_taps(student, [teacher], terms)
     supervised, rng, rows = SupervisedLoss(), np.random.default_rng(1), []
     try:

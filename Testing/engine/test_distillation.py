@@ -24,6 +24,7 @@ from MedKDSegmentLib.engine.distillation import (
     MethodSpec,
     TermSetup,
     build_terms,
+    consistency_rampup,
     ctkd_lambda,
     ctkd_temperature,
     format_methods,
@@ -51,7 +52,7 @@ from MedKDSegmentLib.engine.networks import (
     feature_layer,
 )
 from MedKDSegmentLib.engine.phantom import write_phantom_dataset
-from MedKDSegmentLib.engine.training import TrainingConfig, distill_chain, distill_student, fit
+from MedKDSegmentLib.engine.training import Optimisation, TrainingConfig, distill_chain, distill_student, fit
 
 C = 4
 
@@ -85,7 +86,7 @@ def test_method_strings_parse_and_print_canonically():
     assert parse_methods("kd:1+cwd:0.5") == [MethodSpec("kd", 1.0), MethodSpec("cwd", 0.5)]
     assert parse_methods(" CTKD-Instance + coteacher ") == [MethodSpec("ctkd_instance"), MethodSpec("coteacher")]
     assert format_methods(parse_methods("kd+cwd:0.5"), TrainingConfig(kd_weight=2.0)) == "kd:2+cwd:0.5"
-    assert set(METHODS) == {"kd", "ctkd", "ctkd_instance", "cwd", "dist", "hint", "at", "coteacher"}
+    assert set(METHODS) == {"kd", "ctkd", "ctkd_instance", "cwd", "dist", "hint", "at", "coteacher", "pseudo"}
     assert parse_methods("none") == [] and format_methods([], TrainingConfig()) == "none"
     assert len(build_terms("none", setup(teachers=[nn.Identity()]))) == 0  # a from-scratch baseline
 
@@ -147,9 +148,9 @@ def test_ctkd_lambda_follows_the_cosine_schedule():
     assert all(a < b for a, b in zip(values[:10], values[1:11]))
 
 
-def test_ctkd_temperature_stays_in_range_and_starts_at_the_kd_temperature():
+def test_ctkd_temperature_stays_in_range_and_starts_where_the_official_code_starts():
     term = CTKDTerm(1.0, setup(TrainingConfig(kd_temperature=4.0)))
-    assert term.final_temperature() == pytest.approx(4.0, abs=1e-5)
+    assert term.final_temperature() == pytest.approx(1 + 20 / (1 + math.exp(-1)), abs=1e-5)  # θ = 1: T ≈ 15.6
     extremes = ctkd_temperature(torch.tensor([-50.0, 0.0, 50.0]))
     assert extremes[0] >= 1.0 and extremes[1] == pytest.approx(11.0) and extremes[2] <= 21.0
 
@@ -191,15 +192,45 @@ def test_ctkd_reversal_makes_the_temperature_increase_the_loss_the_student_decre
     assert float(term.theta.grad) == 0.0
 
 
+def test_ctkd_temperature_steps_by_sgd_in_proportion_to_lambda():
+    """θ has its own SGD (momentum 0.9, weight decay 5e-4), so the curriculum's λ scales its step: under AdamW,
+    which normalises steps, λ = 0.1 and λ = 1 would move it alike."""
+    config = TrainingConfig(kd_temperature=4.0, ctkd_epochs=10, learning_rate=0.1)
+    teacher = random_logits(1)
+    steps = {}
+    for epoch in (0, 2, 5, 10):
+        student = nn.ParameterList([nn.Parameter(random_logits(2))])
+        terms = nn.ModuleList([CTKDTerm(1.0, setup(config))])
+        optimisation = Optimisation(student, terms, config)
+        assert [type(o).__name__ for o in optimisation.optimizers] == ["AdamW", "SGD"]
+        optimisation.step(terms[0](context(student[0], teacher, epoch=epoch)), torch.amp.GradScaler(enabled=False))
+        decay = 0.1 * 5e-4 * 1.0  # SGD's weight decay on θ = 1
+        steps[epoch] = float(terms[0].theta.detach()) - 1.0 + decay
+    assert abs(steps[0]) < 1e-7 and abs(steps[10]) > 1e-4  # λ = 0: only the weight decay moved θ (float32)
+    for epoch in (2, 5):
+        assert steps[epoch] / steps[10] == pytest.approx(ctkd_lambda(epoch, 10), rel=1e-3)
+
+
 def test_instance_ctkd_gives_one_temperature_per_patch():
     term = build_terms("ctkd_instance", setup(TrainingConfig(kd_temperature=4.0), teachers=[nn.Identity()]))[0]
     s, t = random_logits(0), random_logits(1)
     temperature = term.temperature(context(s, t, epoch=3))
     assert temperature.shape == (2, 1, 1, 1, 1)
-    assert torch.allclose(temperature, torch.full_like(temperature, 4.0), atol=1e-4)  # starts at kd_temperature
+    assert torch.allclose(temperature, torch.full_like(temperature, term.initial_temperature), atol=1e-4)
+    assert term.initial_temperature == pytest.approx(15.62, abs=0.01)  # θ = 1, as the global term
     value = term(context(s, t, epoch=3))
     value.backward()
     assert all(p.grad is not None for p in term.mlp.parameters())
+
+
+def test_pseudo_labels_are_the_teacher_s_arg_max():
+    term = build_terms("pseudo", setup(TrainingConfig(), teachers=[nn.Identity()]))[0]
+    teacher = random_logits(1)
+    hard = 20.0 * F.one_hot(teacher.argmax(1), C).movedim(-1, 1).float()  # the arg-max as confident logits
+    assert float(term(context(hard, teacher))) < 0.05 < float(term(context(random_logits(2), teacher)))
+    student = nn.Parameter(random_logits(2))
+    term(context(student, teacher)).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
 
 
 # --- CWD and DIST -----------------------------------------------------------------------------
@@ -356,6 +387,35 @@ def test_coteacher_is_an_exact_ema_of_the_student_and_gets_no_gradient():
     assert not term.coteacher.training
 
 
+def test_coteacher_consistency_ramps_up_and_sums_over_classes_as_the_kd_part_does():
+    assert consistency_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert consistency_rampup(50, 100) == pytest.approx(math.exp(-1.25))
+    assert consistency_rampup(100, 100) == consistency_rampup(500, 100) == consistency_rampup(0, 0) == 1.0
+    torch.manual_seed(0)
+    student = build_network(TINY_STUDENT, C)
+    config = TrainingConfig(epochs=2, steps_per_epoch=50, coteacher_noise=0.0, coteacher_rampup=0.5)
+    term = CoTeacherTerm(1.0, setup(config, student=student))
+    assert term.rampup_steps == 50
+    with torch.no_grad():  # the co-teacher drifts from the student, so their outputs differ
+        for p in term.coteacher.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = torch.randn(2, 1, 16, 16, 16)
+    step = context(torch.zeros(2, C, 16, 16, 16))  # no teacher: consistency alone
+    step.images, step.student = images, student
+    losses = {}
+    for index in (0, 25, 50, 99):
+        step.step = index
+        losses[index] = float(term(step))
+    with torch.no_grad():
+        size = (16, 16, 16)
+        s = F.softmax(F.interpolate(student(images), size=size, mode="trilinear"), 1)
+        c = F.softmax(F.interpolate(term.coteacher(images), size=size, mode="trilinear"), 1)
+    full = float((s - c).pow(2).sum(1).mean())
+    assert losses[50] == pytest.approx(full, rel=1e-4) and losses[99] == pytest.approx(full, rel=1e-4)
+    assert losses[0] == pytest.approx(math.exp(-5) * full, rel=1e-4)
+    assert losses[25] == pytest.approx(math.exp(-1.25) * full, rel=1e-4)
+
+
 def test_coteacher_default_weight_lets_the_teacher_be_heard():
     """At τ = 20 the softened probabilities are close together: with λ_kd = 1 the teacher's term would be
     a rounding error next to the supervised cross-entropy, and with λ_kd = τ² it would swamp it. The
@@ -454,8 +514,8 @@ def test_several_teachers_and_combined_terms_are_recorded_with_weights(tiny_data
     assert method["name"] == "kd:1+dist:0.5+hint:0.1+at:0.2+ctkd:1"  # ATTerm.default
     assert [(t["name"], t["weight"]) for t in method["teachers"]] == [("teacher-1", 0.7), ("teacher-2", 0.3)]
     ctkd = method["methods"][-1]
-    assert ctkd["initial_temperature"] == 4.0 and 1.0 < ctkd["final_temperature"] < 21.0
-    assert ctkd["final_temperature"] != 4.0  # λ > 0 in the second epoch: the temperature moved
+    assert ctkd["initial_temperature"] == pytest.approx(15.62, abs=0.01) and 1.0 < ctkd["final_temperature"] < 21.0
+    assert ctkd["final_temperature"] != ctkd["initial_temperature"]  # λ > 0 in the second epoch: T moved
     assert method["methods"][2]["teacher_layers"] == ["model.1.submodule.1.submodule"] * 2
     assert student.info["teacher"]["name"] == "teacher-1"
     # The cached teacher outputs say which teachers filled them; a single teacher replaces them.

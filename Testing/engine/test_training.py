@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from tiny import TINY_CT, TINY_STUDENT, TINY_TEACHER
+from torch import nn
 
 from MedKDSegmentLib.engine.data import Case, load_cases, sample_batch
 from MedKDSegmentLib.engine.errors import CancelledError, InvalidInputError
@@ -188,8 +189,7 @@ def test_semi_supervised_batches_keep_a_labelled_share():
         assert all(labels[i].eq(1).any() for i in range(2)) and labels[2:].eq(0).all()
 
 
-@pytest.mark.parametrize("logits", [False, True])
-def test_teacher_targets_beyond_the_volume_edge_are_the_teachers_answer_for_the_padding(logits):
+def test_teacher_targets_beyond_the_volume_edge_are_the_teachers_answer_for_the_padding():
     """Patches reach past the edge (the image is padded with its minimum). The cached targets there
     must be the teacher's output on that value, not zeros: zero log-probabilities are a uniform class
     distribution, and zero logits would be CWD's most salient place for every class."""
@@ -198,16 +198,40 @@ def test_teacher_targets_beyond_the_volume_edge_are_the_teachers_answer_for_the_
     rng = np.random.default_rng(0)
     image = rng.normal(size=(12, 16, 16)).astype(np.float32)
     case = Case("edge", image, np.zeros(image.shape, np.uint8))
-    cache_teacher_outputs(teacher, [case], torch.device("cpu"), lambda f, m: None, logits=logits)
+    cache_teacher_outputs(teacher, [case], torch.device("cpu"), lambda f, m: None)
     blank = torch.full((1, 1, 32, 32, 32), float(image.min()))
     with torch.no_grad():
         expected = teacher(blank)[0, :, 16, 16, 16]
-    if not logits:
-        expected = torch.log_softmax(expected, dim=0)
     torch.testing.assert_close(torch.from_numpy(case.teacher_fill).float(), expected, atol=0.02, rtol=0.02)
     _, _, _, cached = sample_batch([case], 2, (16, 24, 24), rng)  # larger than the volume: every patch leaves it
     outside = (cached == torch.from_numpy(case.teacher_fill).float().view(1, -1, 1, 1, 1)).all(dim=1)
     assert outside.float().mean() > 0.3
-    if not logits:
-        torch.testing.assert_close(cached.exp().sum(dim=1), torch.ones_like(cached[:, 0]), atol=0.01, rtol=0)
     assert not (cached == 0).all(dim=1).any()
+
+
+
+def test_the_cache_keeps_the_teacher_s_softened_distribution():
+    """At T = 4 the cached targets give the teacher's own softened class distribution (a cache of
+    log(max(p, 1e-6)) was 0.042 total-variation away, and tied a third of the classes at the clip)."""
+    torch.manual_seed(1)
+
+    class Confident(nn.Module):  # logits scaled up: as sure of itself as a trained teacher
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = build_network(TINY_TEACHER, 9)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 40 * self.network(x)
+
+    teacher = Confident().eval()
+    image = np.random.default_rng(2).normal(size=(16, 24, 24)).astype(np.float32)
+    case = Case("soft", image, None)
+    cache_teacher_outputs(teacher, [case], torch.device("cpu"), lambda f, m: None)
+    with torch.no_grad():
+        logits = teacher(torch.from_numpy(image)[None, None])[0]
+    target = torch.softmax(torch.from_numpy(case.teacher).float() / 4, 0)
+    truth = torch.softmax(logits / 4, 0)
+    assert torch.softmax(logits, 0).amax(0).mean() > 0.9  # the teacher is confident: clipping would bite
+    assert (target - truth).abs().sum(0).max() / 2 < 0.01
+    clipped = torch.softmax(torch.log(torch.softmax(logits, 0).clamp_min(1e-6)) / 4, 0)
+    assert (clipped - truth).abs().sum(0).mean() / 2 > 5 * (target - truth).abs().sum(0).mean() / 2

@@ -2,7 +2,7 @@
 a patch carries).
 
 The geometric part is co-transformed (function matching, Beyer et al. 2022): the labels (nearest) and a
-cached teacher's outputs (linearly, as logits or log-probabilities) undergo the very transform of the
+cached teacher's logits (linearly) undergo the very transform of the
 image, so the teacher's target stays on the voxel it describes; an online teacher simply sees the
 transformed image. As in nnU-Net, a region wide enough for any allowed transform is cropped first and the
 patch sampled from it, so nothing beyond the region is smeared in. MONAI's dictionary transforms do this

@@ -65,6 +65,7 @@ METHOD_OPTIONS = {
     "coteacher_tau": "coteacher_tau",
     "coteacher_noise": "coteacher_noise",
     "coteacher_kd_weight": "coteacher_kd_weight",
+    "coteacher_rampup": "coteacher_rampup",
     "hint_student_layer": "hint_student_layer",
     "hint_teacher_layer": "hint_teacher_layer",
     "teacher_confidence": "teacher_confidence",
@@ -478,6 +479,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coteacher-tau", type=float)
     parser.add_argument("--coteacher-noise", type=float, help="std of the input noise")
     parser.add_argument("--coteacher-kd-weight", type=float, help="ACT-Net λ_kd")
+    parser.add_argument("--coteacher-rampup", type=float, help="share of the run over which consistency ramps up")
     parser.add_argument("--hint-student-layer", help="hint/at student module (default: deepest)")
     parser.add_argument("--hint-teacher-layer", help="hint/at teacher module (default: bottleneck)")
 

@@ -34,8 +34,8 @@ class Case:
     name: str
     image: np.ndarray  # normalised, on the model grid (z, y, x)
     labels: np.ndarray | None  # uint8 on the same grid, or None when unlabelled
-    teacher: np.ndarray | None = None  # cached teacher log-probabilities or logits (C, z, y, x), float16
-    teacher_source: tuple | None = None  # which teachers and output kind filled ``teacher``
+    teacher: np.ndarray | None = None  # cached teacher logits (C, z, y, x), float16
+    teacher_source: tuple | None = None  # which teachers filled ``teacher``
     # The teachers' outputs (C,) on the padding value: what ``teacher`` holds beyond the volume's edge.
     teacher_fill: np.ndarray | None = None
     _teacher_labels: tuple | None = None  # (teacher_source, argmax of the cached outputs), built when first needed
@@ -122,7 +122,7 @@ def sample_batch(
     labelled_share: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Random patches (N, 1, *patch), labels (N, 1, *patch), a labelled flag per item and,
-    when every case has them, the cached teacher log-probabilities (N, C, *patch).
+    when every case has them, the cached teacher logits (N, C, *patch).
 
     Cropping straight from in-memory arrays (padded where a patch leaves the volume)
     keeps a training step cheap; centres favour a random present structure so small

@@ -8,9 +8,8 @@ Terms are ``nn.Module``s so that their learnable parts (CTKD's temperature, hint
 join the student's optimiser and their whole state (the co-teacher too) goes into the
 checkpoint. Formulas and sources: docs/distillation.md.
 
-Teacher outputs reach a term as a list of tensors, one per teacher, each either logits or
-class log-probabilities (the offline cache): both give the same class softmax. Terms that
-need true logits (CWD's spatial softmax) declare it, and the cache then stores logits.
+Teacher outputs reach a term as a list of tensors, one per teacher: logits, from the offline cache or from
+running the teacher (a published teacher's pipeline gives probabilities, whose log serves as its logits).
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from .errors import InvalidInputError
 from .losses import (
     ChannelWiseKD,
     PixelKD,
+    SupervisedLoss,
     attention_transfer,
     channel_distribution,
     cwd_to_target,
@@ -259,7 +259,6 @@ class DistillTerm(nn.Module):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = True
-    needs_teacher_logits: ClassVar[bool] = False  # true logits: the offline cache then stores logits
     needs_features: ClassVar[bool] = False  # feature maps: the teachers then also run on the fly
     default: ClassVar[float] = 1.0  # the weight when the method string gives none
 
@@ -283,6 +282,10 @@ class DistillTerm(nn.Module):
 
     def after_step(self, student: nn.Module) -> None:
         """Called after each optimiser step (the co-teacher's EMA update)."""
+
+    def temperature_parameters(self) -> list[nn.Parameter]:
+        """Parameters that set a temperature (CTKD's): stepped by their own SGD (``CTKD_SGD``), not AdamW."""
+        return []
 
     def describe(self) -> dict:
         """What the bundle's method section records about this term."""
@@ -346,6 +349,11 @@ def ctkd_lambda(epoch: int, epochs: int) -> float:
 
 
 CTKD_T_MIN, CTKD_T_RANGE = 1.0, 20.0
+# The official code starts θ at 1 (T = 1 + 20·sigmoid(1) ≈ 15.6), where the sigmoid still has a slope: at the
+# KD temperature of 1 it would be saturated, its gradient 2,900x smaller than at T = 4.
+CTKD_INITIAL_THETA = 1.0
+# θ's own optimiser, as in the official code: SGD (an adaptive optimiser would normalise away λ's scaling).
+CTKD_SGD = {"momentum": 0.9, "weight_decay": 5e-4}
 
 
 def ctkd_temperature(theta: torch.Tensor) -> torch.Tensor:
@@ -353,28 +361,26 @@ def ctkd_temperature(theta: torch.Tensor) -> torch.Tensor:
     return CTKD_T_MIN + CTKD_T_RANGE * torch.sigmoid(theta)
 
 
-def ctkd_theta(temperature: float) -> float:
-    """θ with ctkd_temperature(θ) = ``temperature`` (clamped into the open range)."""
-    p = min(max((temperature - CTKD_T_MIN) / CTKD_T_RANGE, 1e-3), 1 - 1e-3)
-    return math.log(p / (1 - p))
-
-
 class CTKDTerm(DistillTerm):
     name = "ctkd"
     description = (
         "curriculum temperature KD (Li et al. 2023): learnable T = 1+20·sigmoid(θ) behind a gradient reversal, "
-        "λ rising 0→1 by a cosine over ctkd_epochs; starts at kd_temperature"
+        "λ rising 0→1 by a cosine over ctkd_epochs; θ starts at 1 (T ≈ 15.6) and steps by SGD"
     )
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
         self.epochs = int(_check(setup.config.ctkd_epochs, "ctkd_epochs", 0.0, low_open=False))
-        self.initial_temperature = _check(setup.config.kd_temperature, "kd_temperature", 0.0)
-        self.theta = nn.Parameter(torch.tensor(ctkd_theta(self.initial_temperature)))
+        self.initial_temperature = float(ctkd_temperature(torch.tensor(CTKD_INITIAL_THETA)))
+        self.theta = nn.Parameter(torch.tensor(CTKD_INITIAL_THETA))
 
     @classmethod
     def defaults(cls, config: Any) -> dict:
-        return {"kd_temperature (initial T)": config.kd_temperature, "ctkd_epochs": config.ctkd_epochs}
+        return {"initial T": round(float(ctkd_temperature(torch.tensor(CTKD_INITIAL_THETA))), 2),
+                "ctkd_epochs": config.ctkd_epochs}
+
+    def temperature_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
 
     def temperature(self, context: DistillContext) -> torch.Tensor:
         return ctkd_temperature(gradient_reversal(self.theta, ctkd_lambda(context.epoch, self.epochs)))
@@ -405,9 +411,9 @@ class InstanceCTKDTerm(CTKDTerm):
         del self.theta  # θ comes from the MLP instead
         c = setup.num_classes
         self.mlp = nn.Sequential(nn.Linear(2 * c, 32), nn.ReLU(), nn.Linear(32, 1))
-        # Zero last weights and a bias at θ(T0): every patch starts at kd_temperature.
+        # Zero last weights and a bias at the initial θ: every patch starts at the global term's temperature.
         nn.init.zeros_(self.mlp[2].weight)
-        nn.init.constant_(self.mlp[2].bias, ctkd_theta(self.initial_temperature))
+        nn.init.constant_(self.mlp[2].bias, CTKD_INITIAL_THETA)
         self.register_buffer("last_temperature", torch.tensor(self.initial_temperature))
 
     def temperature(self, context: DistillContext) -> torch.Tensor:
@@ -427,7 +433,6 @@ class InstanceCTKDTerm(CTKDTerm):
 class CWDTerm(DistillTerm):
     name = "cwd"
     description = "channel-wise KD (Shu et al. 2021): per (n, c) softmax over space of z/T; T²·Σ KL(t ‖ s)/(N·C)"
-    needs_teacher_logits = True
     # A KL between distributions over every voxel of a 3D patch is large: at weight 1 its gradient was
     # 31× that of Dice + CE and the student lost 5 Dice points on phantom CT, 3 on MR and on BRATS
     # (docs/benchmark_methods.md, docs/term_gradients.md). At 0.02 it pulls at most as hard as Dice + CE,
@@ -472,6 +477,20 @@ class DISTTerm(DistillTerm):
 
     def settings(self) -> dict:
         return {"temperature": self.temperature}
+
+
+class PseudoLabelTerm(DistillTerm):
+    name = "pseudo"
+    description = "the teacher's hard pseudo-labels: Dice + CE against the arg-max of its (mixed) probabilities"
+
+    def __init__(self, weight: float, setup: TermSetup) -> None:
+        super().__init__(weight, setup)
+        self.loss = SupervisedLoss()
+
+    def forward(self, context: DistillContext) -> torch.Tensor:
+        with torch.no_grad():
+            labels = context.teacher_probabilities(1.0).argmax(dim=1, keepdim=True)
+        return self.loss(context.logits, labels)
 
 
 class _FeatureTerm(DistillTerm):
@@ -547,11 +566,21 @@ class ATTerm(_FeatureTerm):
         return _weighted_mean(losses, context.teacher_weights)
 
 
+def consistency_rampup(step: int, rampup_steps: float) -> float:
+    """The mean-teacher consistency weight exp(−5(1−t)²), t = step / ``rampup_steps`` up to 1 (Laine & Aila 2017,
+    Tarvainen & Valpola 2017): about 0.007 at the start, 1 from ``rampup_steps`` on (always 1 without a ramp)."""
+    if rampup_steps <= 0:
+        return 1.0
+    t = min(max(step / rampup_steps, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
 class CoTeacherTerm(DistillTerm):
     name = "coteacher"
     description = (
-        "ACT-Net asymmetric co-teacher (Zhao et al. 2022): coteacher_kd_weight·‖σ(z_s/τ) − σ(z_t/τ)‖² + "
-        "MSE(f_s(x+ξ), f_c(x+ξ′)), f_c = EMA of the student; without a teacher: mean-teacher consistency"
+        "ACT-Net's co-teacher, its mean-teacher part (Zhao et al. 2022): coteacher_kd_weight·‖σ(z_s/τ) − σ(z_t/τ)‖² "
+        "+ w(t)·‖f_s(x+ξ) − f_c(x+ξ′)‖², f_c = EMA of the student, w ramped up as exp(−5(1−t)²); the paper's "
+        "alternating student/teacher roles are not built; without a teacher: mean-teacher consistency"
     )
     needs_teacher = False  # the consistency part needs only the student's EMA
 
@@ -562,6 +591,8 @@ class CoTeacherTerm(DistillTerm):
         self.tau = _check(config.coteacher_tau, "coteacher_tau", 0.0)
         self.noise = _check(config.coteacher_noise, "coteacher_noise", 0.0, low_open=False)
         self.kd_weight = _check(config.coteacher_kd_weight, "coteacher_kd_weight", 0.0, low_open=False)
+        rampup = _check(config.coteacher_rampup, "coteacher_rampup", 0.0, 1.0, low_open=False)
+        self.rampup_steps = rampup * config.epochs * config.steps_per_epoch
         # AveragedModel with use_buffers=True averages the batch-norm statistics too, so the co-teacher
         # can run in eval mode with statistics that follow the student's (no separate copy step).
         self.coteacher = AveragedModel(setup.student, multi_avg_fn=get_ema_multi_avg_fn(self.alpha), use_buffers=True)
@@ -578,6 +609,7 @@ class CoTeacherTerm(DistillTerm):
             "coteacher_tau": config.coteacher_tau,
             "coteacher_noise": config.coteacher_noise,
             "coteacher_kd_weight": config.coteacher_kd_weight,
+            "coteacher_rampup": config.coteacher_rampup,
         }
 
     def train(self, mode: bool = True) -> CoTeacherTerm:
@@ -597,17 +629,22 @@ class CoTeacherTerm(DistillTerm):
         student = F.softmax(full_resolution(context.student(noisy_student), size).float(), dim=1)
         with torch.no_grad():
             coteacher = F.softmax(full_resolution(self.coteacher(noisy_coteacher), size).float(), dim=1)
-        return loss + F.mse_loss(student, coteacher)
+        # Summed over classes and averaged over voxels, as the KD part is.
+        consistency = (student - coteacher).pow(2).sum(dim=1).mean()
+        return loss + consistency_rampup(context.step, self.rampup_steps) * consistency
 
     def after_step(self, student: nn.Module) -> None:
         self.coteacher.update_parameters(student)
 
     def settings(self) -> dict:
-        return {"alpha": self.alpha, "tau": self.tau, "noise_std": self.noise, "kd_weight": self.kd_weight}
+        return {"alpha": self.alpha, "tau": self.tau, "noise_std": self.noise, "kd_weight": self.kd_weight,
+                "rampup_steps": self.rampup_steps}
 
 
 METHODS: dict[str, type[DistillTerm]] = {
-    term.name: term for term in (KDTerm, CTKDTerm, InstanceCTKDTerm, CWDTerm, DISTTerm, HintTerm, ATTerm, CoTeacherTerm)
+    term.name: term
+    for term in (KDTerm, CTKDTerm, InstanceCTKDTerm, CWDTerm, DISTTerm, HintTerm, ATTerm, CoTeacherTerm,
+                 PseudoLabelTerm)
 }
 
 

@@ -278,6 +278,8 @@ def distill_unpaired(
         TrainingConfig,
         checkpoint_dir_for,
         evaluate,
+        mean_dice,
+        recalibrate_if_better,
         seed_everything,
         split_cases,
     )
@@ -335,9 +337,19 @@ def distill_unpaired(
         prototype_temperature=prototype_temperature,
     )
     device = select_device(config.device)
-    report(0.96, "recalibrating batch-norm statistics on whole volumes, per modality")
-    recalibrate_per_modality(network, train, device)
+    report(0.96, "recalibrating batch-norm statistics per modality, if that helps on validation")
+
+    def validation_dice() -> float:  # the mean over both modalities' validation cases
+        scores = []
+        for modality in modalities:
+            with use_modality(network, modality):
+                scores.append(mean_dice(evaluate(network, validation[modality], num_classes, device)))
+        return float(np.mean(scores))
+
+    recalibration = recalibrate_if_better(network, lambda: recalibrate_per_modality(network, train, device),
+                                          validation_dice if all(validation.values()) else None)
     metrics: dict = {
+        "batch_norm_recalibration": recalibration,
         "train_loss": history.epoch_loss,
         "train_supervised": history.supervised,
         "train_prototype_kl": history.prototype,
@@ -453,13 +465,12 @@ def train_unpaired(
     and the co-teacher's copy of the network runs with that modality's normalisation layers.
     """
     from .training import (  # bundle.py imports this module
+        Optimisation,
         cache_teacher_outputs,
         distillation_loss,
         resume_from,
         save_checkpoint,
         seed_everything,
-        student_optimizer,
-        update,
     )
 
     report = progress or (lambda fraction, stage: None)
@@ -472,7 +483,7 @@ def train_unpaired(
     for teacher in teachers.values():
         teacher.to(device).eval()
     terms = _modality_terms(network, teachers, config).to(device)
-    optimizer, scheduler = student_optimizer(network, terms, config)
+    optimisation = Optimisation(network, terms, config)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     supervised = SupervisedLoss()
@@ -481,17 +492,15 @@ def train_unpaired(
     history, start_epoch = UnpairedHistory(), 0
 
     checkpoint = checkpoint_dir / "checkpoint.pt"
-    state = resume_from(checkpoint, resume, methods, network, terms, optimizer, scheduler)
+    state = resume_from(checkpoint, resume, methods, network, terms, optimisation)
     if state is not None:
         history, start_epoch = UnpairedHistory(**state["history"]), int(state["epoch"])
         report(start_epoch / config.epochs, f"resumed after epoch {start_epoch}")
 
     for modality, teacher in teachers.items():
         if len(terms[modality]):
-            logits = any(term.needs_teacher_logits for term in terms[modality])
-            cache_teacher_outputs(
-                teacher, cases[modality], device, lambda f, m, mod=modality: report(0.0, f"{mod}: {m}"), logits
-            )
+            cache_teacher_outputs(teacher, cases[modality], device,
+                                  lambda f, m, mod=modality: report(0.0, f"{mod}: {m}"))
     # Feature terms (hint, at) read intermediate maps through forward hooks; their teacher then runs per step.
     student_layers = sorted({layer for group in terms.values() for term in group for layer in term.student_layers})
     student_tap = FeatureTap(network, student_layers) if student_layers else None
@@ -560,7 +569,7 @@ def train_unpaired(
                     term = prototype_kl(*outputs[modalities[0]], *outputs[modalities[1]])
                     loss = loss + prototype_weight * term
                     parts.setdefault("prototype", []).append(float(term.detach()))
-                update(loss, optimizer, scaler, scheduler)
+                optimisation.step(loss, scaler)
                 for group in terms.values():
                     for term in group:
                         term.after_step(network)
@@ -576,7 +585,7 @@ def train_unpaired(
                 if len(terms[modality]):
                     history.kd.setdefault(modality, []).append(_mean(parts.get(f"kd_{modality}")))
             save_checkpoint(
-                checkpoint, network, optimizer, scheduler, history, epoch + 1, terms=terms.state_dict(), methods=methods
+                checkpoint, network, optimisation, history, epoch + 1, terms=terms.state_dict(), methods=methods
             )
     finally:
         for tap in [student_tap, *(tap for taps in teacher_taps.values() for tap in taps)]:
