@@ -104,6 +104,13 @@ def whole_volume_fits(network: nn.Module, padded_shape: tuple[int, ...]) -> bool
     return window_independent(network) and inference.fits_one_pass(padded_shape, activation_bytes_per_voxel(network))
 
 
+def device_attempts(device: torch.device) -> list[tuple[torch.device, torch.device]]:
+    """The (compute, stitch) devices ``predict`` tries in turn when CUDA runs out of memory: everything on the GPU,
+    then windows computed there and stitched on the CPU, then everything on the CPU. Elsewhere there is one."""
+    cpu = torch.device("cpu")
+    return [(device, device), (device, cpu), (cpu, cpu)] if device.type == "cuda" else [(device, device)]
+
+
 def predict(
     network: nn.Module,
     image: np.ndarray,
@@ -124,9 +131,7 @@ def predict(
     padded = pad_to_multiple_of_8(image)
     windows = count_windows(padded.shape)
     whole = whole_volume_fits(network, padded.shape)
-    attempts = [(device, device)]
-    if device.type == "cuda":
-        attempts += [(device, torch.device("cpu")), (torch.device("cpu"), torch.device("cpu"))]
+    attempts = device_attempts(device)
     for index, (compute, stitch) in enumerate(attempts):
         try:
             if whole and compute == stitch:
