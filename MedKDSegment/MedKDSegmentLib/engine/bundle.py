@@ -137,6 +137,11 @@ class Bundle:
         return (self.info.get("domain") or {}).get("volumes")
 
     @property
+    def privileged(self) -> list[str]:
+        """The modalities of the scans a KD-Net teacher takes after the image (empty for other models)."""
+        return [entry["modality"] for entry in self.info.get("privileged") or []]
+
+    @property
     def structures(self) -> tuple[Structure, ...]:
         """The foreground labels with their colours (grey where none is known) and coded terminology: the label
         tables' for a name they know, else what the bundle records (``medkdsegment.terminology``), else none."""
@@ -488,6 +493,7 @@ def save_bundle(
     if profile is None:
         raise ValueError("a profile is needed")
     modality_name = "+".join(modalities) if modalities else profile.modality
+    privileged = (extra or {}).get("privileged") or []  # KD-Net: teacher-only input channels after the image
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".partial-{folder.name}-", dir=folder.parent))
     try:
@@ -502,8 +508,9 @@ def save_bundle(
                 k: (v.half() if k in halve else v).detach().cpu().contiguous() for k, v in network.state_dict().items()
             }
             torch.save(state, staging / WEIGHTS)
-            if not modalities and not (extra or {}).get("pipeline") and window_independent(network) \
-                    and onnx_exporter_installed():
+            # Not for a teacher taking privileged scans: no single scan is its input.
+            if not modalities and not (extra or {}).get("pipeline") and not (extra or {}).get("privileged") \
+                    and window_independent(network) and onnx_exporter_installed():
                 exported = copy.deepcopy(network).cpu()
                 exported.load_state_dict(state)  # as the bundle's weights load: float16-stored ones rounded
                 record = export_onnx(exported.eval(), staging / ONNX_WEIGHTS)
@@ -537,12 +544,12 @@ def save_bundle(
                         "type": "image",
                         "format": modality_format,
                         "modality": modality_name,
-                        "num_channels": 1,
+                        "num_channels": 1 + len(privileged),
                         "spatial_shape": ["8*n", "8*n", "8*n"],
                         "dtype": "float32",
                         "value_range": [],
                         "is_patch_data": True,
-                        "channel_def": {"0": "image"},
+                        "channel_def": {"0": "image", **{str(i + 1): p["modality"] for i, p in enumerate(privileged)}},
                     }
                 },
                 "outputs": {

@@ -98,9 +98,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from .training import train_teacher
 
     with progress_bar("train teacher", not args.quiet) as update:
-        bundle = train_teacher(
-            args.data, args.output, args.modality, _training_config(args), resume=args.resume, progress=update
-        )
+        bundle = train_teacher(args.data, args.output, args.modality, _training_config(args), resume=args.resume,
+                               progress=update, privileged=_privileged(args))
     print(json.dumps(bundle.summary(), indent=2))
     return 0
 
@@ -114,15 +113,29 @@ def cmd_distill(args: argparse.Namespace) -> int:
     weights = args.teacher_weight or None
     with progress_bar("distil student", not args.quiet) as update:
         if args.assistant:
+            if args.privileged:
+                raise InvalidInputError("--privileged and --assistant do not combine.",
+                                        "Distil from the KD-Net teacher directly.")
             bundle = distill_chain(
                 args.data, args.teacher, args.output, config, weights=weights, resume=args.resume, progress=update
             )
         else:
-            bundle = distill_student(
-                args.data, args.teacher, args.output, config, resume=args.resume, progress=update, weights=weights
-            )
+            bundle = distill_student(args.data, args.teacher, args.output, config, resume=args.resume,
+                                     progress=update, weights=weights, privileged=_privileged(args))
     print(json.dumps(bundle.summary(), indent=2))
     return 0
+
+
+def _privileged(args: argparse.Namespace) -> dict[str, str]:
+    """``--privileged MODALITY=FOLDER`` options as {modality: folder}."""
+    given = {}
+    for item in args.privileged or []:
+        modality, separator, folder = item.partition("=")
+        if not separator or not modality or not folder:
+            raise InvalidInputError(f"--privileged '{item}' is not MODALITY=FOLDER.",
+                                    "Write it as, e.g., --privileged CT=data/ct (a folder with images/).")
+        given[modality] = folder
+    return given
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -500,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train-teacher", help="train a teacher on image/label pairs")
     p.add_argument("--modality", required=True, choices=["CT", "MR", "ct", "mr"])
+    p.add_argument("--privileged", action="append", metavar="MODALITY=FOLDER",
+                   help="KD-Net: another scan of the same subjects the teacher also takes (FOLDER/images/)")
     _add_training_arguments(p)
     p.set_defaults(run=cmd_train_teacher)
 
@@ -509,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--teacher-weight", type=float, action="append", help="one per --teacher (default: equal)")
     p.add_argument("--teacher-confidence", action="store_true", help="also weight teachers per patch by confidence")
+    p.add_argument("--privileged", action="append", metavar="MODALITY=FOLDER",
+                   help="KD-Net: the other scans a teacher was trained with (FOLDER/images/, same file names)")
     p.add_argument(
         "--assistant", action="store_true", help="teacher -> assistant (OUTPUT-assistant) -> student, in two stages"
     )

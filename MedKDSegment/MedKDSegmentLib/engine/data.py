@@ -3,12 +3,16 @@
 Layout: ``DIR/images/<case>`` and, for labelled cases, ``DIR/labels/<case>`` with the same
 file name (the layout ``medkd phantom`` writes). Images without labels are unlabelled
 cases (teacher soft targets only when distilling).
+
+Privileged inputs (KD-Net, Hu et al. 2020): other scans of the same subjects, on the same grid, that a teacher
+sees and the student does not (``PRIVILEGED_DIR/images/<case>``, same file names). They ride along as extra
+channels after the image's; each network takes the first ``networks.input_channels`` of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ from .segfile import read_seg_nrrd_names
 from .segment_names import labels_by_segment_name
 from .volume import (
     VOLUME_SUFFIXES,
+    Volume,
     check_image,
     check_label_values,
     check_labels_match,
@@ -41,6 +46,18 @@ class Case:
     _teacher_labels: tuple | None = None  # (teacher_source, argmax of the cached outputs), built when first needed
     source: Path | None = None  # the image file: a published teacher reads it through its own pipeline
     grid: sitk.Image | None = None  # the model grid ``image`` lies on
+    privileged: np.ndarray | None = None  # (K, z, y, x): teacher-only channels (KD-Net), normalised, same grid
+
+    def inputs(self, channels: int = 1) -> np.ndarray:
+        """The first ``channels`` input channels: the image (z, y, x) alone, or with privileged ones (C, z, y, x)."""
+        if channels == 1:
+            return self.image
+        available = 1 + (0 if self.privileged is None else len(self.privileged))
+        if channels > available:
+            raise InvalidInputError(
+                f"A network here takes {channels} input channels; case '{self.name}' has {available}.",
+                "Give the privileged scans the teacher was trained with (--privileged MODALITY=FOLDER).")
+        return np.concatenate([self.image[None], self.privileged[: channels - 1]])
 
     def guide_labels(self) -> np.ndarray | None:
         """Labels that steer patch sampling: the reference, else the cached teacher's prediction.
@@ -85,10 +102,19 @@ def load_cases(
     profile: Profile,
     label_table: dict[int, str],
     progress: Callable[[float, str], None] | None = None,
+    privileged: list[tuple[str | Path, Profile]] | None = None,
 ) -> list[Case]:
     """Read, check and prepare every case; bad cases are reported by name, not skipped silently.
-    ``label_table`` is the model's (value -> name): a Slicer segmentation's values are matched to it by
-    segment name, a plain label map's must be its values."""
+
+    Args:
+        folder: ``images/`` and, optionally, ``labels/``.
+        profile: how the images are prepared.
+        label_table: the model's (value -> name): a Slicer segmentation's values are matched to it by
+            segment name, a plain label map's must be its values.
+        progress: ``(fraction, message)`` callback.
+        privileged: (folder, profile) per privileged input (KD-Net): ``folder/images/<same file name>``, on the
+            image's grid, prepared with its own profile at the image's model spacing.
+    """
     pairs = find_pairs(folder)
     cases = []
     for index, (image_path, label_path) in enumerate(pairs):
@@ -107,10 +133,29 @@ def load_cases(
                     labels_by_segment_name(label_volume.array, segments, label_table, what=f"'{label_path}'"))
             check_label_values(label_volume, set(label_table), f"'{label_path}'")
             labels = labels_to_model_grid(label_volume, grid)
-        cases.append(Case(image_path.name.split(".")[0], array, labels, source=image_path, grid=grid))
+        extra = [_privileged_channel(Path(source) / "images" / image_path.name, other, image, grid)
+                 for source, other in privileged or []]
+        cases.append(Case(image_path.name.split(".")[0], array, labels, source=image_path, grid=grid,
+                          privileged=np.stack(extra) if extra else None))
         if progress:
             progress((index + 1) / len(pairs), f"loaded {image_path.name}")
     return cases
+
+
+def _privileged_channel(path: Path, profile: Profile, image: Volume, grid: sitk.Image) -> np.ndarray:
+    """A privileged scan of the case in ``path``, prepared with its ``profile`` onto the case's model ``grid``
+    (it must lie on the image's own grid: the same subject, registered)."""
+    if not path.exists():
+        raise InvalidInputError(f"The privileged scan '{path}' is missing (every case needs one, same file name).",
+                                f"Add it, or leave out --privileged for '{path.parents[1]}'.")
+    volume = read_volume(path)
+    check_image(volume, f"'{path}'")
+    check_modality(volume, profile.modality, f"'{path}'")
+    if not volume.same_grid(image):
+        raise InvalidInputError(f"The privileged scan '{path}' does not lie on its image's grid.",
+                                "Resample it onto the image (the same subject, registered) first.")
+    volume.modality = profile.modality
+    return to_model_grid(volume, replace(profile, spacing=tuple(grid.GetSpacing())))[0]
 
 
 def sample_batch(
@@ -121,8 +166,9 @@ def sample_batch(
     foreground_fraction: float = 0.67,
     labelled_share: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Random patches (N, 1, *patch), labels (N, 1, *patch), a labelled flag per item and,
-    when every case has them, the cached teacher logits (N, C, *patch).
+    """Random patches (N, 1 + K, *patch): the image and, when every case has them, its K privileged channels;
+    labels (N, 1, *patch), a labelled flag per item and, when every case has them, the cached teacher logits
+    (N, C, *patch).
 
     Cropping straight from in-memory arrays (padded where a patch leaves the volume)
     keeps a training step cheap; centres favour a random present structure so small
@@ -132,6 +178,7 @@ def sample_batch(
     """
     images, labels, labelled, teacher = [], [], [], []
     with_teacher = all(case.teacher is not None for case in cases)
+    channels = 1 + min(0 if case.privileged is None else len(case.privileged) for case in cases)
     with_labels = [c for c in cases if c.labels is not None]
     without_labels = [c for c in cases if c.labels is None]
     mixed = bool(with_labels) and bool(without_labels)
@@ -148,7 +195,8 @@ def sample_batch(
                 candidates = np.argwhere(guide == rng.choice(present))
                 centre = candidates[rng.integers(len(candidates))]
         start = centre - np.array(patch) // 2
-        images.append(_crop(case.image, start, patch, float(case.image.min())))
+        images.append(np.stack([_crop(channel, start, patch, float(channel.min()))
+                                for channel in case.inputs(channels).reshape(-1, *case.image.shape)]))
         label = case.labels if case.labels is not None else np.zeros(case.image.shape, np.uint8)
         labels.append(_crop(label, start, patch, 0))
         labelled.append(case.labels is not None)
@@ -160,7 +208,7 @@ def sample_batch(
             teacher.append(np.stack([_crop(channel, start, patch, float(value))
                                      for channel, value in zip(case.teacher, fill)]))
     return (
-        torch.from_numpy(np.stack(images)[:, None]).float(),
+        torch.from_numpy(np.stack(images)).float(),
         torch.from_numpy(np.stack(labels)[:, None].astype(np.int64)),
         torch.tensor(labelled),
         torch.from_numpy(np.stack(teacher)).float() if with_teacher else None,

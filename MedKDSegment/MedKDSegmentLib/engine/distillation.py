@@ -242,6 +242,8 @@ class DistillContext:
     teacher_weights: torch.Tensor | None = None  # (N, K) per-item teacher weights; None for one teacher
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per teacher
+    # The image with its privileged channels (KD-Net), of which each teacher takes its own; None: ``images``.
+    teacher_images: torch.Tensor | None = None
     epoch: int = 0
     step: int = 0
 

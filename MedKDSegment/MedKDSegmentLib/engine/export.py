@@ -70,6 +70,9 @@ def export_bundle(bundle: Bundle, output: str | os.PathLike, fmt: str, modality:
             f"'{bundle.name}' runs {'its own published pipeline' if bundle.pipeline else 'as imported'}: "
             "its network alone does not segment a scan.",
             "Export a student or teacher trained with MedKDSegment, or share the original model.")
+    if bundle.privileged:
+        raise InvalidInputError(f"'{bundle.name}' is a KD-Net teacher: it segments no single scan.",
+                                "Export a student distilled from it.")
     if not output.parent.is_dir():
         raise InvalidInputError(f"The folder '{output.parent}' does not exist.", "Create it first.")
     if fmt == "monai":

@@ -81,6 +81,11 @@ def segment(
             f"Options {sorted(pipeline_options)} apply to published teachers; '{bundle.name}' is not one.",
             "Leave them out for this model.",
         )
+    if bundle.privileged:
+        raise InvalidInputError(
+            f"'{bundle.name}' is a KD-Net teacher: it takes {', '.join(bundle.privileged)} scans of the same "
+            "subject besides the volume, so it cannot segment one scan.",
+            "Segment with a student distilled from it (medkd distill --teacher ... --privileged ...).")
     if bundle.pipeline is not None:
         return _segment_with_pipeline(volume, bundle, device, progress, cancel, network, pipeline_options or {})
     modality = volume.modality
@@ -182,7 +187,10 @@ def padded_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def pad_to_multiple_of_8(image: np.ndarray) -> np.ndarray:
-    """Pad at the far end with the image minimum so every stride-2 stage halves exactly."""
+    """Pad the spatial axes (the last three) at their far end so every stride-2 stage halves exactly: a
+    (z, y, x) image with its minimum, a (C, z, y, x) one channel by channel with each channel's minimum."""
+    if image.ndim == 4:
+        return np.stack([pad_to_multiple_of_8(channel) for channel in image])
     padded = np.full(padded_shape(image.shape), float(image.min()), dtype=np.float32)
     padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
     return padded

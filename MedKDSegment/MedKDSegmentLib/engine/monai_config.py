@@ -53,10 +53,11 @@ MODALITY_SPECIFIC = "MedKDSegmentLib.engine.unpaired.make_modality_specific"
 
 def inference_config(metadata: dict) -> dict | None:
     """The MONAI bundle config that segments as ``medkd segment`` does with the bundle of ``metadata``, or None
-    for a bundle MONAI's transforms cannot run (a published teacher's own pipeline, an imported network)."""
+    for a bundle MONAI's transforms cannot run (a published teacher's own pipeline, an imported network) or that
+    segments no single scan (a KD-Net teacher, which takes privileged scans too)."""
     info = metadata["medkdsegment"]
     architecture = info["architecture"]
-    if info.get("pipeline") or architecture["name"] not in NETWORK_CLASSES:
+    if info.get("pipeline") or info.get("privileged") or architecture["name"] not in NETWORK_CLASSES:
         return None
     channels = len(metadata["network_data_format"]["outputs"]["pred"]["channel_def"])
     network = {"_target_": NETWORK_CLASSES[architecture["name"]], **architecture.get("kwargs", {}),

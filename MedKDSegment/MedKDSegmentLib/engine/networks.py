@@ -68,6 +68,15 @@ def output_stride(network: nn.Module) -> int:
     return getattr(network, "output_stride", 1)
 
 
+def input_channels(network: nn.Module) -> int:
+    """The channels a network takes: its first convolution's (1 for a module that cannot be inspected). A
+    teacher given privileged inputs (KD-Net) takes the student's image and more channels after it."""
+    if isinstance(network, torch.jit.ScriptModule):
+        return 1
+    first = next((m for m in network.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))), None)
+    return first.in_channels if first is not None else 1
+
+
 def full_resolution(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Logits interpolated to ``size`` (a no-op when they already have it)."""
     if tuple(logits.shape[2:]) == tuple(size):

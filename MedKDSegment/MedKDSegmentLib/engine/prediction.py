@@ -78,8 +78,14 @@ def scan_statistics(network: nn.Module, padded: np.ndarray, size: tuple[int, ...
     network.eval()
     device = next(network.parameters()).device
     with torch.inference_mode():
-        _, statistics, entropy = WholeVolumeOutputs(network)(torch.from_numpy(padded)[None, None].to(device))
+        _, statistics, entropy = WholeVolumeOutputs(network)(as_batch(padded).to(device))
     return evidence(statistics.cpu().numpy(), entropy.cpu().numpy(), size)
+
+
+def as_batch(image: np.ndarray) -> torch.Tensor:
+    """A (z, y, x) or (C, z, y, x) array as a batch of one: (1, C, z, y, x)."""
+    tensor = torch.from_numpy(image)
+    return tensor[None, None] if image.ndim == 3 else tensor[None]
 
 
 def window_independent(network: nn.Module) -> bool:
@@ -129,18 +135,19 @@ def predict(
     """
     report = report or (lambda fraction, stage: None)
     padded = pad_to_multiple_of_8(image)
-    windows = count_windows(padded.shape)
-    whole = whole_volume_fits(network, padded.shape)
+    size, spatial = image.shape[-3:], padded.shape[-3:]
+    windows = count_windows(spatial)
+    whole = whole_volume_fits(network, spatial)
     attempts = device_attempts(device)
     for index, (compute, stitch) in enumerate(attempts):
         try:
             if whole and compute == stitch:
-                scores, found = _whole_volume(network.to(compute), padded, compute, image.shape, cancel, domain)
+                scores, found = _whole_volume(network.to(compute), padded, compute, size, cancel, domain)
                 report(1.0, "inference")
-                return scores, compute, padded.shape, 1, found
+                return scores, compute, spatial, 1, found
             scores = _sliding_window(network.to(compute), padded, compute, stitch, windows, report, cancel)
-            found = scan_statistics(network, padded, image.shape) if domain else None
-            return scores, compute, padded.shape, windows, found
+            found = scan_statistics(network, padded, size) if domain else None
+            return scores, compute, spatial, windows, found
         except torch.cuda.OutOfMemoryError:
             if index == len(attempts) - 1:
                 raise
@@ -167,14 +174,14 @@ def predict_labels(
     network.eval()
     scores, _, padded = predict_scores(network, image, device, cancel=cancel)
     labels = full_resolution(torch.from_numpy(scores)[None], padded)[0].argmax(0).numpy().astype(np.uint8)
-    z, y, x = image.shape
+    z, y, x = image.shape[-3:]
     return labels[:z, :y, :x]
 
 
 def _whole_volume(network, padded, compute, size, cancel, domain) -> tuple[np.ndarray, tuple | None]:
     if cancel is not None and cancel():
         raise CancelledError()
-    tensor = torch.from_numpy(padded)[None, None].to(compute)
+    tensor = as_batch(padded).to(compute)
     with torch.inference_mode(), torch.autocast(compute.type, dtype=torch.float16, enabled=compute.type == "cuda"):
         if not domain:
             return torch.softmax(network(tensor).float(), 1)[0].cpu().numpy(), None
@@ -211,8 +218,8 @@ def _sliding_window(
         report(done / windows, "inference")
         return torch.softmax(logits.float(), dim=1)
 
-    inferer = sliding_window_inferer(image.shape, compute, stitch)
-    tensor = torch.from_numpy(image)[None, None]
+    inferer = sliding_window_inferer(image.shape[-3:], compute, stitch)
+    tensor = as_batch(image)
     with torch.inference_mode():
         scores = inferer(tensor, predictor)
     return scores[0].float().cpu().numpy()

@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -47,9 +47,17 @@ from .inference import pad_to_multiple_of_8
 from .labels import ABDOMEN_STRUCTURES, label_names
 from .losses import SupervisedLoss
 from .metrics import dice_per_label
-from .networks import ASSISTANT_CONFIG, STUDENT_CONFIG, TEACHER_CONFIG, build_network, full_resolution, output_stride
+from .networks import (
+    ASSISTANT_CONFIG,
+    STUDENT_CONFIG,
+    TEACHER_CONFIG,
+    build_network,
+    full_resolution,
+    input_channels,
+    output_stride,
+)
 from .pipelines import PipelineTeacher
-from .prediction import predict_labels, scan_statistics, sliding_window_inferer
+from .prediction import as_batch, predict_labels, scan_statistics, sliding_window_inferer
 from .profiles import DEFAULT_PROFILES, Profile
 from .volume import check_output_path, normalize_modality
 
@@ -158,7 +166,8 @@ def evaluate(network: nn.Module, cases: list[Case], num_classes: int, device: to
     """Mean Dice per label on the model grid over labelled ``cases``."""
     per_label: dict[int, list[float]] = {label: [] for label in range(1, num_classes)}
     for case in cases:
-        dice = dice_per_label(predict_labels(network, case.image, device), case.labels, list(per_label))
+        dice = dice_per_label(predict_labels(network, case.inputs(input_channels(network)), device), case.labels,
+                              list(per_label))
         for label, value in dice.items():
             if not math.isnan(value):
                 per_label[label].append(value)
@@ -230,8 +239,9 @@ def fit(
             for step in range(config.steps_per_epoch):
                 if cancel is not None and cancel():
                     raise CancelledError()
-                images, labels, labelled, cached = training_batch(
+                channels, labels, labelled, cached = training_batch(
                     cases, config.batch_size, config.patch_size, rng, device, config.spatial_augmentation)
+                images = channels[:, :input_channels(network)]  # privileged channels are the teachers' alone
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     logits = full_resolution(network(images), images.shape[2:]).float()
                     loss = logits.new_zeros(())
@@ -246,6 +256,7 @@ def fit(
                             network,
                             epoch=epoch,
                             step=epoch * config.steps_per_epoch + step,
+                            teacher_images=channels,
                         )
                         loss = loss + distillation_loss(
                             terms, context, student_tap, teachers, weights, cached, teacher_taps, config, device
@@ -337,9 +348,10 @@ def _teacher_outputs(
     """Fill the teachers' outputs into ``context``: logits from the offline cache when there is one
     (K teachers stacked along channels), else from running the teachers; features from the taps."""
     size = context.images.shape[2:]
+    given = context.teacher_images if context.teacher_images is not None else context.images
     if cached is None or taps:
         with torch.no_grad():
-            online = [full_resolution(model(context.images), size).float() for model in teachers]
+            online = [full_resolution(model(given[:, :input_channels(model)]), size).float() for model in teachers]
         context.teacher_features = [dict(tap.features) for tap in taps]
     context.teacher_logits = list(cached.to(device).chunk(len(teachers), dim=1)) if cached is not None else online
     if len(teachers) > 1:
@@ -370,35 +382,40 @@ def cache_teacher_outputs(
     key = ("logits", *(_fingerprint(model) for model in teachers))
     for model in teachers:
         model.eval()
-    fills: dict[tuple[int, float], np.ndarray] = {}  # (teacher, padding value) -> its output there (C,)
+    fills: dict[tuple[int, tuple], np.ndarray] = {}  # (teacher, padding values) -> its output there (C,)
     for index, case in enumerate(cases):
         if case.teacher is None or case.teacher_source != key:
             z, y, x = case.image.shape
             outputs = [_case_output(model, case, device)[:, :z, :y, :x] for model in teachers]
-            pad = float(case.image.min())
+            fill = []
             for k, model in enumerate(teachers):
-                if (k, pad) not in fills:  # cases normalised alike share their padding value: probe once
+                # Patches are padded channel by channel with each channel's minimum (``sample_batch``).
+                inputs = case.inputs(input_channels(model)).reshape(-1, *case.image.shape)
+                pad = tuple(float(channel.min()) for channel in inputs)
+                if (k, pad) not in fills:  # cases normalised alike share their padding values: probe once
                     fills[(k, pad)] = (model.padding_output() if isinstance(model, PipelineTeacher)
                                        else _padding_output(model, pad, device))
-            case.teacher_fill = np.concatenate([fills[(k, pad)] for k in range(len(teachers))]).astype(np.float16)
+                fill.append(fills[(k, pad)])
+            case.teacher_fill = np.concatenate(fill).astype(np.float16)
             case.teacher = np.concatenate(outputs).astype(np.float16)
             case.teacher_source = key
         report(0.0, f"teacher outputs cached for {index + 1}/{len(cases)} cases")
 
 
 def _case_output(model: nn.Module, case: Case, device: torch.device) -> np.ndarray:
-    """A teacher's logits on a whole case: a published teacher through its own pipeline, else on the image."""
+    """A teacher's logits on a whole case: a published teacher through its own pipeline, else on the image and
+    the privileged channels it takes."""
     if isinstance(model, PipelineTeacher):
         return model.outputs_on(case, device)
-    return _predict_logits(model, case.image, device)
+    return _predict_logits(model, case.inputs(input_channels(model)), device)
 
 
-def _padding_output(model: nn.Module, value: float, device: torch.device) -> np.ndarray:
-    """The teacher's logits (C,) for patch voxels beyond the volume's edge, where sample_batch pads the
-    image with ``value``: its output at the centre of a constant block of that value."""
-    blank = np.full((PADDING_PROBE,) * 3, value, dtype=np.float32)
+def _padding_output(model: nn.Module, values: tuple[float, ...], device: torch.device) -> np.ndarray:
+    """The teacher's logits (C,) for patch voxels beyond the volume's edge, where sample_batch pads each input
+    channel with its value in ``values``: its output at the centre of a constant block of those values."""
+    blank = np.stack([np.full((PADDING_PROBE,) * 3, value, dtype=np.float32) for value in values])
     centre = PADDING_PROBE // 2
-    return _predict_logits(model, blank, device)[:, centre, centre, centre]
+    return _predict_logits(model, blank if len(values) > 1 else blank[0], device)[:, centre, centre, centre]
 
 
 def _fingerprint(network: nn.Module) -> str:
@@ -414,14 +431,14 @@ def _predict_logits(network: nn.Module, image: np.ndarray, device: torch.device)
     """Logits (C, z, y, x) of the padded whole image, stitched like inference's sliding window
     (prediction.predict_scores returns softmax scores, whose logits cannot be recovered)."""
     padded = pad_to_multiple_of_8(image)
-    inferer = sliding_window_inferer(padded.shape, device, torch.device("cpu"))
+    inferer = sliding_window_inferer(padded.shape[-3:], device, torch.device("cpu"))
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             return network(batch).float()
 
     with torch.inference_mode():
-        return inferer(torch.from_numpy(padded)[None, None], predictor)[0].float().cpu().numpy()
+        return inferer(as_batch(padded), predictor)[0].float().cpu().numpy()
 
 
 def recalibrate_batch_norm(network: nn.Module, cases: list[Case], device: torch.device, limit: int = 8) -> None:
@@ -432,7 +449,8 @@ def recalibrate_batch_norm(network: nn.Module, cases: list[Case], device: torch.
     """
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
         return
-    volumes = [torch.from_numpy(pad_to_multiple_of_8(case.image))[None, None] for case in cases[:limit]]
+    channels = input_channels(network)
+    volumes = [as_batch(pad_to_multiple_of_8(case.inputs(channels))) for case in cases[:limit]]
     with torch.no_grad():
         torch.optim.swa_utils.update_bn(volumes, network, device)
     network.eval()
@@ -621,11 +639,18 @@ def train_teacher(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     half_precision: bool = False,
+    privileged: Mapping[str, str | Path] | None = None,
 ) -> Bundle:
-    """Train a teacher on a folder of image/label pairs and write it as a new bundle."""
+    """Train a teacher on a folder of image/label pairs and write it as a new bundle.
+
+    ``privileged`` (KD-Net, Hu et al. 2020) maps other modalities of the same subjects to their folders
+    (``images/`` with the same file names, on the images' grids): the teacher then takes them as extra input
+    channels after the image, and distils into a student that sees the image alone."""
     modality = normalize_modality(modality)
     profile = profile or DEFAULT_PROFILES[modality]
-    architecture = architecture or TEACHER_CONFIG
+    inputs = [PrivilegedInput(normalize_modality(m), DEFAULT_PROFILES[normalize_modality(m)], Path(folder))
+              for m, folder in (privileged or {}).items()]
+    architecture = with_input_channels(architecture or TEACHER_CONFIG, 1 + len(inputs))
     return _train_bundle(
         data,
         Path(output),
@@ -638,7 +663,46 @@ def train_teacher(
         progress,
         cancel,
         half_precision,
+        privileged=inputs,
     )
+
+
+@dataclass(frozen=True)
+class PrivilegedInput:
+    """A teacher-only input channel (KD-Net): its modality, how it is prepared, and where its scans are."""
+
+    modality: str
+    profile: Profile
+    folder: Path | None = None
+
+    def record(self) -> dict:
+        return {"modality": self.modality, "preprocessing": self.profile.to_dict()}
+
+
+def with_input_channels(architecture: dict, channels: int) -> dict:
+    """``architecture`` taking ``channels`` input channels (the image, then privileged ones)."""
+    return {**architecture, "kwargs": {**architecture.get("kwargs", {}), "in_channels": channels}}
+
+
+def privileged_inputs(bundles: Sequence[Bundle], folders: Mapping[str, str | Path] | None) -> list[PrivilegedInput]:
+    """The privileged inputs the teachers take, in channel order, with the user's folder for each: every
+    teacher's recorded list must begin the longest one (each takes the first channels it needs)."""
+    recorded = [bundle.info.get("privileged") or [] for bundle in bundles]
+    longest = max(recorded, key=len, default=[])
+    for bundle, own in zip(bundles, recorded):
+        if own != longest[: len(own)]:
+            raise InvalidInputError(f"Teacher '{bundle.name}' takes other privileged inputs than the other teachers.",
+                                    "Distil from teachers trained with the same privileged scans.")
+    folders = {normalize_modality(m): Path(f) for m, f in (folders or {}).items()}
+    wanted = [normalize_modality(entry["modality"]) for entry in longest]
+    if set(folders) != set(wanted):
+        raise InvalidInputError(
+            f"The teachers take privileged {', '.join(wanted) or 'inputs: none'}; given: "
+            f"{', '.join(folders) or 'none'}.",
+            "Give --privileged MODALITY=FOLDER once for each modality the teachers were trained with."
+            if wanted else "Leave out --privileged: no teacher takes privileged scans.")
+    return [PrivilegedInput(m, Profile.from_dict(entry["preprocessing"]), folders[m])
+            for m, entry in zip(wanted, longest)]
 
 
 TeacherRef = str | Path | Bundle
@@ -657,6 +721,7 @@ def distill_student(
     role: str = "student",
     half_precision: bool = False,
     profile: Profile | None = None,
+    privileged: Mapping[str, str | Path] | None = None,
 ) -> Bundle:
     """Distil a student (``role="assistant"``: a teacher assistant) from one or several teachers
     with ``config.methods``: Dice+CE where labels exist plus each method's term on all items.
@@ -669,12 +734,15 @@ def distill_student(
     grid (a script's in-memory data; their cached teacher outputs are filled in place and reused
     while the teachers are the same). Several teachers are mixed with ``weights`` (default
     ``config.teacher_weights``, else equal); all must share the model grid and label table.
+    A teacher trained with privileged inputs (KD-Net) needs their folders in ``privileged`` (modality -> folder);
+    the student sees the image alone.
     """
     config = config or TrainingConfig()
     if weights is not None:
         config = replace(config, teacher_weights=tuple(float(w) for w in weights))
     bundles = _resolve_teachers(teacher)
     validate_teacher_weights(config.teacher_weights, len(bundles))
+    inputs = privileged_inputs(bundles, privileged)
     return _train_bundle(
         data,
         Path(output),
@@ -687,6 +755,7 @@ def distill_student(
         progress,
         cancel,
         half_precision,
+        privileged=inputs,
     )
 
 
@@ -806,6 +875,7 @@ def _train_unlocked(
     cancel,
     half,
     extra_method: dict | None = None,
+    privileged: list[PrivilegedInput] = (),
 ) -> Bundle:
     if output.exists():
         raise InvalidInputError(
@@ -846,7 +916,8 @@ def _train_unlocked(
         if not cases:
             raise InvalidInputError("No training cases were given.", "Give a folder with images/ or a list of cases.")
     else:
-        cases = load_cases(data, profile, label_names(structures), lambda f, m: report(0.05 * f, m))
+        cases = load_cases(data, profile, label_names(structures), lambda f, m: report(0.05 * f, m),
+                           [(p.folder, p.profile) for p in privileged])
     train_cases, validation = split_cases(cases, config.validation_fraction, config.seed)
     seed_everything(config.seed)
     network = build_network(architecture, num_classes)
@@ -882,6 +953,8 @@ def _train_unlocked(
     method = _method_record(config, specs, history, teacher_bundles, weights) | (extra_method or {})
     report(0.97, "recording the model's domain")
     inherited = _inherited_from(teacher_bundles)
+    if role == "teacher" and privileged:  # the channels it takes after the image, for its students
+        inherited["extra"] = {**inherited.get("extra", {}), "privileged": [p.record() for p in privileged]}
     kind = inherited.get("task") or f"{profile.modality} phantom abdomen"
     domain = domain_record(network, cases, f"{len(cases)} {profile.modality} volumes: {kind}", device)
     inherited["extra"] = {**inherited.get("extra", {}), "domain": domain}
@@ -912,7 +985,8 @@ def domain_record(network: nn.Module, cases: list[Case], volumes: str, device: t
     statistics, entropies = [], []
     network.to(device)
     for case in cases:
-        features, entropy = scan_statistics(network, pad_to_multiple_of_8(case.image), case.image.shape)
+        features, entropy = scan_statistics(network, pad_to_multiple_of_8(case.inputs(input_channels(network))),
+                                            case.image.shape)
         statistics.append(features)
         entropies.append(entropy)
     return record(statistics, entropies, volumes)
