@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from MedKDSegmentLib.engine.measure import machine_description
+from MedKDSegmentLib.engine.modality_norm import use_modality
 from MedKDSegmentLib.engine.report import markdown_table, write_json, write_text
 from MedKDSegmentLib.engine.training import TrainingConfig
-from MedKDSegmentLib.engine.unpaired import PROTOTYPE_WEIGHT, distill_unpaired, use_modality
+from MedKDSegmentLib.engine.unpaired import PROTOTYPE_WEIGHT, distill_unpaired
 
 MODALITIES = ("CT", "MR")
 COLUMNS = {"subjects": "CT / MR subjects",

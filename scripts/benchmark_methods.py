@@ -304,7 +304,8 @@ def unpaired_section(config: TrainingConfig, teacher_steps: int, seeds: int, var
     (against separate students trained from scratch). The shared student sees one CT and one MR batch per
     step, so each modality gets the same patches and steps as its separate student. ``cases``: training
     volumes per modality (the teachers are those of the modality sections, whatever it is)."""
-    from MedKDSegmentLib.engine.unpaired import distill_unpaired, use_modality
+    from MedKDSegmentLib.engine.modality_norm import use_modality
+    from MedKDSegmentLib.engine.unpaired import distill_unpaired
 
     labels = [s.value for s in ABDOMEN_STRUCTURES]
     modalities = ("CT", "MR")

@@ -18,10 +18,10 @@ from tiny import NUM_CLASSES, TINY_CT, TINY_MR, TINY_STUDENT
 from MedKDSegmentLib.engine.bundle import find_bundles, resolve_bundle, save_bundle
 from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES
+from MedKDSegmentLib.engine.modality_norm import make_modality_specific
 from MedKDSegmentLib.engine.monai_config import CONFIG, LOGGING, inference_config
 from MedKDSegmentLib.engine.networks import build_network
 from MedKDSegmentLib.engine.phantom import generate_phantom
-from MedKDSegmentLib.engine.unpaired import make_modality_specific
 from MedKDSegmentLib.engine.volume import Volume, read_volume, write_volume
 
 MODULE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["MedKDSegmentLib"].__file__)))

@@ -19,22 +19,19 @@ from MedKDSegmentLib.engine.errors import BundleError, CancelledError, InvalidIn
 from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, label_names
 from MedKDSegmentLib.engine.metrics import dice_per_label
+from MedKDSegmentLib.engine.modality_norm import (
+    ModalityNorm,
+    current_modality,
+    make_modality_specific,
+    network_modalities,
+    use_modality,
+)
 from MedKDSegmentLib.engine.networks import build_network
 from MedKDSegmentLib.engine.phantom import generate_phantom, write_phantom_dataset
 from MedKDSegmentLib.engine.prediction import predict_scores
 from MedKDSegmentLib.engine.profiles import to_model_grid
 from MedKDSegmentLib.engine.training import TrainingConfig, checkpoint_dir_for, seed_everything
-from MedKDSegmentLib.engine.unpaired import (
-    ModalityNorm,
-    PrototypeKL,
-    _modality_terms,
-    current_modality,
-    distill_unpaired,
-    make_modality_specific,
-    network_modalities,
-    train_unpaired,
-    use_modality,
-)
+from MedKDSegmentLib.engine.unpaired import PrototypeKL, _modality_terms, distill_unpaired, train_unpaired
 
 SIZE, SPACING = (64, 56, 40), (6.0, 6.0, 6.0)
 PROFILES = {"CT": TINY_CT, "MR": TINY_MR}

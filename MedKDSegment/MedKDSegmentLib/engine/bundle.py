@@ -241,8 +241,8 @@ class Bundle:
         their recorded sha256 first)."""
         import torch
 
+        from .modality_norm import make_modality_specific
         from .networks import build_network
-        from .unpaired import make_modality_specific
 
         weights = self.weights_path
         self._check_weights()
@@ -460,7 +460,7 @@ def save_bundle(
 
     ``half_precision`` stores learned weights as float16 (half the file size; they are
     converted back to float32 on load); buffers such as batch-norm statistics stay float32.
-    A modality-specific network (``unpaired.make_modality_specific``) needs ``profiles``, one per
+    A modality-specific network (``modality_norm.make_modality_specific``) needs ``profiles``, one per
     modality of its normalisation layers (and optionally ``teachers`` per modality); ``profile``,
     the primary one kept in ``medkdsegment.preprocessing``, then defaults to the first modality's.
 
@@ -470,9 +470,9 @@ def save_bundle(
     import monai
     import torch
 
+    from .modality_norm import network_modalities
     from .networks import count_parameters
     from .prediction import window_independent
-    from .unpaired import network_modalities
 
     folder = Path(folder)
     if folder.exists():
@@ -488,7 +488,7 @@ def save_bundle(
         if profiles.get(profile.modality) != profile:
             raise ValueError("the primary profile must be one of the per-modality profiles")
     elif profiles is not None and set(profiles) != {(profile or next(iter(profiles.values()))).modality}:
-        raise ValueError("several profiles need a modality-specific network (unpaired.make_modality_specific)")
+        raise ValueError("several profiles need a modality-specific network (modality_norm.make_modality_specific)")
     profile = profile or next(iter((profiles or {}).values()), None)
     if profile is None:
         raise ValueError("a profile is needed")

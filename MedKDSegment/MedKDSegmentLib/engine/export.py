@@ -27,11 +27,11 @@ import torch
 from .bundle import Bundle
 from .errors import InvalidInputError
 from .inference import pad_to_multiple_of_8
+from .modality_norm import use_modality
 from .monai_config import CONFIG, inference_config, write_inference_config
 from .onnx_network import OPSET
 from .phantom import generate_phantom
 from .profiles import to_model_grid
-from .unpaired import use_modality
 
 FORMATS = ("monai", "onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}

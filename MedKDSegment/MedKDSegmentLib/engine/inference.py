@@ -139,9 +139,9 @@ def segment(
 def _predict_with_torch(network, image, bundle, modality, device, report, cancel, domain):
     """Scores, output stride, windows, device description and domain evidence from the torch network."""
     from .device import describe_device, select_device
+    from .modality_norm import use_modality
     from .networks import output_stride
     from .prediction import predict
-    from .unpaired import use_modality
 
     with use_modality(network, modality) if bundle.modality_specific else nullcontext():
         scores, used, _, windows, found = predict(network, image, select_device(device), report, cancel, domain)

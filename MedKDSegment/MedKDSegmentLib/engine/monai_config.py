@@ -48,7 +48,7 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 # Where each network a config can build lives, importable by MONAI's config parser.
 NETWORK_CLASSES = {"UNet": "monai.networks.nets.UNet", "FastStudent": "MedKDSegmentLib.engine.networks.FastStudent"}
-MODALITY_SPECIFIC = "MedKDSegmentLib.engine.unpaired.make_modality_specific"
+MODALITY_SPECIFIC = "MedKDSegmentLib.engine.modality_norm.make_modality_specific"
 
 
 def inference_config(metadata: dict) -> dict | None:
@@ -71,7 +71,7 @@ def inference_config(metadata: dict) -> dict | None:
     imports = ["$import glob", "$import os", "$import numpy", "$import torch"]
     if info.get("modalities"):  # per-modality normalisation layers, chosen by --modality
         network = {"_target_": MODALITY_SPECIFIC, "network": network, "modalities": list(profiles)}
-        imports.append("$from MedKDSegmentLib.engine.unpaired import use_modality")
+        imports.append("$from MedKDSegmentLib.engine.modality_norm import use_modality")
         initialize.append("$use_modality(@network_def, @modality)")
     stride = int(info.get("output_stride", 1))
     return {

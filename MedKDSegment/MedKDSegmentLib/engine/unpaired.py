@@ -1,7 +1,7 @@
 """Unpaired CT + MR student (Dou et al., IEEE TMI 2020): one network segments both modalities.
 
 Every convolution kernel is shared between CT and MR; only the normalisation layers are
-separate, one copy per modality (``ModalityNorm``), because intensity statistics differ far
+separate, one copy per modality (``modality_norm.ModalityNorm``), because intensity statistics differ far
 more between modalities than the anatomy does. Training draws one CT batch and one MR batch
 (from different patients: unpaired) per step, runs each through the network with its own
 normalisation layers, and adds to the per-modality Dice + cross-entropy a symmetric KL term
@@ -27,10 +27,9 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .augment import augment_batch, sampling_shape
+from .bundle import Bundle, resolve_bundle, save_bundle
 from .data import Case, load_cases, sample_batch
 from .device import select_device
 from .distillation import (
@@ -52,123 +52,29 @@ from .distillation import (
 from .errors import CancelledError, InvalidInputError
 from .labels import ABDOMEN_STRUCTURES, label_names
 from .losses import SupervisedLoss
+from .modality_norm import make_modality_specific, modality_norms, network_modalities, use_modality
 from .networks import STUDENT_CONFIG, build_network, full_resolution
 from .profiles import DEFAULT_PROFILES, Profile
+from .training import (
+    Optimisation,
+    TrainingConfig,
+    cache_teacher_outputs,
+    checkpoint_dir_for,
+    distillation_loss,
+    evaluate,
+    mean_dice,
+    recalibrate_batch_norm,
+    recalibrate_if_better,
+    resume_from,
+    save_checkpoint,
+    seed_everything,
+    split_cases,
+)
 from .volume import normalize_modality
 
-if TYPE_CHECKING:  # bundle.py imports this module; the training side imports bundle lazily
-    from .bundle import Bundle
-    from .training import TrainingConfig
-
 Progress = Callable[[float, str], None]
-# Normalisation layers made modality-specific (BatchNorm and InstanceNorm in the project's
-# networks; GroupNorm and LayerNorm too, so MONAI networks built with them work as well).
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 PROTOTYPE_WEIGHT = 0.5  # λ of the paper
 PROTOTYPE_TEMPERATURE = 2.0  # τ of the paper
-
-
-# --- modality-specific normalisation ----------------------------------------------------------------------
-
-
-class ModalityNorm(nn.Module):
-    """One copy of a normalisation layer per modality; ``forward`` uses the active one.
-
-    The copies start as deep copies of the original layer (same affine parameters and running
-    statistics) and then learn apart. ``active`` is the index into ``modalities``; it is set for
-    the whole network at once by ``use_modality``. State-dict keys are ``<layer>.norms.<index>.*``.
-    """
-
-    def __init__(self, norm: nn.Module, modalities: Sequence[str]) -> None:
-        super().__init__()
-        self.modalities = tuple(modalities)
-        self.norms = nn.ModuleList(copy.deepcopy(norm) for _ in self.modalities)
-        self.active = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norms[self.active](x)
-
-    def extra_repr(self) -> str:
-        return f"modalities={self.modalities}, active={self.modalities[self.active]!r}"
-
-
-def _modality_norms(network: nn.Module) -> list[ModalityNorm]:
-    return [m for m in network.modules() if isinstance(m, ModalityNorm)]
-
-
-def make_modality_specific(network: nn.Module, modalities: Sequence[str] = ("CT", "MR")) -> nn.Module:
-    """Replace every normalisation layer of ``network`` in place by a ``ModalityNorm``; returns it.
-
-    Convolutions (and every other parameter) are untouched, so they stay the same tensors and
-    are shared by all modalities; the norm index of a modality is its position in ``modalities``.
-    Works on any ``nn.Module`` (MONAI ``UNet``, ``FastStudent``) since layers are found by type.
-    """
-    names = tuple(normalize_modality(m) for m in modalities)
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"modalities must be distinct and non-empty, got {modalities!r}")
-    if _modality_norms(network):
-        raise ValueError("the network is already modality-specific")
-    # Collected first: replacing while iterating modules() would visit the new layers.
-    targets = [
-        (parent, name, child)
-        for parent in network.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, NORM_TYPES)
-    ]
-    if not targets:
-        raise ValueError("the network has no normalisation layers to make modality-specific")
-    for parent, name, child in targets:
-        setattr(parent, name, ModalityNorm(child, names))
-    return network
-
-
-def network_modalities(network: nn.Module) -> tuple[str, ...]:
-    """The modalities of a modality-specific network in norm-index order; () for an ordinary one."""
-    layers = _modality_norms(network)
-    return layers[0].modalities if layers else ()
-
-
-def current_modality(network: nn.Module) -> str | None:
-    """The modality whose normalisation layers ``network`` uses now (None if not modality-specific)."""
-    layers = _modality_norms(network)
-    return layers[0].modalities[layers[0].active] if layers else None
-
-
-class _Selection:
-    """Returned by ``use_modality``: the choice is already made; ``with`` restores the previous one on exit."""
-
-    def __init__(self, layers: list[ModalityNorm], previous: int) -> None:
-        self._layers, self._previous = layers, previous
-
-    def __enter__(self) -> _Selection:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for layer in self._layers:
-            layer.active = self._previous
-
-
-def use_modality(network: nn.Module, modality: str) -> _Selection:
-    """Make ``network`` use ``modality``'s normalisation layers, now.
-
-    Usable as a plain setter (``use_modality(net, "MR")``) or as a context manager
-    (``with use_modality(net, "MR"): ...``) that restores the previous choice afterwards.
-    A network shared between jobs (``jobs.NetworkCache``) must be set on every call.
-    """
-    layers = _modality_norms(network)
-    if not layers:
-        raise ValueError("the network has no modality-specific normalisation layers (see make_modality_specific)")
-    name = normalize_modality(modality)
-    known = layers[0].modalities
-    if name not in known:
-        raise InvalidInputError(
-            f"This network has normalisation layers for {'+'.join(known)}, not for {name}.",
-            f"Use a model made for {name} volumes, or override the modality if it was detected wrongly.",
-        )
-    previous = layers[0].active
-    for layer in layers:
-        layer.active = known.index(name)
-    return _Selection(layers, previous)
 
 
 # --- the prototype loss -----------------------------------------------------------------------------------
@@ -272,17 +178,6 @@ def distill_unpaired(
     Checkpoints go to ``training.checkpoint_dir_for(output)`` every epoch; ``resume`` continues
     them; ``cancel`` raises ``CancelledError`` and leaves no bundle.
     """
-    # Imported here: bundle.py imports this module for the network side.
-    from .bundle import Bundle, resolve_bundle, save_bundle
-    from .training import (
-        TrainingConfig,
-        checkpoint_dir_for,
-        evaluate,
-        mean_dice,
-        recalibrate_if_better,
-        seed_everything,
-        split_cases,
-    )
 
     output = Path(output)
     if output.exists():
@@ -464,14 +359,6 @@ def train_unpaired(
     learnt parts (CTKD's temperature, hint adapters) are per modality, like the normalisation layers,
     and the co-teacher's copy of the network runs with that modality's normalisation layers.
     """
-    from .training import (  # bundle.py imports this module
-        Optimisation,
-        cache_teacher_outputs,
-        distillation_loss,
-        resume_from,
-        save_checkpoint,
-        seed_everything,
-    )
 
     report = progress or (lambda fraction, stage: None)
     teachers = teachers or {}
@@ -616,7 +503,7 @@ def _modality_terms(network: nn.Module, teachers: dict[str, nn.Module], config: 
                         f"{modality}: {error.problem}",
                         error.fix.replace("Give a teacher", f"Give a {modality} teacher"),
                     ) from error
-            if _modality_norms(group):  # the co-teacher's copy: always this modality's normalisation
+            if modality_norms(group):  # the co-teacher's copy: always this modality's normalisation
                 use_modality(group, modality)
             terms[modality] = group
     return terms
@@ -633,9 +520,7 @@ def recalibrate_per_modality(network: nn.Module, cases: dict[str, list[Case]], d
     torch's ``update_bn`` resets *every* batch-norm layer it finds, the other modality's copies
     included; those are saved before and restored after, so each copy only sees its own modality.
     """
-    from .training import recalibrate_batch_norm  # bundle.py imports this module
-
-    layers = _modality_norms(network)
+    layers = modality_norms(network)
     for modality, modality_cases in cases.items():
         if not modality_cases:
             continue
