@@ -43,7 +43,6 @@ from build_models import PATCH as BUNDLED_PATCH  # noqa: E402
 from MedKDSegmentLib.engine.bundle import load_bundle, save_bundle  # noqa: E402
 from MedKDSegmentLib.engine.data import Case  # noqa: E402
 from MedKDSegmentLib.engine.device import select_device  # noqa: E402
-from MedKDSegmentLib.engine.distillation import METHODS  # noqa: E402
 from MedKDSegmentLib.engine.errors import BundleError  # noqa: E402
 from MedKDSegmentLib.engine.labels import (  # noqa: E402
     ABDOMEN_STRUCTURES,
@@ -51,6 +50,7 @@ from MedKDSegmentLib.engine.labels import (  # noqa: E402
     Structure,  # noqa: E402
 )
 from MedKDSegmentLib.engine.measure import machine_description  # noqa: E402
+from MedKDSegmentLib.engine.methods import METHODS  # noqa: E402
 from MedKDSegmentLib.engine.metrics import dice_per_label  # noqa: E402
 from MedKDSegmentLib.engine.networks import (  # noqa: E402
     ASSISTANT_CONFIG,

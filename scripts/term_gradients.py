@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from MedKDSegmentLib.engine.augment import training_batch
-from MedKDSegmentLib.engine.distillation import METHODS, DistillContext, TermSetup, build_terms
+from MedKDSegmentLib.engine.distillation import DistillContext, TermSetup, build_terms
 from MedKDSegmentLib.engine.losses import SupervisedLoss
 from MedKDSegmentLib.engine.measure import machine_description
+from MedKDSegmentLib.engine.methods import METHODS
 from MedKDSegmentLib.engine.networks import full_resolution
 from MedKDSegmentLib.engine.report import markdown_table, write_json, write_text
 from MedKDSegmentLib.engine.training import (

@@ -273,7 +273,8 @@ def training_config(settings: dict | None = None):
 def check_training_spec(spec: dict) -> None:
     """Refuse a bad spec before any data is read or anything is written: unknown settings, a typo in the
     method string, teacher weights that do not fit the teachers."""
-    from .engine.distillation import parse_methods, validate_teacher_weights
+    from .engine.distillation import validate_teacher_weights
+    from .engine.methods import parse_methods
 
     config, _ = training_config(spec.get("settings"))
     if spec.get("job") in ("distill", "distill_unpaired"):

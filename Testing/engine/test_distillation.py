@@ -14,21 +14,18 @@ from torch.nn import functional as F
 from MedKDSegmentLib.engine.cli import main
 from MedKDSegmentLib.engine.data import load_cases
 from MedKDSegmentLib.engine.distillation import (
-    METHODS,
+    TERMS,
     ATTerm,
     CoTeacherTerm,
     CTKDTerm,
     DistillContext,
     FeatureTap,
     HintTerm,
-    MethodSpec,
     TermSetup,
     build_terms,
     consistency_rampup,
     ctkd_lambda,
     ctkd_temperature,
-    format_methods,
-    parse_methods,
     teacher_mixture,
     teacher_sample_weights,
     validate_teacher_weights,
@@ -44,6 +41,7 @@ from MedKDSegmentLib.engine.losses import (
     dist_loss,
     kd_to_target,
 )
+from MedKDSegmentLib.engine.methods import METHODS, MethodSpec, format_methods, parse_methods
 from MedKDSegmentLib.engine.networks import (
     ASSISTANT_CONFIG,
     TEACHER_CONFIG,
@@ -87,6 +85,7 @@ def test_method_strings_parse_and_print_canonically():
     assert parse_methods(" CTKD-Instance + coteacher ") == [MethodSpec("ctkd_instance"), MethodSpec("coteacher")]
     assert format_methods(parse_methods("kd+cwd:0.5"), TrainingConfig(kd_weight=2.0)) == "kd:2+cwd:0.5"
     assert set(METHODS) == {"kd", "ctkd", "ctkd_instance", "cwd", "dist", "hint", "at", "coteacher", "pseudo"}
+    assert list(TERMS) == list(METHODS) and all(TERMS[name].name == name for name in METHODS)  # a term each
     assert parse_methods("none") == [] and format_methods([], TrainingConfig()) == "none"
     assert len(build_terms("none", setup(teachers=[nn.Identity()]))) == 0  # a from-scratch baseline
 

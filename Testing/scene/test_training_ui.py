@@ -70,10 +70,10 @@ def listing(folder: Path) -> list[str]:
 
 def test_method_widgets_match_the_engine_registry():
     """One tick box and one weight per method of the engine's registry; kd ticked by default."""
-    from MedKDSegmentLib.engine.distillation import METHODS
+    from MedKDSegmentLib.engine.methods import METHODS, MethodSpec, resolve_weight
     from MedKDSegmentLib.engine.training import TrainingConfig
 
-    assert training.METHOD_NAMES == tuple(METHODS)  # the GUI's list (no torch) is the engine's
+    assert training.METHOD_NAMES == tuple(METHODS)
     widgets = {w.get("name"): w for w in ET.parse(UI).getroot().iter("widget")}
     advanced = widgets["trainAdvancedCollapsibleButton"]
     inside = {w.get("name") for w in advanced.iter("widget")}
@@ -84,16 +84,16 @@ def test_method_widgets_match_the_engine_registry():
         assert widgets[box].findtext("property[@name='text']/string") == name
         assert widgets[box].findtext("property[@name='checked']/bool") == ("true" if name == "kd" else "false")
         # The weight box starts where the CLI would without a weight (cwd and at below 1: measured).
-        default = METHODS[name].default_weight(TrainingConfig())
+        default = resolve_weight(MethodSpec(name), TrainingConfig())
         assert float(widgets[weight].findtext("property[@name='value']/double")) == pytest.approx(default), name
-    assert METHODS["cwd"].default_weight(TrainingConfig()) < 1  # at 1 CWD's gradient swamps Dice + CE's
+    assert METHODS["cwd"].default_weight < 1  # at 1 CWD's gradient swamps Dice + CE's
     assert training.method_widget_name("ctkd_instance") == "CtkdInstance"
     assert {"trainTemperatureSpinBox", "trainAssistantCheckBox"} <= inside
     assert advanced.findtext("property[@name='collapsed']/bool") == "true"  # collapsed by default
 
 
 def test_method_string_from_the_ui_state():
-    from MedKDSegmentLib.engine.distillation import MethodSpec, parse_methods
+    from MedKDSegmentLib.engine.methods import MethodSpec, parse_methods
 
     ticked = {"cwd": 1.0, "coteacher": 0.5}
     state = [(name, name in ticked, ticked.get(name, 1.0)) for name in training.METHOD_NAMES]  # (name, on, weight)

@@ -105,7 +105,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .distillation import parse_methods
+    from .methods import parse_methods
     from .training import distill_chain, distill_student
 
     parse_methods(args.method)  # a typo fails before any teacher or data is read

@@ -36,61 +36,8 @@ from .losses import (
     kd_to_target,
     soft_probability_mse,
 )
+from .methods import DEFAULT_METHODS, METHODS, MethodSpec, parse_methods, resolve_weight
 from .networks import feature_layer, full_resolution
-
-DEFAULT_METHODS = "kd"
-NO_METHODS = "none"  # no distillation term: Dice + CE only (a from-scratch baseline, even with a teacher)
-
-
-# --- method strings ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    weight: float | None = None  # None: the method's default (kd: TrainingConfig.kd_weight; others 1)
-
-
-def parse_methods(text: str) -> list[MethodSpec]:
-    """``"kd:1+cwd:0.5"`` → [MethodSpec("kd", 1.0), MethodSpec("cwd", 0.5)]; names are case- and
-    dash-insensitive (``ctkd-instance`` = ``ctkd_instance``); ``"none"`` → [] (no distillation term)."""
-    known = (
-        f"Known methods: {', '.join(METHODS)} (or '{NO_METHODS}'). "
-        "Combine them as 'kd:1+cwd:0.5' (see 'medkd methods')."
-    )
-    if str(text).strip().lower() == NO_METHODS:
-        return []
-    specs: list[MethodSpec] = []
-    for part in str(text).replace(" ", "").split("+"):
-        name, colon, weight_text = part.partition(":")
-        name = name.lower().replace("-", "_")
-        if not name:
-            raise InvalidInputError(f"The method string '{text}' has an empty method name.", known)
-        if name not in METHODS:
-            raise InvalidInputError(f"Unknown distillation method '{name}'.", known)
-        weight = None
-        if colon:
-            try:
-                weight = float(weight_text)
-            except ValueError:
-                weight = math.nan
-            if not math.isfinite(weight) or weight < 0:
-                raise InvalidInputError(
-                    f"The weight '{weight_text}' of method '{name}' is not a number ≥ 0.", "Write e.g. 'kd:1+cwd:0.5'."
-                )
-        if any(spec.name == name for spec in specs):
-            raise InvalidInputError(f"Method '{name}' is given twice in '{text}'.", "Name each method once.")
-        specs.append(MethodSpec(name, weight))
-    return specs
-
-
-def resolve_weight(spec: MethodSpec, config: Any) -> float:
-    return spec.weight if spec.weight is not None else METHODS[spec.name].default_weight(config)
-
-
-def format_methods(specs: Sequence[MethodSpec], config: Any) -> str:
-    """The canonical method string with resolved weights, e.g. ``"kd:1+cwd:0.5"``."""
-    return "+".join(f"{spec.name}:{resolve_weight(spec, config):g}" for spec in specs) or NO_METHODS
 
 
 def _check(value: float, name: str, low: float, high: float = math.inf, low_open: bool = True) -> float:
@@ -256,13 +203,10 @@ class DistillContext:
 
 
 class DistillTerm(nn.Module):
-    """One distillation loss term. Subclasses set the class attributes and ``forward(context)``."""
+    """One distillation loss term: ``name`` is its method's (``methods.METHODS`` says what it needs), and
+    subclasses implement ``forward(context)``."""
 
     name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    needs_teacher: ClassVar[bool] = True
-    needs_features: ClassVar[bool] = False  # feature maps: the teachers then also run on the fly
-    default: ClassVar[float] = 1.0  # the weight when the method string gives none
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__()
@@ -270,9 +214,10 @@ class DistillTerm(nn.Module):
         self.student_layers: list[str] = []
         self.teacher_layers: list[str] = []  # one per teacher
 
-    @classmethod
-    def default_weight(cls, config: Any) -> float:
-        return cls.default
+    @property
+    def needs_features(self) -> bool:
+        """Whether the term reads feature maps (the teachers then run on every batch)."""
+        return METHODS[self.name].needs_features
 
     @classmethod
     def defaults(cls, config: Any) -> dict:
@@ -299,16 +244,11 @@ class DistillTerm(nn.Module):
 
 class KDTerm(DistillTerm):
     name = "kd"
-    description = "pixel-wise KD (Hinton): T²·KL(p_t ‖ p_s) per voxel, p = softmax(z/T) over classes"
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
         self.temperature = _check(setup.config.kd_temperature, "kd_temperature", 0.0)
         self.kd = PixelKD(self.temperature)
-
-    @classmethod
-    def default_weight(cls, config: Any) -> float:
-        return float(config.kd_weight)
 
     @classmethod
     def defaults(cls, config: Any) -> dict:
@@ -365,10 +305,6 @@ def ctkd_temperature(theta: torch.Tensor) -> torch.Tensor:
 
 class CTKDTerm(DistillTerm):
     name = "ctkd"
-    description = (
-        "curriculum temperature KD (Li et al. 2023): learnable T = 1+20·sigmoid(θ) behind a gradient reversal, "
-        "λ rising 0→1 by a cosine over ctkd_epochs; θ starts at 1 (T ≈ 15.6) and steps by SGD"
-    )
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -404,9 +340,6 @@ class CTKDTerm(DistillTerm):
 
 class InstanceCTKDTerm(CTKDTerm):
     name = "ctkd_instance"
-    description = (
-        "CTKD, instance-wise: a tiny MLP on each patch's pooled student and teacher outputs predicts θ per patch"
-    )
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -434,12 +367,6 @@ class InstanceCTKDTerm(CTKDTerm):
 
 class CWDTerm(DistillTerm):
     name = "cwd"
-    description = "channel-wise KD (Shu et al. 2021): per (n, c) softmax over space of z/T; T²·Σ KL(t ‖ s)/(N·C)"
-    # A KL between distributions over every voxel of a 3D patch is large: at weight 1 its gradient was
-    # 31× that of Dice + CE and the student lost 5 Dice points on phantom CT, 3 on MR and on BRATS
-    # (docs/benchmark_methods.md, docs/term_gradients.md). At 0.02 it pulls at most as hard as Dice + CE,
-    # like every default; at 0.05 (1.5×) one MR seed in four lost 10 points.
-    default = 0.02
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -462,7 +389,6 @@ class CWDTerm(DistillTerm):
 
 class DISTTerm(DistillTerm):
     name = "dist"
-    description = "DIST (Huang et al. 2022): τ²·[(1 − Pearson across classes per voxel) + (1 − Pearson per class)]"
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -483,7 +409,6 @@ class DISTTerm(DistillTerm):
 
 class PseudoLabelTerm(DistillTerm):
     name = "pseudo"
-    description = "the teacher's hard pseudo-labels: Dice + CE against the arg-max of its (mixed) probabilities"
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -498,7 +423,6 @@ class PseudoLabelTerm(DistillTerm):
 class _FeatureTerm(DistillTerm):
     """Shared set-up of feature terms: which student and teacher layers to tap."""
 
-    needs_features = True
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -530,10 +454,6 @@ class _FeatureTerm(DistillTerm):
 
 class HintTerm(_FeatureTerm):
     name = "hint"
-    description = (
-        "feature hints (FitNets): L2 between a 1×1×1-adapted student feature and the teacher's "
-        "(resampled), the teacher's scaled to unit RMS per item"
-    )
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -558,10 +478,6 @@ class HintTerm(_FeatureTerm):
 
 class ATTerm(_FeatureTerm):
     name = "at"
-    description = "attention transfer (Zagoruyko & Komodakis): L2 between L2-normalised Σ_c |F|² maps"
-    # At weight 1 its gradient was 3.8× that of Dice + CE and cost 1.5 Dice points on phantom CT; at 0.2
-    # the pulls are comparable (docs/benchmark_methods.md, docs/term_gradients.md).
-    default = 0.2
 
     def forward(self, context: DistillContext) -> torch.Tensor:
         losses = [attention_transfer(student, teacher) for student, teacher in self.pairs(context)]
@@ -579,12 +495,6 @@ def consistency_rampup(step: int, rampup_steps: float) -> float:
 
 class CoTeacherTerm(DistillTerm):
     name = "coteacher"
-    description = (
-        "ACT-Net's co-teacher, its mean-teacher part (Zhao et al. 2022): coteacher_kd_weight·‖σ(z_s/τ) − σ(z_t/τ)‖² "
-        "+ w(t)·‖f_s(x+ξ) − f_c(x+ξ′)‖², f_c = EMA of the student, w ramped up as exp(−5(1−t)²); the paper's "
-        "alternating student/teacher roles are not built; without a teacher: mean-teacher consistency"
-    )
-    needs_teacher = False  # the consistency part needs only the student's EMA
 
     def __init__(self, weight: float, setup: TermSetup) -> None:
         super().__init__(weight, setup)
@@ -643,10 +553,11 @@ class CoTeacherTerm(DistillTerm):
                 "rampup_steps": self.rampup_steps}
 
 
-METHODS: dict[str, type[DistillTerm]] = {
+# Each method's term, in the methods' order.
+TERMS: dict[str, type[DistillTerm]] = {
     term.name: term
-    for term in (KDTerm, CTKDTerm, InstanceCTKDTerm, CWDTerm, DISTTerm, HintTerm, ATTerm, CoTeacherTerm,
-                 PseudoLabelTerm)
+    for term in sorted((KDTerm, CTKDTerm, InstanceCTKDTerm, CWDTerm, DISTTerm, HintTerm, ATTerm, CoTeacherTerm,
+                        PseudoLabelTerm), key=lambda term: list(METHODS).index(term.name))
 }
 
 
@@ -656,16 +567,15 @@ def build_terms(methods: str | Sequence[MethodSpec], setup: TermSetup) -> nn.Mod
     specs = parse_methods(methods) if isinstance(methods, str) else list(methods)
     terms = nn.ModuleList()
     for spec in specs:
-        cls = METHODS[spec.name]
-        if cls.needs_teacher and not setup.teachers:
+        if METHODS[spec.name].needs_teacher and not setup.teachers:
             if isinstance(methods, str) and methods.strip() == DEFAULT_METHODS:
                 continue
-            teacherless = [name for name, c in METHODS.items() if not c.needs_teacher]
+            teacherless = [name for name, method in METHODS.items() if not method.needs_teacher]
             raise InvalidInputError(
                 f"Method '{spec.name}' needs a teacher.",
                 f"Give a teacher, or use methods that need none: {', '.join(teacherless)}.",
             )
-        terms.append(cls(resolve_weight(spec, setup.config), setup))
+        terms.append(TERMS[spec.name](resolve_weight(spec, setup.config), setup))
     return terms
 
 
@@ -674,10 +584,10 @@ def describe_methods(config: Any) -> list[dict]:
     return [
         {
             "name": name,
-            "description": cls.description,
-            "default_weight": cls.default_weight(config),
-            "needs_teacher": cls.needs_teacher,
-            "defaults": cls.defaults(config),
+            "description": method.description,
+            "default_weight": resolve_weight(MethodSpec(name), config),
+            "needs_teacher": method.needs_teacher,
+            "defaults": TERMS[name].defaults(config),
         }
-        for name, cls in METHODS.items()
+        for name, method in METHODS.items()
     ]

@@ -29,15 +29,11 @@ from .data import Case, load_cases
 from .device import select_device
 from .distillation import (
     CTKD_SGD,
-    DEFAULT_METHODS,
-    METHODS,
     DistillContext,
     DistillTerm,
     FeatureTap,
     TermSetup,
     build_terms,
-    format_methods,
-    parse_methods,
     teacher_sample_weights,
     validate_teacher_weights,
 )
@@ -46,6 +42,7 @@ from .errors import CancelledError, InvalidInputError
 from .inference import pad_to_multiple_of_8
 from .labels import ABDOMEN_STRUCTURES, label_names
 from .losses import SupervisedLoss
+from .methods import DEFAULT_METHODS, METHODS, format_methods, parse_methods
 from .metrics import dice_per_label
 from .networks import (
     ASSISTANT_CONFIG,

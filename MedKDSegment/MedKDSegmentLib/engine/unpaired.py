@@ -40,18 +40,11 @@ from .augment import augment_batch, sampling_shape
 from .bundle import Bundle, resolve_bundle, save_bundle
 from .data import Case, load_cases, sample_batch
 from .device import select_device
-from .distillation import (
-    DistillContext,
-    FeatureTap,
-    TermSetup,
-    build_terms,
-    format_methods,
-    parse_methods,
-    probe_channels,
-)
+from .distillation import DistillContext, FeatureTap, TermSetup, build_terms, probe_channels
 from .errors import CancelledError, InvalidInputError
 from .labels import ABDOMEN_STRUCTURES, label_names
 from .losses import SupervisedLoss
+from .methods import format_methods, parse_methods
 from .modality_norm import make_modality_specific, modality_norms, network_modalities, use_modality
 from .networks import STUDENT_CONFIG, build_network, full_resolution
 from .profiles import DEFAULT_PROFILES, Profile

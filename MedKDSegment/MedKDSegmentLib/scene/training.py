@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.errors import InvalidInputError
+from ..engine.methods import METHODS
 from .finetune import CHECKPOINT_FILE, CHECKPOINT_SUFFIX, LossCurve
 
-# The distillation methods of the engine's registry (``engine.distillation.METHODS``), repeated so that the
-# GUI can list them without importing torch; test_training_ui checks that both agree.
-METHOD_NAMES = ("kd", "ctkd", "ctkd_instance", "cwd", "dist", "hint", "at", "coteacher", "pseudo")
+METHOD_NAMES = tuple(METHODS)  # the distillation methods, in the engine's order (torch-free)
 # What each task trains (the Logic's ``trainTeacher``, ``distillStudent``, ``distillUnpaired``).
 TASKS = {"teacher": "train_teacher", "student": "distill", "unpaired": "distill_unpaired"}
 RUN_FILE = "training.json"  # jobs.TRAINING_RUN_FILE, repeated for the same reason
