@@ -24,8 +24,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MedKDSegmentLib.catalog import resources_dir
 from MedKDSegmentLib.engine.errors import MedKDError
+from MedKDSegmentLib.engine.locations import resources_dir
 from MedKDSegmentLib.scene.finetune import FineTuneReport
 from MedKDSegmentLib.scene.logic import ComparisonResult, SceneLogic
 from MedKDSegmentLib.scene.training import METHOD_NAMES, TASKS, TrainingReport, method_string, method_widget_name

@@ -16,27 +16,9 @@ from pathlib import Path
 
 from .engine.errors import BundleError
 from .engine.labels import label_colors
+from .engine.locations import METADATA, WEIGHTS, bundled_models_dir
 
 logger = logging.getLogger(__name__)
-
-METADATA = Path("configs") / "metadata.json"
-WEIGHTS = Path("models") / "model.pt"
-MODULE_DIR = Path(__file__).resolve().parents[1]
-# Resources/ is a sibling of the module folder (source tree and installed extension); Slicer's
-# own convention (Resources/ inside the module folder) is the fallback.
-RESOURCES_CANDIDATES = (MODULE_DIR.parent / "Resources", MODULE_DIR / "Resources")
-
-
-def resources_dir() -> Path:
-    for candidate in RESOURCES_CANDIDATES:
-        if candidate.is_dir():
-            return candidate
-    return RESOURCES_CANDIDATES[0]
-
-
-def bundled_models_dir() -> Path:
-    return resources_dir() / "Models"
-
 
 @dataclass(frozen=True)
 class ModelInfo:

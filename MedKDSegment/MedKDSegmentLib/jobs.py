@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .catalog import find_model
+from .engine import runs
 from .engine.errors import InvalidInputError
 from .engine.volume import Volume, detect_modality, normalize_modality, read_volume, write_volume
 
@@ -247,8 +248,6 @@ TRAINING_JOBS = ("train_teacher", "distill", "distill_unpaired")
 # Settings that are not ``TrainingConfig`` fields: networks, the teacher's preprocessing profile (a dict as
 # in a bundle), the CT+MR prototype-KL weight. JSON-ready like the rest, so a job spec travels as it is.
 TRAINING_EXTRAS = ("architecture", "assistant_architecture", "profile", "prototype_weight")
-# Written into ``<output>.checkpoint/`` when a run starts: what *Resume* needs to continue it exactly.
-TRAINING_RUN_FILE = "training.json"
 
 
 def training_config(settings: dict | None = None):
@@ -319,11 +318,6 @@ def training_summary(bundle, assistant=None, epochs: int | None = None) -> dict:
     return outputs
 
 
-def assistant_output(output: str | os.PathLike) -> Path:
-    """Where a teacher-assistant chain writes its assistant (the engine's default name)."""
-    return Path(output).with_name(f"{Path(output).name}-assistant")
-
-
 def _teacher_paths(names, user_folders) -> list[str]:
     return [str(find_model(name, user_folders).path) for name in names]
 
@@ -336,50 +330,21 @@ def train_model(spec: dict, progress: Progress | None = None, cancel: Cancel | N
     ``<output>.checkpoint/``, where ``training.json`` records the spec so that an interrupted run can be
     resumed exactly (``resume``). A run that fails or is cancelled before its first epoch ends leaves nothing.
     """
-    import json
-    import shutil
-
-    from .engine.training import checkpoint_dir_for
-
     check_training_spec(spec)
     job, output = spec["job"], Path(spec["output"])
     user_folders = spec.get("user_folders") or ()
-    resume = bool(spec.get("resume"))
-    checkpoints = checkpoint_dir_for(output)
+    resume, chain = bool(spec.get("resume")), bool(spec.get("assistant"))
     if output.exists():
         raise InvalidInputError(f"'{output}' already exists; models are never overwritten.",
                                 "Choose a new output name.")
-    if not resume and started_training(output, bool(spec.get("assistant"))):
-        raise InvalidInputError(f"An interrupted training run of '{output.name}' exists (in '{checkpoints}').",
-                                "Resume it, discard it, or choose another output name.")
-    if not resume:
-        # Atomic, and before the engine's own checkpoint: Resume must never see half a record.
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        record = {k: v for k, v in spec.items() if k not in ("id", "resume")}
-        partial = checkpoints / f".{TRAINING_RUN_FILE}.partial"
-        partial.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        os.replace(partial, checkpoints / TRAINING_RUN_FILE)
-    try:
+    if not resume and runs.started(output, chain):
+        raise InvalidInputError(
+            f"An interrupted training run of '{output.name}' exists (in '{runs.checkpoint_dir_for(output)}').",
+            "Resume it, discard it, or choose another output name.")
+    record = {k: v for k, v in spec.items() if k not in ("id", "resume")}
+    with runs.recorded_run(output, runs.TRAINING_RUN_FILE, record, resume, chain):
         bundle, assistant, epochs = _train(job, spec, output, user_folders, resume, progress, cancel)
-    except BaseException:
-        # Nothing to resume (no finished epoch, no finished assistant): leave no trace of the run.
-        if not started_training(output, bool(spec.get("assistant"))):
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        raise
     return training_summary(bundle, assistant, epochs)
-
-
-def started_training(output: str | os.PathLike, assistant: bool = False) -> bool:
-    """Whether an unfinished run at ``output`` has something to resume: a finished epoch (a checkpoint),
-    or, in a teacher-assistant chain, the assistant's checkpoint or the finished assistant."""
-    from .engine.training import checkpoint_dir_for
-
-    output = Path(output)
-    candidates = [checkpoint_dir_for(output) / "checkpoint.pt"]
-    if assistant:
-        helper = assistant_output(output)
-        candidates += [checkpoint_dir_for(helper) / "checkpoint.pt", helper]
-    return any(path.exists() for path in candidates)
 
 
 def _train(job, spec, output, user_folders, resume, progress, cancel):
@@ -391,7 +356,7 @@ def _train(job, spec, output, user_folders, resume, progress, cancel):
 
         profile = Profile.from_dict(extras["profile"]) if extras.get("profile") else None
         bundle = train_teacher(spec["data"], output, spec["modality"], config, extras.get("architecture"), profile,
-                               resume, progress, cancel)
+                               resume, progress, cancel, privileged=spec.get("privileged"))
         return bundle, None, config.epochs
     if job == "distill":
         from .engine.training import distill_chain, distill_student
@@ -402,11 +367,11 @@ def _train(job, spec, output, user_folders, resume, progress, cancel):
             from .engine.bundle import load_bundle
 
             bundle = distill_chain(spec["data"], teachers, output, config, extras.get("architecture"),
-                                   extras.get("assistant_architecture"), assistant_output=assistant_output(output),
+                                   extras.get("assistant_architecture"), assistant_output=runs.assistant_output(output),
                                    weights=weights, resume=resume, progress=progress, cancel=cancel)
-            return bundle, load_bundle(assistant_output(output)), config.epochs
+            return bundle, load_bundle(runs.assistant_output(output)), config.epochs
         bundle = distill_student(spec["data"], teachers, output, config, extras.get("architecture"), resume,
-                                 progress, cancel, weights=weights)
+                                 progress, cancel, weights=weights, privileged=spec.get("privileged"))
         return bundle, None, config.epochs
     from .engine.unpaired import PROTOTYPE_WEIGHT, distill_unpaired
 

@@ -213,12 +213,6 @@ def test_fine_tune_in_process_writes_a_new_version_with_its_parent(scene, phanto
 
 
 def test_resume_without_an_interrupted_run_is_explained(scene, phantom, private_logic):
-    from MedKDSegmentLib.engine import finetune as engine_finetune
-    from MedKDSegmentLib.engine.training import checkpoint_dir_for
-
-    # The scene finds interrupted runs without torch, by the engine's naming: both must agree.
-    assert checkpoint_dir_for(Path("f/m-v2")) == Path("f/m-v2" + finetune.CHECKPOINT_SUFFIX)
-    assert engine_finetune.RUN_FILE == finetune.RUN_FILE
     volume_node, segmentation_node = user_pair(phantom)
     assert private_logic.interruptedFineTune(PARENT) is None
     with pytest.raises(InvalidInputError, match="no interrupted fine-tuning run"):

@@ -278,3 +278,35 @@ def test_cancel_leaves_no_model_and_resume_finishes_the_run(scene, data, teacher
     assert not any(stage.startswith("epoch 1/3") for stage in stages)  # the finished epoch was not trained again
     assert len(report.epochLoss) == 3 and worker_logic.interruptedTrainings() == []
     assert listing(folder) == sorted(before + [output.name])
+
+
+def test_a_run_interrupted_on_the_command_line_resumes_in_slicer(scene, data, tmp_path, monkeypatch):
+    """The CLI records its run as the job spec Slicer's *Resume* runs (``engine.runs``), so a teacher whose
+    training was interrupted in a terminal after its first epoch is offered and finished in Slicer."""
+    from MedKDSegmentLib.engine import training as engine_training
+    from MedKDSegmentLib.engine.cli import EXIT_INTERRUPTED, main
+
+    folder = tmp_path / "models"
+    output = folder / "cli-teacher"
+    real_save = engine_training.save_checkpoint
+
+    def interrupted_after_the_first_epoch(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C in the terminal, once epoch 1 is saved
+
+    monkeypatch.setattr(engine_training, "save_checkpoint", interrupted_after_the_first_epoch)
+    code = main(["--quiet", "train-teacher", "--modality", "CT", "--data", str(data["CT"]), "--output", str(output),
+                 "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "1", "--patch-size", "16", "24", "24",
+                 "--device", "cpu"])
+    assert code == EXIT_INTERRUPTED and not output.exists()
+    monkeypatch.undo()
+
+    logic = SceneLogic([folder], includeBundled=False)
+    assert training.interrupted_trainings([folder]) == [output]
+    record = training.training_record(output)
+    assert record["job"] == "train_teacher" and record["settings"]["epochs"] == 2
+    stages = []
+    report = logic.resumeTraining(output, progress=lambda fraction, stage: stages.append(stage), showChart=False)
+    assert report.model.path == output and len(report.epochLoss) == 2
+    assert any(stage.startswith("resumed after epoch 1") for stage in stages)
+    assert training.interrupted_trainings([folder]) == [] and output.exists()

@@ -31,7 +31,7 @@ import numpy as np
 from .architectures import architecture_problem
 from .errors import BundleError, InvalidInputError
 from .labels import Structure, Terminology, label_colors, terminology_of
-from .locations import user_models_dir
+from .locations import METADATA, WEIGHTS, bundled_models_dir, user_models_dir
 from .monai_config import write_inference_config
 from .onnx_network import ONNX_WEIGHTS, OnnxNetwork, export_onnx, onnx_exporter_installed
 from .profiles import Profile
@@ -44,12 +44,10 @@ if TYPE_CHECKING:
 # 2 added medkdsegment.modalities (CT+MR bundles). Only those are written as 2: older readers,
 # which would rebuild the network without per-modality norms, refuse them by version; others stay 1.
 FORMAT_VERSION = 2
-METADATA = Path("configs") / "metadata.json"
-WEIGHTS = Path("models") / "model.pt"
 TORCHSCRIPT_WEIGHTS = Path("models") / "model.ts"
 SOURCE_CONFIGS = Path("source") / "configs"
 ROLES = ("teacher", "student", "assistant")
-BUNDLED_MODELS = Path(__file__).resolve().parents[3] / "Resources" / "Models"
+BUNDLED_MODELS = bundled_models_dir()
 
 
 def sha256_of(path: Path) -> str:

@@ -97,8 +97,11 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_train_teacher(args: argparse.Namespace) -> int:
     from .training import train_teacher
 
-    with progress_bar("train teacher", not args.quiet) as update:
-        bundle = train_teacher(args.data, args.output, args.modality, _training_config(args), resume=args.resume,
+    config = _training_config(args)
+    spec = {"job": "train_teacher", "data": _absolute(args.data), "modality": args.modality,
+            "privileged": {m: _absolute(f) for m, f in _privileged(args).items()}}
+    with _recorded(args, spec, config), progress_bar("train teacher", not args.quiet) as update:
+        bundle = train_teacher(args.data, args.output, args.modality, config, resume=args.resume,
                                progress=update, privileged=_privileged(args))
     print(json.dumps(bundle.summary(), indent=2))
     return 0
@@ -109,13 +112,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .training import distill_chain, distill_student
 
     parse_methods(args.method)  # a typo fails before any teacher or data is read
+    if args.assistant and args.privileged:
+        raise InvalidInputError("--privileged and --assistant do not combine.",
+                                "Distil from the KD-Net teacher directly.")
     config = _training_config(args)
     weights = args.teacher_weight or None
-    with progress_bar("distil student", not args.quiet) as update:
+    spec = {"job": "distill", "data": _absolute(args.data), "teachers": [_teacher_path(t) for t in args.teacher],
+            "weights": weights, "assistant": bool(args.assistant),
+            "privileged": {m: _absolute(f) for m, f in _privileged(args).items()}}
+    recorded = _recorded(args, spec, config, chain=bool(args.assistant))
+    with recorded, progress_bar("distil student", not args.quiet) as update:
         if args.assistant:
-            if args.privileged:
-                raise InvalidInputError("--privileged and --assistant do not combine.",
-                                        "Distil from the KD-Net teacher directly.")
             bundle = distill_chain(
                 args.data, args.teacher, args.output, config, weights=weights, resume=args.resume, progress=update
             )
@@ -124,6 +131,29 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                      progress=update, weights=weights, privileged=_privileged(args))
     print(json.dumps(bundle.summary(), indent=2))
     return 0
+
+
+def _recorded(args: argparse.Namespace, spec: dict, config, extras: dict | None = None, chain: bool = False):
+    """The run recorded as the job spec Slicer's *Resume* runs (``engine.runs``): a run interrupted here
+    resumes there too, and with ``--resume`` here."""
+    from dataclasses import asdict
+
+    from .runs import TRAINING_RUN_FILE, recorded_run
+
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()} | (extras or {})
+    record = {**spec, "output": _absolute(args.output), "settings": settings}
+    return recorded_run(args.output, TRAINING_RUN_FILE, record, args.resume, chain)
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+def _teacher_path(name_or_path: str) -> str:
+    """A teacher as the folder it resolves to (names can mean other models elsewhere)."""
+    from .bundle import resolve_bundle
+
+    return str(resolve_bundle(name_or_path).path.resolve())
 
 
 def _privileged(args: argparse.Namespace) -> dict[str, str]:
@@ -155,17 +185,22 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_distill_unpaired(args: argparse.Namespace) -> int:
     from .unpaired import distill_unpaired
 
-    with progress_bar("distil CT+MR student", not args.quiet) as update:
+    config = _training_config(args)
+    spec = {"job": "distill_unpaired", "ct_data": _absolute(args.ct_data), "mr_data": _absolute(args.mr_data),
+            "ct_teacher": args.ct_teacher and _teacher_path(args.ct_teacher),
+            "mr_teacher": args.mr_teacher and _teacher_path(args.mr_teacher)}
+    extras = {"prototype_weight": args.prototype_weight} if args.prototype_weight is not None else {}
+    with _recorded(args, spec, config, extras), progress_bar("distil CT+MR student", not args.quiet) as update:
         bundle = distill_unpaired(
             args.ct_data,
             args.mr_data,
             args.output,
             args.ct_teacher,
             args.mr_teacher,
-            _training_config(args),
+            config,
             resume=args.resume,
             progress=update,
-            **({"prototype_weight": args.prototype_weight} if args.prototype_weight is not None else {}),
+            **extras,
         )
     print(json.dumps(bundle.summary(), indent=2))
     return 0

@@ -28,7 +28,6 @@ annotated cases, and writes a *new* bundle; the parent is never touched.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -52,6 +51,7 @@ from .labels import Structure
 from .metrics import dice_per_label
 from .prediction import predict_labels
 from .profiles import labels_to_model_grid, to_model_grid
+from .runs import CHECKPOINT_FILE, FINETUNE_RUN_FILE, checkpoint_dir_for, read_record, write_record
 from .segment_names import (  # noqa: F401
     SegmentMatch,
     label_value,
@@ -60,13 +60,12 @@ from .segment_names import (  # noqa: F401
     normalize_name,
     parse_mapping,
 )
-from .training import History, TrainingConfig, check_run_settings, checkpoint_dir_for, fit, recalibrate_batch_norm
-from .volume import Volume, atomic_path, check_image, check_labels_match
+from .training import History, TrainingConfig, check_run_settings, fit, recalibrate_batch_norm
+from .volume import Volume, check_image, check_labels_match
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
 WORSE_MARGIN = 0.01  # a structure is "worse" when its held-out Dice drops by more than this
-RUN_FILE = "finetune.json"  # in the checkpoint folder: what the checkpoint was made from
 PARTIAL_LABEL_RULE = (
     "user label where an annotated structure is painted; else the parent's prediction if it is "
     "an unannotated structure; else background"
@@ -635,14 +634,14 @@ def fine_tune(
         )
     checkpoint_dir = checkpoint_dir_for(output)
     record = _run_record(parent_bundle, teacher_bundle, cases, config)
-    run_file = checkpoint_dir / RUN_FILE
-    if (checkpoint_dir / "checkpoint.pt").exists():
+    recorded = read_record(output, FINETUNE_RUN_FILE)
+    if (checkpoint_dir / CHECKPOINT_FILE).exists():
         if not resume:
             raise InvalidInputError(
                 f"An interrupted fine-tuning run left a checkpoint in '{checkpoint_dir}'.",
                 "Resume it (--resume / resume=True), or delete that folder to start again.",
             )
-        if run_file.exists() and json.loads(run_file.read_text(encoding="utf-8")) != record:
+        if recorded is not None and recorded != record:
             raise InvalidInputError(
                 f"The checkpoint in '{checkpoint_dir}' belongs to another fine-tuning run "
                 "(other parent, cases, annotated structures or settings).",
@@ -689,13 +688,11 @@ def fine_tune(
         training_cases.append(Case(item.name, np.ascontiguousarray(item.image[keep]), targets[keep]))
 
     # 2. Train a copy of the parent; the frozen parent (or teacher) keeps what it knew.
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    if not run_file.exists():
-        with atomic_path(run_file) as temporary:
-            temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    if recorded is None:
+        write_record(output, FINETUNE_RUN_FILE, record)
     epochs_before = 0
-    if resume and (checkpoint_dir / "checkpoint.pt").exists():
-        epochs_before = int(torch.load(checkpoint_dir / "checkpoint.pt", weights_only=True)["epoch"])
+    if resume and (checkpoint_dir / CHECKPOINT_FILE).exists():
+        epochs_before = int(torch.load(checkpoint_dir / CHECKPOINT_FILE, weights_only=True)["epoch"])
     trainee = _FrozenNorm(network) if config.freeze_batch_norm else network
     for parameter in guide.parameters():
         parameter.requires_grad_(False)
@@ -714,7 +711,7 @@ def fine_tune(
         )
     except BaseException:
         # Stopped before a first epoch was saved: nothing worth resuming, so nothing is left behind.
-        if not (checkpoint_dir / "checkpoint.pt").exists():
+        if not (checkpoint_dir / CHECKPOINT_FILE).exists():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         raise
     trained_epochs = len(history.epoch_loss) - epochs_before

@@ -56,6 +56,8 @@ from .networks import (
 from .pipelines import PipelineTeacher
 from .prediction import as_batch, predict_labels, scan_statistics, sliding_window_inferer
 from .profiles import DEFAULT_PROFILES, Profile
+from .runs import CHECKPOINT_FILE, checkpoint_dir_for
+from .runs import assistant_output as runs_assistant_output
 from .volume import check_output_path, normalize_modality
 
 Progress = Callable[[float, str], None]
@@ -212,7 +214,7 @@ def fit(
     methods = format_methods(parse_methods(config.methods), config)
     history, start_epoch = History(), 0
 
-    checkpoint = checkpoint_dir / "checkpoint.pt"
+    checkpoint = checkpoint_dir / CHECKPOINT_FILE
     state = resume_from(checkpoint, resume, methods, network, terms, optimisation)
     if state is not None:
         history, start_epoch = History(**state["history"]), int(state["epoch"])
@@ -574,10 +576,6 @@ def save_checkpoint(path: Path, network, optimisation: Optimisation, history, ep
     os.replace(temporary, path)
 
 
-def checkpoint_dir_for(output: Path) -> Path:
-    return output.parent / f"{output.name}.checkpoint"
-
-
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -778,7 +776,7 @@ def distill_chain(
     Returns the student bundle.
     """
     output = Path(output)
-    assistant_output = Path(assistant_output) if assistant_output else output.with_name(f"{output.name}-assistant")
+    assistant_output = Path(assistant_output) if assistant_output else runs_assistant_output(output)
     if output.exists():
         raise InvalidInputError(
             f"'{output}' already exists; models are never overwritten.", "Choose a new output name."

@@ -48,11 +48,11 @@ from .methods import format_methods, parse_methods
 from .modality_norm import make_modality_specific, modality_norms, network_modalities, use_modality
 from .networks import STUDENT_CONFIG, build_network, full_resolution
 from .profiles import DEFAULT_PROFILES, Profile
+from .runs import CHECKPOINT_FILE, checkpoint_dir_for
 from .training import (
     Optimisation,
     TrainingConfig,
     cache_teacher_outputs,
-    checkpoint_dir_for,
     distillation_loss,
     evaluate,
     mean_dice,
@@ -371,7 +371,7 @@ def train_unpaired(
     methods = format_methods(parse_methods(config.methods), config)
     history, start_epoch = UnpairedHistory(), 0
 
-    checkpoint = checkpoint_dir / "checkpoint.pt"
+    checkpoint = checkpoint_dir / CHECKPOINT_FILE
     state = resume_from(checkpoint, resume, methods, network, terms, optimisation)
     if state is not None:
         history, start_epoch = UnpairedHistory(**state["history"]), int(state["epoch"])

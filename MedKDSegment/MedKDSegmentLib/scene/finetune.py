@@ -7,7 +7,6 @@ MRML only (never qt). The engine does the training (``engine.finetune``); the sc
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -17,6 +16,7 @@ from pathlib import Path
 import slicer
 import vtk
 
+from ..engine import runs
 from ..engine.errors import InvalidInputError
 from ..engine.volume import Volume
 from . import comparison, segmentations, volumes
@@ -36,30 +36,11 @@ def parse_epoch_loss(stage: str) -> tuple[int, int, float] | None:
     return int(found.group(1)), int(found.group(2)), float(found.group(3))
 
 
-# The engine's checkpoint naming (``engine.training.checkpoint_dir_for``, ``engine.finetune.RUN_FILE``),
-# repeated so that the GUI can offer *Resume* without importing torch; test_finetune checks they agree.
-CHECKPOINT_SUFFIX = ".checkpoint"
-CHECKPOINT_FILE = "checkpoint.pt"
-RUN_FILE = "finetune.json"
-
-
 def interrupted_runs(folders: Iterable, parent_sha256: str | None) -> list[Path]:
     """Outputs of killed or cancelled fine-tuning runs of a parent (by weights checksum) in ``folders``,
     newest first: their checkpoint holds at least one finished epoch and no bundle was written."""
-    found = []
-    for folder in folders:
-        for run_file in Path(folder).glob(f"*{CHECKPOINT_SUFFIX}/{RUN_FILE}"):
-            checkpoint = run_file.parent
-            output = checkpoint.with_name(checkpoint.name.removesuffix(CHECKPOINT_SUFFIX))
-            if output.exists() or not (checkpoint / CHECKPOINT_FILE).is_file():
-                continue
-            try:
-                record = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if parent_sha256 and record.get("parent_sha256") == parent_sha256:
-                found.append(((checkpoint / CHECKPOINT_FILE).stat().st_mtime, output))
-    return [output for _, output in sorted(found, reverse=True)]
+    return [output for output, record in runs.interrupted_runs(folders, runs.FINETUNE_RUN_FILE)
+            if parent_sha256 and record.get("parent_sha256") == parent_sha256 and runs.has_checkpoint(output)]
 
 
 def match_names(segment_names: Iterable[str], labels: dict[int, str], mapping: dict | None = None):

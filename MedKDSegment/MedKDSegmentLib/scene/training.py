@@ -9,23 +9,22 @@ in-process or in the worker and calls these helpers.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine import runs
 from ..engine.errors import InvalidInputError
 from ..engine.methods import METHODS
-from .finetune import CHECKPOINT_FILE, CHECKPOINT_SUFFIX, LossCurve
+from ..engine.volume import VOLUME_SUFFIXES
+from .finetune import LossCurve
 
 METHOD_NAMES = tuple(METHODS)  # the distillation methods, in the engine's order (torch-free)
 # What each task trains (the Logic's ``trainTeacher``, ``distillStudent``, ``distillUnpaired``).
 TASKS = {"teacher": "train_teacher", "student": "distill", "unpaired": "distill_unpaired"}
-RUN_FILE = "training.json"  # jobs.TRAINING_RUN_FILE, repeated for the same reason
 ASSISTANT_COLOR = (0.15, 0.45, 0.80)
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def method_widget_name(method: str) -> str:
@@ -96,11 +95,8 @@ def slug(text: str) -> str:
 
 def taken(path: Path, assistant: bool = False) -> bool:
     """Whether a new run cannot write ``path``: a model, a run's checkpoint or (chain) its assistant is there."""
-    names = [path, path.with_name(path.name + CHECKPOINT_SUFFIX)]
-    if assistant:
-        helper = path.with_name(f"{path.name}-assistant")
-        names += [helper, helper.with_name(helper.name + CHECKPOINT_SUFFIX)]
-    return any(p.exists() for p in names)
+    paths = [path] + ([runs.assistant_output(path)] if assistant else [])
+    return any(p.exists() or runs.checkpoint_dir_for(p).exists() for p in paths)
 
 
 def output_path(models_folder, output, default_name: str, assistant: bool = False, resume: bool = False) -> Path:
@@ -126,54 +122,29 @@ def output_path(models_folder, output, default_name: str, assistant: bool = Fals
 
 
 def interrupted_trainings(folders: Iterable) -> list[Path]:
-    """Outputs of killed or cancelled training runs in ``folders`` (newest first) that can be resumed:
-    their checkpoint folder holds the run record and no model was written."""
-    found = []
-    for folder in folders:
-        for run_file in Path(folder).glob(f"*{CHECKPOINT_SUFFIX}/{RUN_FILE}"):
-            output = run_file.parent.with_name(run_file.parent.name.removesuffix(CHECKPOINT_SUFFIX))
-            if output.exists():
-                continue
-            found.append((run_file.stat().st_mtime, output))
-    return [output for _, output in sorted(found, reverse=True)]
+    """Outputs of killed or cancelled training runs in ``folders`` (newest first) that can be resumed, from
+    Slicer or the command line alike: their checkpoint folder holds the run record and no model was written."""
+    return [output for output, _ in runs.interrupted_runs(folders, runs.TRAINING_RUN_FILE)]
 
 
 def training_record(output) -> dict:
-    """The job spec an interrupted run at ``output`` was started with (``jobs.train_model`` wrote it)."""
-    run_file = Path(output).with_name(Path(output).name + CHECKPOINT_SUFFIX) / RUN_FILE
-    try:
-        return json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InvalidInputError(f"There is no interrupted training run at '{output}' ({error}).",
-                                "Start a new run instead.") from error
+    """The job spec an interrupted run at ``output`` was started with (``engine.runs.recorded_run`` wrote it)."""
+    record = runs.read_record(output, runs.TRAINING_RUN_FILE)
+    if record is None:
+        raise InvalidInputError(f"There is no interrupted training run at '{output}'.", "Start a new run instead.")
+    return record
 
 
 def discard_run(output) -> bool:
     """Delete an interrupted run's checkpoints (and an unfinished chain's assistant checkpoints); the
     finished models are never touched. True if something was deleted."""
-    import shutil
-
-    output = Path(output)
-    removed = False
-    for path in (output, output.with_name(f"{output.name}-assistant")):
-        checkpoints = path.with_name(path.name + CHECKPOINT_SUFFIX)
-        if checkpoints.is_dir():
-            shutil.rmtree(checkpoints, ignore_errors=True)
-            removed = True
-    return removed
+    return runs.discard(output, chain=True)
 
 
 def discard_if_unstarted(output, assistant: bool = False) -> None:
     """After a worker run was cancelled or failed: drop its record if no epoch finished (nothing to resume)."""
-    output = Path(output)
-    checkpoints = output.with_name(output.name + CHECKPOINT_SUFFIX)
-    helper = output.with_name(f"{output.name}-assistant")
-    started = (checkpoints / CHECKPOINT_FILE).exists() or (assistant and (
-        helper.exists() or (helper.with_name(helper.name + CHECKPOINT_SUFFIX) / CHECKPOINT_FILE).exists()))
-    if not started and checkpoints.is_dir():
-        import shutil
-
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    if not runs.started(output, assistant):
+        runs.discard(output)
 
 
 # --- the live loss curve ---------------------------------------------------------------------------------
