@@ -159,6 +159,7 @@ def test_compare_models_table_has_run_time_parameters_and_device(compared, model
 
 
 def test_compare_layout_shows_each_model_only_in_its_own_linked_view(compared):
+    """And after switching back to Slicer's usual layout, its slice views show the student's result."""
     result, scene, ct_node = compared.result, compared.scene, compared.ct_node
     layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
     assert layout.GetViewArrangement() == comparison.LAYOUT_ID
@@ -174,11 +175,17 @@ def test_compare_layout_shows_each_model_only_in_its_own_linked_view(compared):
     teacher_display = result.teacherSegmentation.GetDisplayNode()
     student_display = result.studentSegmentation.GetDisplayNode()
     assert teacher_display.GetViewNodeIDs() == (teacher_view.GetID(),)
-    assert student_display.GetViewNodeIDs() == (student_view.GetID(),)
+    standard = tuple(v for v in comparison.STANDARD_SLICE_VIEWS if scene.GetNodeByID(v) is not None)
+    assert standard  # the usual views exist in this scene, as in Slicer
+    assert student_display.GetViewNodeIDs() == (student_view.GetID(), *standard)
     assert teacher_display.IsDisplayableInView(teacher_view.GetID())
     assert not teacher_display.IsDisplayableInView(student_view.GetID())
     assert not student_display.IsDisplayableInView(teacher_view.GetID())
-    assert result.disagreementSegmentation.GetDisplayNode().GetViewNodeIDs() == (three_d.GetID(),)
+    # The disagreement: outlined on both slice views (the models' fills stay readable), translucent in 3D.
+    disagreement = result.disagreementSegmentation.GetDisplayNode()
+    assert disagreement.GetViewNodeIDs() == (teacher_view.GetID(), student_view.GetID(), three_d.GetID())
+    assert disagreement.GetVisibility2DOutline() and not disagreement.GetVisibility2DFill()
+    assert disagreement.GetVisibility3D() and disagreement.GetOpacity3D() < 1
     for view in (teacher_view, student_view):  # both show the input volume, with linked navigation
         logic = slicer.vtkMRMLSliceLogic()
         logic.SetMRMLScene(scene)

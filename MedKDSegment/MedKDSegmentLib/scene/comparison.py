@@ -16,6 +16,10 @@ LAYOUT_ID = 51701  # far above Slicer's built-in layout numbers
 TEACHER_VIEW = "MedKDTeacher"
 STUDENT_VIEW = "MedKDStudent"
 THREE_D_VIEW = "1"  # Slicer's first 3D view
+# Slicer's usual slice views: after switching back from the comparison layout they show the student's result
+# (the model a user runs), so that no overlay is lost.
+STANDARD_SLICE_VIEWS = ("vtkMRMLSliceNodeRed", "vtkMRMLSliceNodeYellow", "vtkMRMLSliceNodeGreen")
+DISAGREEMENT_OPACITY_3D = 0.5  # the disagreement's surfaces must not hide one another
 VIEW_GROUP = 7  # the two slice views link with each other only
 # View labels that cannot be read as anatomical directions (Slicer shows "S: 136 mm" beside them).
 SLICE_VIEWS = {TEACHER_VIEW: ("Tch", (0.88, 0.51, 0.23)), STUDENT_VIEW: ("Stu", (0.23, 0.60, 0.88))}
@@ -162,7 +166,8 @@ def show_only_in(segmentation_node, view_node_ids: list[str], visible_3d: bool |
 def show_comparison(volume_node, teacher_node, student_node, disagreement_node=None, switch_layout: bool = True,
                     surfaces: bool = True) -> dict[str, str]:
     """Switch to the comparison layout: the volume in two linked slice views, the teacher's overlay only
-    in one and the student's only in the other, the disagreement in the 3D view. Returns view node IDs."""
+    in one and the student's in the other (and in Slicer's usual slice views), the disagreement outlined on
+    both slice views and as translucent surfaces in the 3D view. Returns view node IDs."""
     node = layout_node()
     register_comparison_layout(node)
     if switch_layout:
@@ -175,10 +180,14 @@ def show_comparison(volume_node, teacher_node, student_node, disagreement_node=N
         composite.SetLinkedControl(True)
     fit_slice_views(volume_node, [views[name] for name in SLICE_VIEWS])
     centre_3d_view(volume_node)
+    standard = [view for view in STANDARD_SLICE_VIEWS if slicer.mrmlScene.GetNodeByID(view) is not None]
     show_only_in(teacher_node, [ids[TEACHER_VIEW]], visible_3d=False)
-    show_only_in(student_node, [ids[STUDENT_VIEW]], visible_3d=False)
+    show_only_in(student_node, [ids[STUDENT_VIEW], *standard], visible_3d=False)
     if disagreement_node is not None:
-        show_only_in(disagreement_node, [ids[THREE_D_VIEW]], visible_3d=True)
+        show_only_in(disagreement_node, [ids[TEACHER_VIEW], ids[STUDENT_VIEW], ids[THREE_D_VIEW]], visible_3d=True)
+        display = disagreement_node.GetDisplayNode()
+        display.SetVisibility2DFill(False)  # outlines: the models' own fills stay readable beneath
+        display.SetOpacity3D(DISAGREEMENT_OPACITY_3D)
         if surfaces:
             disagreement_node.CreateClosedSurfaceRepresentation()
     return ids

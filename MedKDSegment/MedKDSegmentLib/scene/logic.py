@@ -301,10 +301,11 @@ class SceneLogic:
                 jobs.DISAGREEMENT_NAMES, jobs.DISAGREEMENT_COLORS,
                 {"Teacher": runs["teacher"]["model"], "Student": runs["student"]["model"]})
             created.append(disagreement)
-            title = f"{volumeNode.GetName()} - {runs['teacher']['model']} vs {runs['student']['model']}"
-            structures = comparison.structures_table(title, rows)
+            pair = f"{runs['teacher']['model']} vs {runs['student']['model']}"
+            structures = comparison.structures_table(f"{volumeNode.GetName()} - structures, {pair}", rows)
             created.append(structures)
-            models = comparison.models_table(f"{title} (models)", [runs["teacher"], runs["student"]])
+            models = comparison.models_table(f"{volumeNode.GetName()} - models, {pair}",
+                                             [runs["teacher"], runs["student"]])
             created.append(models)
             viewIds = comparison.show_comparison(volumeNode, teacher, student, disagreement, showLayout, surfaces) \
                 if showLayout else {}
