@@ -38,12 +38,13 @@ sys.path.insert(0, str(ROOT / "MedKDSegment"))
 
 from MedKDSegmentLib.engine.bundle import resolve_bundle  # noqa: E402
 from MedKDSegmentLib.engine.demo import model_name  # noqa: E402
-from MedKDSegmentLib.engine.finetune import AnnotatedCase, FineTuneConfig, fine_tune, parse_epoch_loss  # noqa: E402
+from MedKDSegmentLib.engine.finetune import AnnotatedCase, FineTuneConfig, fine_tune  # noqa: E402
 from MedKDSegmentLib.engine.inference import segment  # noqa: E402
 from MedKDSegmentLib.engine.measure import machine_description  # noqa: E402
 from MedKDSegmentLib.engine.metrics import dice_per_label  # noqa: E402
 from MedKDSegmentLib.engine.phantom import DomainShift, case_seed, generate_phantom  # noqa: E402
 from MedKDSegmentLib.engine.report import markdown_table, write_json, write_text  # noqa: E402
+from MedKDSegmentLib.engine.runs import parse_epoch_loss  # noqa: E402
 
 ORIGINAL_SEED, SHIFTED_SEED, TRAINING_SEED = 4242, 4343, 4444
 # Shifts beyond the training augmentation (±10 % intensity scale, ±0.1 shift, a little noise).

@@ -26,7 +26,6 @@ from MedKDSegmentLib.engine.finetune import (
     merged_targets,
     model_lineage,
     model_versions,
-    parse_epoch_loss,
     predict_labels,
 )
 from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, label_names
@@ -34,6 +33,7 @@ from MedKDSegmentLib.engine.metrics import dice_per_label
 from MedKDSegmentLib.engine.networks import build_network
 from MedKDSegmentLib.engine.phantom import DomainShift, generate_phantom
 from MedKDSegmentLib.engine.profiles import labels_to_model_grid, to_model_grid
+from MedKDSegmentLib.engine.runs import parse_epoch_loss
 from MedKDSegmentLib.engine.segfile import write_seg_nrrd
 from MedKDSegmentLib.engine.training import TrainingConfig, checkpoint_dir_for, fit, recalibrate_batch_norm
 from MedKDSegmentLib.engine.volume import Volume, write_volume

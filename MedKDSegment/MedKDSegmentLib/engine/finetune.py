@@ -271,15 +271,6 @@ class FineTuneResult:
         return rows
 
 
-_EPOCH_MESSAGE = re.compile(r"epoch (\d+)/(\d+) loss ([0-9.eE+-]+|nan)")
-
-
-def parse_epoch_loss(message: str) -> tuple[int, int, float] | None:
-    """(epoch, epochs, running mean loss) from a training progress message, for a live loss curve."""
-    found = _EPOCH_MESSAGE.search(message)
-    return (int(found[1]), int(found[2]), float(found[3])) if found else None
-
-
 # --------------------------------------------------------------------------------------------
 # Versions
 # --------------------------------------------------------------------------------------------
@@ -605,7 +596,7 @@ def fine_tune(
 ) -> FineTuneResult:
     """Fine-tune ``parent`` on annotated ``cases`` and write a new version at ``output``.
 
-    Progress messages during training read ``epoch E/N loss L`` (``parse_epoch_loss`` reads
+    Progress messages during training read ``epoch E/N loss L`` (``runs.parse_epoch_loss`` reads
     them). ``cancel()`` returning True stops between steps with ``CancelledError``: no bundle is
     written, and the checkpoint of the last complete epoch stays for ``resume=True``.
     """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,22 @@ CHECKPOINT_SUFFIX = ".checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAINING_RUN_FILE = "training.json"
 FINETUNE_RUN_FILE = "finetune.json"
+
+
+# Training reports every step as "epoch 3/15 loss 0.4321" (the epoch's running mean loss): the last message
+# of an epoch carries its mean loss, which live loss curves read back.
+EPOCH_LOSS = re.compile(r"\bepoch (\d+)/(\d+) loss ([-+0-9.eE]+|nan|inf)\b")
+
+
+def epoch_message(epoch: int, epochs: int, loss: float) -> str:
+    """The progress message of a training step in epoch ``epoch`` (1-based) of ``epochs``."""
+    return f"epoch {epoch}/{epochs} loss {loss:.4f}"
+
+
+def parse_epoch_loss(message: str | None) -> tuple[int, int, float] | None:
+    """(epoch, epochs, running mean loss) from a training progress message, else None."""
+    found = EPOCH_LOSS.search(message or "")
+    return (int(found[1]), int(found[2]), float(found[3])) if found else None
 
 
 def checkpoint_dir_for(output: str | os.PathLike) -> Path:

@@ -56,7 +56,7 @@ from .networks import (
 from .pipelines import PipelineTeacher
 from .prediction import as_batch, predict_labels, scan_statistics, sliding_window_inferer
 from .profiles import DEFAULT_PROFILES, Profile
-from .runs import CHECKPOINT_FILE, checkpoint_dir_for
+from .runs import CHECKPOINT_FILE, checkpoint_dir_for, epoch_message
 from .runs import assistant_output as runs_assistant_output
 from .volume import check_output_path, normalize_modality
 
@@ -267,7 +267,7 @@ def fit(
                 if math.isnan(history.first_step_loss):
                     history.first_step_loss = losses[0]
                 done = (epoch * config.steps_per_epoch + step + 1) / total_steps
-                report(done, f"epoch {epoch + 1}/{config.epochs} loss {np.mean(losses):.4f}")
+                report(done, epoch_message(epoch + 1, config.epochs, float(np.mean(losses))))
             history.epoch_loss.append(float(np.mean(losses)))
             if validation and config.validate_every and (epoch + 1) % config.validate_every == 0:
                 dice = evaluate(network, validation, num_classes, device)

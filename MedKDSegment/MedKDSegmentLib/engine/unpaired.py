@@ -48,7 +48,7 @@ from .methods import format_methods, parse_methods
 from .modality_norm import make_modality_specific, modality_norms, network_modalities, use_modality
 from .networks import STUDENT_CONFIG, build_network, full_resolution
 from .profiles import DEFAULT_PROFILES, Profile
-from .runs import CHECKPOINT_FILE, checkpoint_dir_for
+from .runs import CHECKPOINT_FILE, checkpoint_dir_for, epoch_message
 from .training import (
     Optimisation,
     TrainingConfig,
@@ -457,7 +457,7 @@ def train_unpaired(
                 if math.isnan(history.first_step_loss):
                     history.first_step_loss = totals[0]
                 done = (epoch * config.steps_per_epoch + step + 1) / (config.epochs * config.steps_per_epoch)
-                report(done, f"epoch {epoch + 1}/{config.epochs} loss {np.mean(totals):.4f}")
+                report(done, epoch_message(epoch + 1, config.epochs, float(np.mean(totals))))
             history.epoch_loss.append(float(np.mean(totals)))
             history.prototype.append(_mean(parts.get("prototype")))
             for modality in modalities:

@@ -8,7 +8,6 @@ MRML only (never qt). The engine does the training (``engine.finetune``); the sc
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +20,8 @@ from ..engine.errors import InvalidInputError
 from ..engine.volume import Volume
 from . import comparison, segmentations, volumes
 
-# The engine reports every training step as "epoch 3/15 loss 0.4321" (the running mean of the epoch):
-# the last message of an epoch carries its mean loss.
-EPOCH_LOSS = re.compile(r"\bepoch (\d+)/(\d+) loss ([-+0-9.eE]+|nan|inf)\b")
 EPOCH_COLUMN, LOSS_COLUMN = "Epoch", "Loss"
 LOSS_COLOR = (0.85, 0.33, 0.10)
-
-
-def parse_epoch_loss(stage: str) -> tuple[int, int, float] | None:
-    """(epoch, epochs, loss) from a training progress message, else None."""
-    found = EPOCH_LOSS.search(stage or "")
-    if not found:
-        return None
-    return int(found.group(1)), int(found.group(2)), float(found.group(3))
 
 
 def interrupted_runs(folders: Iterable, parent_sha256: str | None) -> list[Path]:
@@ -181,7 +169,7 @@ class LossCurve:
 
     def update(self, stage: str) -> bool:
         """Take a progress message; True when it carried an epoch's loss."""
-        parsed = parse_epoch_loss(stage)
+        parsed = runs.parse_epoch_loss(stage)
         if parsed is None or math.isnan(parsed[2]):
             return False
         self.set(parsed[0], parsed[2])
