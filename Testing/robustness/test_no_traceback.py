@@ -101,13 +101,20 @@ def _assert_refused_leaving_everything(argv: list, capsys, *folders: Path) -> No
     assert _snapshot(*folders) == before
 
 
-@pytest.mark.parametrize("bad_kind", list(BAD_VOLUMES))
-@pytest.mark.parametrize("command", list(COMMANDS))
-def test_a_bad_volume_gives_exit_2_with_a_fix_and_leaves_everything_as_it_was(model, good, tmp_path, capsys,
-                                                                               command, bad_kind):
+@pytest.fixture
+def folders(tmp_path) -> tuple[Path, Path]:
+    """(inputs, out): where a case builds its bad input, and where the command would write."""
     inputs, out = tmp_path / "inputs", tmp_path / "out"
     inputs.mkdir()
     out.mkdir()
+    return inputs, out
+
+
+@pytest.mark.parametrize("bad_kind", list(BAD_VOLUMES))
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_bad_volume_gives_exit_2_with_a_fix_and_leaves_everything_as_it_was(model, good, folders, capsys,
+                                                                               command, bad_kind):
+    inputs, out = folders
     bad = BAD_VOLUMES[bad_kind](inputs)
     _assert_refused_leaving_everything(COMMANDS[command](bad, model, good, out), capsys,
                                        inputs, out, good[0].parent, model)
@@ -139,11 +146,9 @@ MODEL_COMMANDS = {
 
 @pytest.mark.parametrize("bad_kind", list(BAD_MODELS))
 @pytest.mark.parametrize("command", list(MODEL_COMMANDS))
-def test_a_bad_model_gives_exit_2_with_a_fix_and_leaves_everything_as_it_was(model, good, tmp_path, capsys,
+def test_a_bad_model_gives_exit_2_with_a_fix_and_leaves_everything_as_it_was(model, good, folders, capsys,
                                                                               command, bad_kind):
-    inputs, out = tmp_path / "inputs", tmp_path / "out"
-    inputs.mkdir()
-    out.mkdir()
+    inputs, out = folders
     bad = BAD_MODELS[bad_kind](model, inputs)
     _assert_refused_leaving_everything(MODEL_COMMANDS[command](bad, good, out), capsys,
                                        inputs, out, good[0].parent, model)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import InvalidInputError
 from .labels import Structure, Terminology
-from .volume import Volume, atomic_path, dicom_series
+from .volume import Volume, atomic_path, series_files
 
 SERIES_NUMBER = 901  # a series number clear of the scanner's (which count from 1)
 # A label without terminology still needs a category and type: DICOM's most general ones.
@@ -65,9 +65,10 @@ def write_dicom_seg(labels: Volume, source: str | os.PathLike, structures: tuple
 
 
 def source_images(source: str | os.PathLike, series: str | None = None) -> list:
-    """The series' files read with pydicom, in the order the volume is read, once they are checked to carry the
-    UIDs a DICOM SEG references (SOP class and instance may come from the file meta, where DICOM keeps a copy);
-    checked before segmenting, so a series that cannot be referenced costs the user no wait.
+    """The headers of the series' files (no pixel data: a DICOM SEG references its sources, it does not copy them),
+    in the order the volume is read, once they are checked to carry the UIDs a DICOM SEG references (SOP class
+    and instance may come from the file meta, where DICOM keeps a copy); checked before segmenting, so a series
+    that cannot be referenced costs the user no wait.
 
     Args:
         source: the DICOM folder.
@@ -75,15 +76,9 @@ def source_images(source: str | os.PathLike, series: str | None = None) -> list:
     """
     import pydicom
 
-    found = dicom_series(Path(source))
-    files = found.get(series) if series else (next(iter(found.values())) if len(found) == 1 else None)
-    if not files:
-        raise InvalidInputError(f"DICOM SEG references its source series, and '{source}' holds "
-                                f"{'no such series' if series else f'{len(found)} series'}.",
-                                "Give the DICOM folder of one series (and --series where it holds several).")
     images = []
-    for file in files:
-        image = pydicom.dcmread(file)
+    for file in series_files(Path(source), series):
+        image = pydicom.dcmread(file, stop_before_pixels=True)
         meta = getattr(image, "file_meta", {})
         for key, copy in (("SOPClassUID", "MediaStorageSOPClassUID"), ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
             if not image.get(key) and meta.get(copy):

@@ -31,6 +31,7 @@ from .modality_norm import use_modality
 from .monai_config import CONFIG, inference_config, write_inference_config
 from .onnx_network import OPSET
 from .phantom import generate_phantom
+from .prediction import as_batch
 from .profiles import to_model_grid
 
 FORMATS = ("monai", "onnx", "torchscript")
@@ -118,7 +119,7 @@ def _example_input(profile) -> torch.Tensor:
     """A phantom of the profile's modality, prepared as a scan is (on the model grid, padded to 8)."""
     image, _ = generate_phantom(profile.modality, seed=1, size=(96, 80, 48), spacing=(2.0, 2.0, 2.5))
     array, _ = to_model_grid(image, profile)
-    return torch.from_numpy(pad_to_multiple_of_8(array))[None, None]
+    return as_batch(pad_to_multiple_of_8(array))
 
 
 def _write_onnx(network, example: torch.Tensor, path: Path, metadata: dict) -> None:

@@ -66,8 +66,7 @@ def inference_config(metadata: dict) -> dict | None:
     profiles = {name: Profile.from_dict(entry["preprocessing"]) for name, entry in sections.items()}
     profiles = profiles or {info["preprocessing"]["modality"]: Profile.from_dict(info["preprocessing"])}
     modality = Profile.from_dict(info["preprocessing"]).modality
-    initialize = ["$@network_def.load_state_dict(torch.load(os.path.join(@bundle_root, 'models', 'model.pt'), "
-                  "map_location='cpu', weights_only=True))"]
+    initialize = ["$@network_def.load_state_dict(torch.load(@weights, map_location='cpu', weights_only=True))"]
     imports = ["$import glob", "$import os", "$import numpy", "$import torch"]
     if info.get("modalities"):  # per-modality normalisation layers, chosen by --modality
         network = {"_target_": MODALITY_SPECIFIC, "network": network, "modalities": list(profiles)}
@@ -79,6 +78,7 @@ def inference_config(metadata: dict) -> dict | None:
         "bundle_root": ".",
         "dataset_dir": "input",
         "output_dir": "output",
+        "weights": "$os.path.join(@bundle_root, 'models', 'model.pt')",
         "modality": modality,
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "datalist": "$[{'image': f} for f in sorted(glob.glob(os.path.join(@dataset_dir, '*.nii*')))]",

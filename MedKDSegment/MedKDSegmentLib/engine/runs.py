@@ -120,5 +120,5 @@ def recorded_run(output: str | os.PathLike, run_file: str, record: dict, resume:
         yield
     except BaseException:
         if not started(output, chain):
-            shutil.rmtree(checkpoint_dir_for(output), ignore_errors=True)
+            discard(output)
         raise

@@ -98,6 +98,25 @@ def _describe_series(uid: str, files: list[str]) -> str:
     return f"{uid} ({modality}, '{description}', {len(files)} slices)"
 
 
+def series_files(folder: Path, series: str | None = None) -> list[str]:
+    """The files of the DICOM series in ``folder`` (``series``: its UID, needed where the folder holds several),
+    in GDCM's slice order; a folder without one, or with several and no choice, is refused listing them."""
+    found = dicom_series(folder)
+    if not found:
+        raise InvalidInputError(
+            f"'{folder}' is a folder without a DICOM series.",
+            "Give a NIfTI/NRRD/MHA file or a folder holding one DICOM series.",
+        )
+    if series is None and len(found) > 1:
+        listed = "; ".join(_describe_series(uid, files) for uid, files in found.items())
+        raise InvalidInputError(f"'{folder}' holds {len(found)} DICOM series: {listed}.",
+                                "Choose one with --series UID.")
+    if series is not None and series not in found:
+        raise InvalidInputError(f"'{folder}' holds no DICOM series '{series}'.",
+                                f"Choose one of: {', '.join(found)}.")
+    return found[series or next(iter(found))]
+
+
 def check_slice_positions(files: list[str], name: str) -> None:
     """Refuse a series whose slices are not evenly spaced (a missing or corrupt slice): ITK would read it with
     one mean spacing and misplace every slice past the gap, with only a warning."""
@@ -131,20 +150,7 @@ def read_volume(path: str | os.PathLike, modality: str | None = None, series: st
     dicom_modality = None
     try:
         if path.is_dir():
-            found = dicom_series(path)
-            if not found:
-                raise InvalidInputError(
-                    f"'{path}' is a folder without a DICOM series.",
-                    "Give a NIfTI/NRRD/MHA file or a folder holding one DICOM series.",
-                )
-            if series is None and len(found) > 1:
-                listed = "; ".join(_describe_series(uid, files) for uid, files in found.items())
-                raise InvalidInputError(f"'{path}' holds {len(found)} DICOM series: {listed}.",
-                                        "Choose one with --series UID.")
-            if series is not None and series not in found:
-                raise InvalidInputError(f"'{path}' holds no DICOM series '{series}'.",
-                                        f"Choose one of: {', '.join(found)}.")
-            files = found[series or next(iter(found))]
+            files = series_files(path, series)
             check_slice_positions(files, f"'{path}'")
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
