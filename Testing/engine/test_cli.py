@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -119,7 +120,10 @@ def test_segment_file_and_folder_then_compare(phantom_folder, tmp_path):
         "--format",
         "nifti",
     )
-    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == ["case_000_tiny.nii.gz", "case_001_tiny.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == [
+        "case_000_tiny.nii.gz", "case_001_tiny.nii.gz", "summary.csv"]
+    rows = list(csv.DictReader((tmp_path / "batch" / "summary.csv").open()))
+    assert [(row["input"], row["status"]) for row in rows] == [("case_000.nii.gz", "done"), ("case_001.nii.gz", "done")]
 
     report = tmp_path / "compare.json"
     result = medkd(

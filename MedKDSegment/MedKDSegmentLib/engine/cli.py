@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import InvalidInputError, MedKDError
@@ -14,13 +15,49 @@ from .errors import InvalidInputError, MedKDError
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
+# Commands that run data-parallel under torchrun; the others run in one process.
+PARALLEL_COMMANDS = ("train-teacher", "distill", "distill-unpaired", "finetune", "segment")
+
+
+def _main_process() -> bool:
+    """Whether this is the process that reports and writes: the only one, or rank 0 under torchrun (read from
+    torchrun's variables, so that commands without torch need not import it)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _processes(args: argparse.Namespace):
+    """The torchrun process group around a command that runs data-parallel (nothing without torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return nullcontext()
+    if args.command not in PARALLEL_COMMANDS:
+        raise InvalidInputError(f"'{args.command}' runs in one process, not under torchrun.",
+                                f"Run it without torchrun; torchrun runs {', '.join(PARALLEL_COMMANDS)}.")
+    from .distributed import process_group
+
+    return process_group(getattr(args, "device", "auto"))
+
+
+def _print_scale(config) -> None:
+    """Under torchrun: the effective batch and learning rate, once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _main_process():
+        from .distributed import scale_message
+
+        print(scale_message(config.batch_size, config.learning_rate), file=sys.stderr)
+
+
+def _print_summary(bundle) -> None:
+    if _main_process():
+        print(json.dumps(bundle.summary(), indent=2))
+
+
 @contextmanager
 def progress_bar(description: str, enabled: bool = True):
-    """A tqdm bar fed by the engine's ``progress(fraction, stage)`` callbacks."""
+    """A tqdm bar fed by the engine's ``progress(fraction, stage)`` callbacks (the main process's only)."""
     from tqdm import tqdm
 
     bar = tqdm(
-        total=1000, desc=description, disable=not enabled, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}"
+        total=1000, desc=description, disable=not (enabled and _main_process()),
+        bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}",
     )
 
     def update(fraction: float, stage: str) -> None:
@@ -98,12 +135,13 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from .training import train_teacher
 
     config = _training_config(args)
+    _print_scale(config)
     spec = {"job": "train_teacher", "data": _absolute(args.data), "modality": args.modality,
             "privileged": {m: _absolute(f) for m, f in _privileged(args).items()}}
     with _recorded(args, spec, config), progress_bar("train teacher", not args.quiet) as update:
         bundle = train_teacher(args.data, args.output, args.modality, config, resume=args.resume,
                                progress=update, privileged=_privileged(args))
-    print(json.dumps(bundle.summary(), indent=2))
+    _print_summary(bundle)
     return 0
 
 
@@ -116,6 +154,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise InvalidInputError("--privileged and --assistant do not combine.",
                                 "Distil from the KD-Net teacher directly.")
     config = _training_config(args)
+    _print_scale(config)
     weights = args.teacher_weight or None
     spec = {"job": "distill", "data": _absolute(args.data), "teachers": [_teacher_path(t) for t in args.teacher],
             "weights": weights, "assistant": bool(args.assistant),
@@ -129,7 +168,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         else:
             bundle = distill_student(args.data, args.teacher, args.output, config, resume=args.resume,
                                      progress=update, weights=weights, privileged=_privileged(args))
-    print(json.dumps(bundle.summary(), indent=2))
+    _print_summary(bundle)
     return 0
 
 
@@ -140,6 +179,8 @@ def _recorded(args: argparse.Namespace, spec: dict, config, extras: dict | None 
 
     from .runs import TRAINING_RUN_FILE, recorded_run
 
+    if not _main_process():
+        return nullcontext()
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()} | (extras or {})
     record = {**spec, "output": _absolute(args.output), "settings": settings}
     return recorded_run(args.output, TRAINING_RUN_FILE, record, args.resume, chain)
@@ -186,6 +227,7 @@ def cmd_distill_unpaired(args: argparse.Namespace) -> int:
     from .unpaired import distill_unpaired
 
     config = _training_config(args)
+    _print_scale(config)
     spec = {"job": "distill_unpaired", "ct_data": _absolute(args.ct_data), "mr_data": _absolute(args.mr_data),
             "ct_teacher": args.ct_teacher and _teacher_path(args.ct_teacher),
             "mr_teacher": args.mr_teacher and _teacher_path(args.mr_teacher)}
@@ -202,21 +244,22 @@ def cmd_distill_unpaired(args: argparse.Namespace) -> int:
             progress=update,
             **extras,
         )
-    print(json.dumps(bundle.summary(), indent=2))
+    _print_summary(bundle)
     return 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from . import distributed
     from .bundle import resolve_bundle
-    from .inference import segment
-    from .volume import VOLUME_SUFFIXES, check_outputs, detect_modality, dicom_series, normalize_modality, read_volume
+    from .volume import VOLUME_SUFFIXES, check_outputs, dicom_series
 
     bundle = resolve_bundle(args.model)
     source = Path(args.input)
     # A DICOM folder is known by its content (files may be named by UID, without a suffix).
     is_series = source.is_dir() and not any(p.name.endswith(VOLUME_SUFFIXES) for p in source.iterdir()) and bool(
         dicom_series(source))
-    if source.is_dir() and not is_series:
+    folder = source.is_dir() and not is_series
+    if folder:
         inputs = sorted(p for p in source.iterdir() if p.name.endswith(VOLUME_SUFFIXES) or p.is_dir())
         output_dir = Path(args.output)
         targets = [output_dir / f"{p.name.split('.')[0]}_{bundle.name}" for p in inputs]
@@ -232,31 +275,86 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.format == "dicom-seg" and not all(p.is_dir() for p in inputs):
         raise InvalidInputError("DICOM SEG references the DICOM series it segments; the input is not a series.",
                                 "Give a DICOM folder as --input, or use --format nifti or seg.nrrd.")
-    check_outputs([source, *inputs], [Path(f"{t}{s}") for t in targets for s in suffixes], args.overwrite)
+    summary = Path(args.output) / SEGMENT_SUMMARY
+    outputs = [Path(f"{t}{s}") for t in targets for s in suffixes] + ([summary] if folder else [])
+    check_outputs([source, *inputs], outputs, args.overwrite)
     if args.format == "dicom-seg":
         from .dicomseg import source_images
 
         for path in inputs:  # before any work: each series must carry the UIDs DICOM SEG references
             source_images(path, args.series if path == source else None)
-    for path, target in zip(inputs, targets):
-        series = args.series if path == source else None
-        volume = read_volume(path, normalize_modality(args.modality) if args.modality != "auto" else None,
-                             series=series)
-        volume.modality = detect_modality(volume)
-        with progress_bar(f"{path.name}", not args.quiet) as update:
-            result = segment(volume, bundle, args.device, update, pipeline_options=_pipeline_options(args))
-        written = []
-        try:  # the outputs of one volume are one unit: an interrupted pair leaves neither
-            for suffix in suffixes:
-                written.append(_write_labels(result.labels, bundle, f"{target}{suffix}", path, series))
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
-        print(f"{path.name}: {result.seconds['total']:.2f} s on {result.device} -> {', '.join(map(str, written))}")
-        for warning in result.warnings:
-            print(f"warning: {path.name}: {warning}", file=sys.stderr)
+    distributed.barrier()  # every process checked the outputs before any is written
+    if not folder:
+        _segment_one(args, bundle, source, targets[0], suffixes, args.series)
+        return 0
+    # Under torchrun each process segments its share of the cases; one failing case does not stop the others.
+    mine = [_segment_case(args, bundle, index, path, target, suffixes)
+            for index, path, target in distributed.shard(list(zip(range(len(inputs)), inputs, targets)))]
+    rows = sorted((row for part in distributed.gather(mine) for row in part), key=lambda row: row["index"])
+    if distributed.current().main:
+        _write_summary(summary, rows)
+    distributed.barrier()
+    failed = [row for row in rows if row["status"] != "done"]
+    if failed and distributed.current().main:  # reported once
+        raise InvalidInputError(f"{len(failed)} of {len(rows)} volumes could not be segmented: "
+                                + "; ".join(f"{row['input']}: {row['message']}" for row in failed),
+                                f"See '{summary}'; fix or remove those volumes and segment them again.")
     return 0
+
+
+SEGMENT_SUMMARY = "summary.csv"  # a folder segmentation's table: one row per volume
+SUMMARY_COLUMNS = ("index", "input", "status", "seconds", "device", "outputs", "message")
+
+
+def _segment_one(args: argparse.Namespace, bundle, path: Path, target: Path, suffixes: list[str],
+                 series: str | None) -> dict:
+    """Segment one volume and write its outputs as one unit (an interrupted pair leaves neither); a row of
+    the summary table."""
+    from .inference import segment
+    from .volume import detect_modality, normalize_modality, read_volume
+
+    volume = read_volume(path, normalize_modality(args.modality) if args.modality != "auto" else None, series=series)
+    volume.modality = detect_modality(volume)
+    with progress_bar(f"{path.name}", not args.quiet) as update:
+        result = segment(volume, bundle, args.device, update, pipeline_options=_pipeline_options(args))
+    written = []
+    try:
+        for suffix in suffixes:
+            written.append(_write_labels(result.labels, bundle, f"{target}{suffix}", path, series))
+    except BaseException:
+        for item in written:
+            item.unlink(missing_ok=True)
+        raise
+    print(f"{path.name}: {result.seconds['total']:.2f} s on {result.device} -> {', '.join(map(str, written))}")
+    for warning in result.warnings:
+        print(f"warning: {path.name}: {warning}", file=sys.stderr)
+    return {"status": "done", "seconds": f"{result.seconds['total']:.2f}", "device": result.device,
+            "outputs": " ".join(map(str, written)), "message": "; ".join(result.warnings)}
+
+
+def _segment_case(args: argparse.Namespace, bundle, index: int, path: Path, target: Path,
+                  suffixes: list[str]) -> dict:
+    """One volume of a folder: its summary row, "failed" with the reason when it could not be segmented."""
+    row = {"index": index, "input": path.name}
+    try:
+        return row | _segment_one(args, bundle, path, target, suffixes, None)
+    except Exception as error:  # any failure of one volume is reported, and the others go on
+        problem = error.problem if isinstance(error, MedKDError) else f"{type(error).__name__}: {error}"
+        print(f"error: {path.name}: {problem}", file=sys.stderr)
+        return row | {"status": "failed", "seconds": "", "device": "", "outputs": "", "message": problem}
+
+
+def _write_summary(path: Path, rows: list[dict]) -> None:
+    """The folder's summary table, atomically."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, path)
 
 
 OUTPUT_SUFFIXES = {"nifti": [".nii.gz"], "seg.nrrd": [".seg.nrrd"], "both": [".nii.gz", ".seg.nrrd"],
@@ -457,6 +555,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         result = fine_tune(
             parent, cases, args.output, config, teacher=args.teacher, resume=args.resume, progress=update
         )
+    if not _main_process():
+        return 0
     version = result.bundle.metadata["version"]
     print(f"new version: {result.bundle.name} {version} at {result.bundle.path} (parent {parent.name})")
     print(f"held-out Dice on {result.held_out}:")
@@ -688,7 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with _processes(args):
+            return args.run(args)
     except MedKDError as error:
         print(f"error: {error.problem}", file=sys.stderr)
         if error.fix:

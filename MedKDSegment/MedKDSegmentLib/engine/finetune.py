@@ -43,6 +43,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from . import distributed
 from .bundle import BUNDLED_MODELS, Bundle, load_bundle, resolve_bundle, save_bundle
 from .data import Case
 from .device import select_device
@@ -679,7 +680,7 @@ def fine_tune(
         training_cases.append(Case(item.name, np.ascontiguousarray(item.image[keep]), targets[keep]))
 
     # 2. Train a copy of the parent; the frozen parent (or teacher) keeps what it knew.
-    if recorded is None:
+    if recorded is None and distributed.current().main:
         write_record(output, FINETUNE_RUN_FILE, record)
     epochs_before = 0
     if resume and (checkpoint_dir / CHECKPOINT_FILE).exists():
@@ -755,24 +756,28 @@ def fine_tune(
     }
     colors = parent_bundle.colors
     structures = tuple(Structure(v, n, colors.get(v, (0.5, 0.5, 0.5))) for v, n in sorted(names.items()))
-    bundle = save_bundle(
-        output,
-        network.cpu(),
-        name=output.name,
-        role=parent_bundle.role,
-        architecture=parent_bundle.info["architecture"],
-        profile=parent_bundle.profile,
-        structures=structures,
-        method=method,
-        teacher=_teacher_reference(parent_bundle, teacher_bundle),
-        parent=parent_bundle,
-        metrics=metrics,
-        description=f"{parent_bundle.name} {parent_bundle.metadata.get('version')} fine-tuned on "
-        f"{len(cases)} annotated case(s) ({', '.join(annotated_names)})",
-        version=version,
-        half_precision=parent_bundle.info.get("weights_dtype") == "float16",
-    )
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    def write_bundle() -> Bundle:  # in the main process; the others read it back (written_by_main)
+        written = save_bundle(
+            output,
+            network.cpu(),
+            name=output.name,
+            role=parent_bundle.role,
+            architecture=parent_bundle.info["architecture"],
+            profile=parent_bundle.profile,
+            structures=structures,
+            method=method,
+            teacher=_teacher_reference(parent_bundle, teacher_bundle),
+            parent=parent_bundle,
+            metrics=metrics,
+            description=f"{parent_bundle.name} {parent_bundle.metadata.get('version')} fine-tuned on "
+            f"{len(cases)} annotated case(s) ({', '.join(annotated_names)})",
+            version=version,
+            half_precision=parent_bundle.info.get("weights_dtype") == "float16",
+        )
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return written
+
+    bundle = distributed.written_by_main(write_bundle, lambda: load_bundle(output))
     report(1.0, "done")
     return FineTuneResult(
         bundle=bundle,

@@ -4,6 +4,7 @@ with, so that an interrupted run is found and resumed the same way from the comm
     <output>.checkpoint/checkpoint.pt     the last finished epoch (written by the training loop)
     <output>.checkpoint/training.json     a training job's spec (teacher, distillation, CT+MR student)
     <output>.checkpoint/finetune.json     a fine-tuning run's record (parent, cases, settings)
+    <output>.checkpoint/teacher-cache/    the teachers' outputs on each training volume, kept as they are made
 
 The folder goes when the model is written; a run stopped before its first epoch leaves nothing
 (``recorded_run``).
@@ -23,6 +24,7 @@ CHECKPOINT_SUFFIX = ".checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAINING_RUN_FILE = "training.json"
 FINETUNE_RUN_FILE = "finetune.json"
+TEACHER_CACHE = "teacher-cache"
 
 
 # Training reports every step as "epoch 3/15 loss 0.4321" (the epoch's running mean loss): the last message

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .augment import training_batch
 from .bundle import Bundle, load_bundle, resolve_bundle, save_bundle
 from .data import Case, load_cases
@@ -56,7 +57,7 @@ from .networks import (
 from .pipelines import PipelineTeacher
 from .prediction import as_batch, predict_labels, scan_statistics, sliding_window_inferer
 from .profiles import DEFAULT_PROFILES, Profile
-from .runs import CHECKPOINT_FILE, checkpoint_dir_for, epoch_message
+from .runs import CHECKPOINT_FILE, TEACHER_CACHE, checkpoint_dir_for, epoch_message
 from .runs import assistant_output as runs_assistant_output
 from .volume import check_output_path, normalize_modality
 
@@ -218,63 +219,69 @@ def fit(
     state = resume_from(checkpoint, resume, methods, network, terms, optimisation)
     if state is not None:
         history, start_epoch = History(**state["history"]), int(state["epoch"])
-        report(start_epoch / config.epochs, f"resumed after epoch {start_epoch}")
+        report(start_epoch / config.epochs, resumed_message(state))
 
     if teachers and terms:
-        cache_teacher_outputs(teachers if len(teachers) > 1 else teachers[0], cases, device, report)
+        cache_teacher_outputs(teachers if len(teachers) > 1 else teachers[0], cases, device, report,
+                              checkpoint_dir / TEACHER_CACHE)
+    main = distributed.current().main
     student_tap, teacher_taps = feature_taps(network, teachers, terms)
     started = time.monotonic()
     try:
-        for epoch in range(start_epoch, config.epochs):
-            if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
-                history.stopped_by_budget = True
-                report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
-                break
-            # Seeding each epoch from (seed, epoch) makes a resumed run identical to an uninterrupted one.
-            rng = seed_everything(config.seed * 100_003 + epoch)
-            network.train()
-            terms.train()
-            losses = []
-            for step in range(config.steps_per_epoch):
-                if cancel is not None and cancel():
-                    raise CancelledError()
-                channels, labels, labelled, cached = training_batch(
-                    cases, config.batch_size, config.patch_size, rng, device, config.spatial_augmentation)
-                images = channels[:, :input_channels(network)]  # privileged channels are the teachers' alone
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    logits = full_resolution(network(images), images.shape[2:]).float()
-                    loss = logits.new_zeros(())
-                    if labelled.any():
-                        loss = loss + supervised(logits[labelled], labels[labelled])
-                    if terms:
-                        context = DistillContext(
-                            images,
-                            logits,
-                            labels,
-                            labelled,
-                            network,
-                            epoch=epoch,
-                            step=epoch * config.steps_per_epoch + step,
-                            teacher_images=channels,
-                        )
-                        loss = loss + distillation_loss(
-                            terms, context, student_tap, teachers, weights, cached, teacher_taps, config, device
-                        )
-                optimisation.step(loss, scaler)
-                for term in terms:
-                    term.after_step(network)
-                losses.append(float(loss.detach()))
-                if math.isnan(history.first_step_loss):
-                    history.first_step_loss = losses[0]
-                done = (epoch * config.steps_per_epoch + step + 1) / total_steps
-                report(done, epoch_message(epoch + 1, config.epochs, float(np.mean(losses))))
-            history.epoch_loss.append(float(np.mean(losses)))
-            if validation and config.validate_every and (epoch + 1) % config.validate_every == 0:
-                dice = evaluate(network, validation, num_classes, device)
-                history.validation_dice.append(float(np.nanmean(list(dice.values()))))
-            save_checkpoint(
-                checkpoint, network, optimisation, history, epoch + 1, terms=terms.state_dict(), methods=methods
-            )
+        with distributed.data_parallel(network, terms, device) as model:
+            for epoch in range(start_epoch, config.epochs):
+                # The main process's clock decides, so that all processes stop after the same epoch.
+                if distributed.from_main(config.time_budget_s is not None
+                                         and time.monotonic() - started > config.time_budget_s):
+                    history.stopped_by_budget = True
+                    report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
+                    break
+                # Seeding each epoch from (seed, epoch) makes a resumed run identical to an uninterrupted one; each
+                # process draws its own patches (random sampling with replacement, so no DistributedSampler).
+                rng = seed_everything(distributed.process_seed(config.seed * 100_003 + epoch))
+                network.train()
+                terms.train()
+                losses = []
+                for step in range(config.steps_per_epoch):
+                    if cancel is not None and cancel():
+                        raise CancelledError()
+                    channels, labels, labelled, cached = training_batch(
+                        cases, config.batch_size, config.patch_size, rng, device, config.spatial_augmentation)
+                    images = channels[:, :input_channels(network)]  # privileged channels are the teachers' alone
+                    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                        logits = full_resolution(model(images), images.shape[2:]).float()
+                        loss = logits.new_zeros(())
+                        if labelled.any():
+                            loss = loss + supervised(logits[labelled], labels[labelled])
+                        if terms:
+                            context = DistillContext(
+                                images,
+                                logits,
+                                labels,
+                                labelled,
+                                network,
+                                epoch=epoch,
+                                step=epoch * config.steps_per_epoch + step,
+                                teacher_images=channels,
+                            )
+                            loss = loss + distillation_loss(
+                                terms, context, student_tap, teachers, weights, cached, teacher_taps, config, device
+                            )
+                    optimisation.step(loss, scaler)
+                    for term in terms:
+                        term.after_step(network)
+                    losses.append(float(loss.detach()))
+                    if math.isnan(history.first_step_loss):
+                        history.first_step_loss = losses[0]
+                    done = (epoch * config.steps_per_epoch + step + 1) / total_steps
+                    report(done, epoch_message(epoch + 1, config.epochs, float(np.mean(losses))))
+                history.epoch_loss.append(distributed.mean(float(np.mean(losses))))
+                if main and validation and config.validate_every and (epoch + 1) % config.validate_every == 0:
+                    dice = evaluate(network, validation, num_classes, device)
+                    history.validation_dice.append(float(np.nanmean(list(dice.values()))))
+                if main:
+                    save_checkpoint(checkpoint, network, optimisation, history, epoch + 1, terms=terms.state_dict(),
+                                    methods=methods, processes=distributed.current().world_size)
     finally:
         for tap in [student_tap, *teacher_taps]:
             if tap is not None:
@@ -365,6 +372,7 @@ def cache_teacher_outputs(
     cases: list[Case],
     device: torch.device,
     report: Progress,
+    folder: Path | None = None,
 ) -> None:
     """Teacher logits on every whole case, computed once into ``Case.teacher`` (float16); several teachers are
     stacked along the channel axis.
@@ -374,6 +382,10 @@ def cache_teacher_outputs(
     rebuilt from log(max(p, 1e-6)) was 0.042 total-variation away from the teacher's own, with a third of the
     classes tied at the clip. (A published teacher's pipeline gives probabilities; their log is its logits.)
     Each case remembers which teachers filled it, so cases reused with another teacher are recomputed.
+
+    Under torchrun each process runs the teachers on its share of the cases and the processes exchange the
+    outputs. With a ``folder`` (the run's ``runs.TEACHER_CACHE``) every output is also kept there, keyed by
+    teachers and image, so a run killed while caching resumes with the cases already done.
     """
     teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
     if any(output_stride(model) != 1 for model in teachers):
@@ -381,24 +393,50 @@ def cache_teacher_outputs(
     key = ("logits", *(_fingerprint(model) for model in teachers))
     for model in teachers:
         model.eval()
+    missing = [case for case in cases if case.teacher is None or case.teacher_source != key]
     fills: dict[tuple[int, tuple], np.ndarray] = {}  # (teacher, padding values) -> its output there (C,)
-    for index, case in enumerate(cases):
-        if case.teacher is None or case.teacher_source != key:
-            z, y, x = case.image.shape
-            outputs = [_case_output(model, case, device)[:, :z, :y, :x] for model in teachers]
-            fill = []
-            for k, model in enumerate(teachers):
-                # Patches are padded channel by channel with each channel's minimum (``sample_batch``).
-                inputs = case.inputs(input_channels(model)).reshape(-1, *case.image.shape)
-                pad = tuple(float(channel.min()) for channel in inputs)
-                if (k, pad) not in fills:  # cases normalised alike share their padding values: probe once
-                    fills[(k, pad)] = (model.padding_output() if isinstance(model, PipelineTeacher)
-                                       else _padding_output(model, pad, device))
-                fill.append(fills[(k, pad)])
-            case.teacher_fill = np.concatenate(fill).astype(np.float16)
-            case.teacher = np.concatenate(outputs).astype(np.float16)
-            case.teacher_source = key
-        report(0.0, f"teacher outputs cached for {index + 1}/{len(cases)} cases")
+    processes = distributed.current()
+    for start in range(0, len(missing), processes.world_size):  # one case per process per round
+        share = missing[start:start + processes.world_size]
+        own = share[processes.rank] if processes.rank < len(share) else None
+        computed = _stored_outputs(teachers, own, key, device, fills, folder) if own is not None else None
+        for case, (outputs, fill) in zip(share, distributed.gather(computed)):
+            case.teacher, case.teacher_fill, case.teacher_source = outputs, fill, key
+        report(0.0, f"teacher outputs cached for {start + len(share)}/{len(missing)} cases")
+
+
+def _stored_outputs(
+    teachers: list[nn.Module], case: Case, key: tuple, device: torch.device, fills: dict, folder: Path | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The teachers' (logits, padding logits) on ``case``, as float16: read back from ``folder`` when an
+    earlier run stored them there, else computed (and stored)."""
+    path = None
+    if folder is not None:
+        digest = hashlib.sha1(repr(key).encode())
+        for array in (case.image, *(() if case.privileged is None else case.privileged)):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        path = Path(folder) / f"{digest.hexdigest()}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as stored:
+                return stored["logits"], stored["fill"]
+    z, y, x = case.image.shape
+    outputs = [_case_output(model, case, device)[:, :z, :y, :x] for model in teachers]
+    fill = []
+    for k, model in enumerate(teachers):
+        # Patches are padded channel by channel with each channel's minimum (``sample_batch``).
+        inputs = case.inputs(input_channels(model)).reshape(-1, *case.image.shape)
+        pad = tuple(float(channel.min()) for channel in inputs)
+        if (k, pad) not in fills:  # cases normalised alike share their padding values: probe once
+            fills[(k, pad)] = (model.padding_output() if isinstance(model, PipelineTeacher)
+                               else _padding_output(model, pad, device))
+        fill.append(fills[(k, pad)])
+    logits, fill = np.concatenate(outputs).astype(np.float16), np.concatenate(fill).astype(np.float16)
+    if path is not None:  # atomically: a kill never leaves half a file to read back
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+        np.savez(partial, logits=logits, fill=fill)
+        os.replace(partial, path)
+    return logits, fill
 
 
 def _case_output(model: nn.Module, case: Case, device: torch.device) -> np.ndarray:
@@ -547,6 +585,14 @@ def resume_from(
     terms.load_state_dict(state.get("terms", {}))
     optimisation.load_state_dict(state["optimisation"])
     return state
+
+
+def resumed_message(state: dict) -> str:
+    """What resuming from checkpoint ``state`` says, including a change in the number of processes."""
+    before, now = int(state.get("processes", 1)), distributed.current().world_size
+    change = (f" (it ran in {before} processes, now {now}: the effective batch changes with them)"
+              if before != now else "")
+    return f"resumed after epoch {int(state['epoch'])}{change}"
 
 
 def read_checkpoint(path: Path, resume: bool) -> dict | None:
@@ -852,7 +898,10 @@ def _bundle_reference(bundle: Bundle) -> dict:
 
 
 def _train_bundle(data, output: Path, *args, **kwargs) -> Bundle:
-    """``_train_unlocked`` while holding ``output`` (``exclusive_output``)."""
+    """``_train_unlocked`` while holding ``output`` (``exclusive_output``; under torchrun the main process holds
+    it for all)."""
+    if not distributed.current().main:
+        return _train_unlocked(data, output, *args, **kwargs)
     with exclusive_output(output):
         return _train_unlocked(data, output, *args, **kwargs)
 
@@ -935,44 +984,48 @@ def _train_unlocked(
         lambda f, m: report(0.05 + 0.9 * f, m),
         cancel,
     )
-    device = select_device(config.device)
-    report(0.96, "recalibrating batch-norm statistics on whole volumes, if that helps on validation")
-    recalibration = recalibrate_if_better(
-        network, lambda: recalibrate_batch_norm(network, train_cases, device),
-        (lambda: mean_dice(evaluate(network, validation, num_classes, device))) if validation else None)
-    metrics = {"train_loss": history.epoch_loss, "validation_mean_dice": history.validation_dice,
-               "batch_norm_recalibration": recalibration}
-    if validation:
-        dice = evaluate(network, validation, num_classes, device)
-        metrics["validation_dice"] = {structures[label - 1].name: value for label, value in dice.items()}
-    method = _method_record(config, specs, history, teacher_bundles, weights) | (extra_method or {})
-    report(0.97, "recording the model's domain")
-    inherited = _inherited_from(teacher_bundles)
-    if role == "teacher" and privileged:  # the channels it takes after the image, for its students
-        inherited["extra"] = {**inherited.get("extra", {}), "privileged": [p.record() for p in privileged]}
-    kind = inherited.get("task") or f"{profile.modality} phantom abdomen"
-    domain = domain_record(network, cases, f"{len(cases)} {profile.modality} volumes: {kind}", device)
-    inherited["extra"] = {**inherited.get("extra", {}), "domain": domain}
-    report(0.98, "writing the bundle")
-    bundle = save_bundle(
-        output,
-        network.cpu(),
-        name=output.name,
-        role=role,
-        architecture=architecture,
-        profile=profile,
-        structures=structures,
-        method=method,
-        teacher=teacher_bundles[0] if teacher_bundles else None,
-        metrics=metrics,
-        description=f"{profile.modality} {role} ({method['name']}) trained on {len(train_cases)} cases"
-        + (f" from {teacher_bundles[0].name}" if teacher_bundles else ""),
-        half_precision=half,
-        **inherited,
-    )
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    report(1.0, "done")
-    return bundle
+
+    def write_bundle() -> Bundle:  # in the main process; the others read the bundle back (written_by_main)
+        device = select_device(config.device)
+        report(0.96, "recalibrating batch-norm statistics on whole volumes, if that helps on validation")
+        recalibration = recalibrate_if_better(
+            network, lambda: recalibrate_batch_norm(network, train_cases, device),
+            (lambda: mean_dice(evaluate(network, validation, num_classes, device))) if validation else None)
+        metrics = {"train_loss": history.epoch_loss, "validation_mean_dice": history.validation_dice,
+                   "batch_norm_recalibration": recalibration}
+        if validation:
+            dice = evaluate(network, validation, num_classes, device)
+            metrics["validation_dice"] = {structures[label - 1].name: value for label, value in dice.items()}
+        method = _method_record(config, specs, history, teacher_bundles, weights) | (extra_method or {})
+        report(0.97, "recording the model's domain")
+        inherited = _inherited_from(teacher_bundles)
+        if role == "teacher" and privileged:  # the channels it takes after the image, for its students
+            inherited["extra"] = {**inherited.get("extra", {}), "privileged": [p.record() for p in privileged]}
+        kind = inherited.get("task") or f"{profile.modality} phantom abdomen"
+        domain = domain_record(network, cases, f"{len(cases)} {profile.modality} volumes: {kind}", device)
+        inherited["extra"] = {**inherited.get("extra", {}), "domain": domain}
+        report(0.98, "writing the bundle")
+        bundle = save_bundle(
+            output,
+            network.cpu(),
+            name=output.name,
+            role=role,
+            architecture=architecture,
+            profile=profile,
+            structures=structures,
+            method=method,
+            teacher=teacher_bundles[0] if teacher_bundles else None,
+            metrics=metrics,
+            description=f"{profile.modality} {role} ({method['name']}) trained on {len(train_cases)} cases"
+            + (f" from {teacher_bundles[0].name}" if teacher_bundles else ""),
+            half_precision=half,
+            **inherited,
+        )
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        report(1.0, "done")
+        return bundle
+
+    return distributed.written_by_main(write_bundle, lambda: load_bundle(output))
 
 
 def domain_record(network: nn.Module, cases: list[Case], volumes: str, device: torch.device) -> dict:

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import distributed
 from .augment import augment_batch, sampling_shape
-from .bundle import Bundle, resolve_bundle, save_bundle
+from .bundle import Bundle, load_bundle, resolve_bundle, save_bundle
 from .data import Case, load_cases, sample_batch
 from .device import select_device
 from .distillation import DistillContext, FeatureTap, TermSetup, build_terms, probe_channels
@@ -48,7 +49,7 @@ from .methods import format_methods, parse_methods
 from .modality_norm import make_modality_specific, modality_norms, network_modalities, use_modality
 from .networks import STUDENT_CONFIG, build_network, full_resolution
 from .profiles import DEFAULT_PROFILES, Profile
-from .runs import CHECKPOINT_FILE, checkpoint_dir_for, epoch_message
+from .runs import CHECKPOINT_FILE, TEACHER_CACHE, checkpoint_dir_for, epoch_message
 from .training import (
     Optimisation,
     TrainingConfig,
@@ -59,6 +60,7 @@ from .training import (
     recalibrate_batch_norm,
     recalibrate_if_better,
     resume_from,
+    resumed_message,
     save_checkpoint,
     seed_everything,
     split_cases,
@@ -224,71 +226,74 @@ def distill_unpaired(
         prototype_weight=prototype_weight,
         prototype_temperature=prototype_temperature,
     )
-    device = select_device(config.device)
-    report(0.96, "recalibrating batch-norm statistics per modality, if that helps on validation")
+    def write_bundle() -> Bundle:  # in the main process; the others read it back (written_by_main)
+        device = select_device(config.device)
+        report(0.96, "recalibrating batch-norm statistics per modality, if that helps on validation")
 
-    def validation_dice() -> float:  # the mean over both modalities' validation cases
-        scores = []
+        def validation_dice() -> float:  # the mean over both modalities' validation cases
+            scores = []
+            for modality in modalities:
+                with use_modality(network, modality):
+                    scores.append(mean_dice(evaluate(network, validation[modality], num_classes, device)))
+            return float(np.mean(scores))
+
+        recalibration = recalibrate_if_better(network, lambda: recalibrate_per_modality(network, train, device),
+                                              validation_dice if all(validation.values()) else None)
+        metrics: dict = {
+            "batch_norm_recalibration": recalibration,
+            "train_loss": history.epoch_loss,
+            "train_supervised": history.supervised,
+            "train_prototype_kl": history.prototype,
+            "train_kd": history.kd,
+            "stopped_by_budget": history.stopped_by_budget,
+        }
+        validation_dice = {}
         for modality in modalities:
-            with use_modality(network, modality):
-                scores.append(mean_dice(evaluate(network, validation[modality], num_classes, device)))
-        return float(np.mean(scores))
+            if validation[modality]:
+                with use_modality(network, modality):
+                    dice = evaluate(network, validation[modality], num_classes, device)
+                validation_dice[modality] = {structures[label - 1].name: value for label, value in dice.items()}
+        if validation_dice:
+            metrics["validation_dice"] = validation_dice
+        records = [record | {"modality": m} for m in modalities for record in history.terms.get(m, [])]
+        plain_kd = bool(teacher_networks) and {r["name"] for r in records} == {"kd"}
+        method = {
+            # The names the CT+MR bundles were first made with when the methods are plain pixel KD (or none).
+            "name": ("unpaired_kd" if plain_kd else f"unpaired+{format_methods(parse_methods(config.methods), config)}")
+            if records
+            else "unpaired",
+            "reference": "Dou et al., IEEE TMI 2020 (shared kernels, per-modality normalisation, prototype KL)",
+            "prototype_weight": prototype_weight,
+            "prototype_temperature": prototype_temperature,
+            "training": asdict(config),
+        }
+        if records:
+            method["methods"] = records
+        kd = next((r for r in records if r["name"] == "kd"), None)
+        if kd is not None:
+            method |= {"kd_temperature": kd["temperature"], "kd_weight": kd["weight"]}
+        report(0.98, "writing the bundle")
+        counts = ", ".join(f"{len(train[m])} {m}" for m in modalities)
+        bundle = save_bundle(
+            output,
+            network.cpu(),
+            name=output.name,
+            role="student",
+            architecture=architecture,
+            profile=chosen["CT"],
+            profiles=chosen,
+            teachers=teachers,
+            structures=structures,
+            method=method,
+            teacher=teachers["CT"] or teachers["MR"],
+            metrics=metrics,
+            description=f"CT+MR phantom-abdomen student ({method['name']}) trained on {counts} unpaired cases",
+        )
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        report(1.0, "done")
+        return bundle
 
-    recalibration = recalibrate_if_better(network, lambda: recalibrate_per_modality(network, train, device),
-                                          validation_dice if all(validation.values()) else None)
-    metrics: dict = {
-        "batch_norm_recalibration": recalibration,
-        "train_loss": history.epoch_loss,
-        "train_supervised": history.supervised,
-        "train_prototype_kl": history.prototype,
-        "train_kd": history.kd,
-        "stopped_by_budget": history.stopped_by_budget,
-    }
-    validation_dice = {}
-    for modality in modalities:
-        if validation[modality]:
-            with use_modality(network, modality):
-                dice = evaluate(network, validation[modality], num_classes, device)
-            validation_dice[modality] = {structures[label - 1].name: value for label, value in dice.items()}
-    if validation_dice:
-        metrics["validation_dice"] = validation_dice
-    records = [record | {"modality": m} for m in modalities for record in history.terms.get(m, [])]
-    plain_kd = bool(teacher_networks) and {r["name"] for r in records} == {"kd"}
-    method = {
-        # The names the CT+MR bundles were first made with when the methods are plain pixel KD (or none).
-        "name": ("unpaired_kd" if plain_kd else f"unpaired+{format_methods(parse_methods(config.methods), config)}")
-        if records
-        else "unpaired",
-        "reference": "Dou et al., IEEE TMI 2020 (shared kernels, per-modality normalisation, prototype KL)",
-        "prototype_weight": prototype_weight,
-        "prototype_temperature": prototype_temperature,
-        "training": asdict(config),
-    }
-    if records:
-        method["methods"] = records
-    kd = next((r for r in records if r["name"] == "kd"), None)
-    if kd is not None:
-        method |= {"kd_temperature": kd["temperature"], "kd_weight": kd["weight"]}
-    report(0.98, "writing the bundle")
-    counts = ", ".join(f"{len(train[m])} {m}" for m in modalities)
-    bundle = save_bundle(
-        output,
-        network.cpu(),
-        name=output.name,
-        role="student",
-        architecture=architecture,
-        profile=chosen["CT"],
-        profiles=chosen,
-        teachers=teachers,
-        structures=structures,
-        method=method,
-        teacher=teachers["CT"] or teachers["MR"],
-        metrics=metrics,
-        description=f"CT+MR phantom-abdomen student ({method['name']}) trained on {counts} unpaired cases",
-    )
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    report(1.0, "done")
-    return bundle
+    return distributed.written_by_main(write_bundle, lambda: load_bundle(output))
 
 
 def _choose_profiles(teachers: dict, explicit: dict[str, Profile], num_classes: int) -> dict[str, Profile]:
@@ -375,12 +380,12 @@ def train_unpaired(
     state = resume_from(checkpoint, resume, methods, network, terms, optimisation)
     if state is not None:
         history, start_epoch = UnpairedHistory(**state["history"]), int(state["epoch"])
-        report(start_epoch / config.epochs, f"resumed after epoch {start_epoch}")
+        report(start_epoch / config.epochs, resumed_message(state))
 
     for modality, teacher in teachers.items():
         if len(terms[modality]):
             cache_teacher_outputs(teacher, cases[modality], device,
-                                  lambda f, m, mod=modality: report(0.0, f"{mod}: {m}"))
+                                  lambda f, m, mod=modality: report(0.0, f"{mod}: {m}"), checkpoint_dir / TEACHER_CACHE)
     # Feature terms (hint, at) read intermediate maps through forward hooks; their teacher then runs per step.
     student_layers = sorted({layer for group in terms.values() for term in group for layer in term.student_layers})
     student_tap = FeatureTap(network, student_layers) if student_layers else None
@@ -389,84 +394,87 @@ def train_unpaired(
         for m, group in terms.items()
         if m in teachers and any(t.needs_features for t in group)
     }
+    main = distributed.current().main
     try:
-        started = time.monotonic()
-        for epoch in range(start_epoch, config.epochs):
-            if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
-                history.stopped_by_budget = True
-                report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
-                break
-            rng = seed_everything(config.seed * 100_003 + epoch)
-            network.train()
-            totals: list[float] = []
-            parts: dict[str, list[float]] = {}
-            for step in range(config.steps_per_epoch):
-                if cancel is not None and cancel():
-                    raise CancelledError()
-                # Both batches are drawn before any forward pass so the random stream is fixed per step.
-                region = sampling_shape(config.patch_size, config.spatial_augmentation)
-                batches = {m: sample_batch(cases[m], config.batch_size, region, rng) for m in modalities}
-                outputs = {}
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    loss = torch.zeros((), device=device)
-                    for modality in modalities:
-                        images, labels, labelled, cached = batches[modality]
-                        cached = cached.to(device) if cached is not None else None
-                        images, labels, cached = augment_batch(images.to(device), labels.to(device), cached, rng,
-                                                               config.spatial_augmentation, config.patch_size)
-                        use_modality(network, modality)
-                        logits = full_resolution(network(images), images.shape[2:]).float()
-                        outputs[modality] = (logits[labelled.to(device)], labels[labelled.to(device)])
-                        if labelled.any():
-                            term = supervised(*outputs[modality])
-                            loss = loss + term
-                            parts.setdefault(f"supervised_{modality}", []).append(float(term.detach()))
-                        group = terms[modality]
-                        if len(group):
-                            context = DistillContext(
-                                images,
-                                logits,
-                                labels,
-                                labelled,
-                                network,
-                                epoch=epoch,
-                                step=epoch * config.steps_per_epoch + step,
-                            )
-                            own = [teachers[modality]] if modality in teachers else []
-                            term = distillation_loss(
-                                group,
-                                context,
-                                student_tap,
-                                own,
-                                [1.0],
-                                cached,
-                                teacher_taps.get(modality, []),
-                                config,
-                                device,
-                            )
-                            loss = loss + term
-                            parts.setdefault(f"kd_{modality}", []).append(float(term.detach()))
-                    term = prototype_kl(*outputs[modalities[0]], *outputs[modalities[1]])
-                    loss = loss + prototype_weight * term
-                    parts.setdefault("prototype", []).append(float(term.detach()))
-                optimisation.step(loss, scaler)
-                for group in terms.values():
-                    for term in group:
-                        term.after_step(network)
-                totals.append(float(loss.detach()))
-                if math.isnan(history.first_step_loss):
-                    history.first_step_loss = totals[0]
-                done = (epoch * config.steps_per_epoch + step + 1) / (config.epochs * config.steps_per_epoch)
-                report(done, epoch_message(epoch + 1, config.epochs, float(np.mean(totals))))
-            history.epoch_loss.append(float(np.mean(totals)))
-            history.prototype.append(_mean(parts.get("prototype")))
-            for modality in modalities:
-                history.supervised.setdefault(modality, []).append(_mean(parts.get(f"supervised_{modality}")))
-                if len(terms[modality]):
-                    history.kd.setdefault(modality, []).append(_mean(parts.get(f"kd_{modality}")))
-            save_checkpoint(
-                checkpoint, network, optimisation, history, epoch + 1, terms=terms.state_dict(), methods=methods
-            )
+        with distributed.data_parallel(network, terms, device) as model:
+            started = time.monotonic()
+            for epoch in range(start_epoch, config.epochs):
+                if distributed.from_main(config.time_budget_s is not None
+                                         and time.monotonic() - started > config.time_budget_s):
+                    history.stopped_by_budget = True
+                    report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
+                    break
+                rng = seed_everything(distributed.process_seed(config.seed * 100_003 + epoch))
+                network.train()
+                totals: list[float] = []
+                parts: dict[str, list[float]] = {}
+                for step in range(config.steps_per_epoch):
+                    if cancel is not None and cancel():
+                        raise CancelledError()
+                    # Both batches are drawn before any forward pass so the random stream is fixed per step.
+                    region = sampling_shape(config.patch_size, config.spatial_augmentation)
+                    batches = {m: sample_batch(cases[m], config.batch_size, region, rng) for m in modalities}
+                    outputs = {}
+                    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                        loss = torch.zeros((), device=device)
+                        for modality in modalities:
+                            images, labels, labelled, cached = batches[modality]
+                            cached = cached.to(device) if cached is not None else None
+                            images, labels, cached = augment_batch(images.to(device), labels.to(device), cached, rng,
+                                                                   config.spatial_augmentation, config.patch_size)
+                            use_modality(network, modality)
+                            logits = full_resolution(model(images), images.shape[2:]).float()
+                            outputs[modality] = (logits[labelled.to(device)], labels[labelled.to(device)])
+                            if labelled.any():
+                                term = supervised(*outputs[modality])
+                                loss = loss + term
+                                parts.setdefault(f"supervised_{modality}", []).append(float(term.detach()))
+                            group = terms[modality]
+                            if len(group):
+                                context = DistillContext(
+                                    images,
+                                    logits,
+                                    labels,
+                                    labelled,
+                                    network,
+                                    epoch=epoch,
+                                    step=epoch * config.steps_per_epoch + step,
+                                )
+                                own = [teachers[modality]] if modality in teachers else []
+                                term = distillation_loss(
+                                    group,
+                                    context,
+                                    student_tap,
+                                    own,
+                                    [1.0],
+                                    cached,
+                                    teacher_taps.get(modality, []),
+                                    config,
+                                    device,
+                                )
+                                loss = loss + term
+                                parts.setdefault(f"kd_{modality}", []).append(float(term.detach()))
+                        term = prototype_kl(*outputs[modalities[0]], *outputs[modalities[1]])
+                        loss = loss + prototype_weight * term
+                        parts.setdefault("prototype", []).append(float(term.detach()))
+                    optimisation.step(loss, scaler)
+                    for group in terms.values():
+                        for term in group:
+                            term.after_step(network)
+                    totals.append(float(loss.detach()))
+                    if math.isnan(history.first_step_loss):
+                        history.first_step_loss = totals[0]
+                    done = (epoch * config.steps_per_epoch + step + 1) / (config.epochs * config.steps_per_epoch)
+                    report(done, epoch_message(epoch + 1, config.epochs, float(np.mean(totals))))
+                history.epoch_loss.append(distributed.mean(float(np.mean(totals))))
+                history.prototype.append(_mean(parts.get("prototype")))
+                for modality in modalities:
+                    history.supervised.setdefault(modality, []).append(_mean(parts.get(f"supervised_{modality}")))
+                    if len(terms[modality]):
+                        history.kd.setdefault(modality, []).append(_mean(parts.get(f"kd_{modality}")))
+                if main:
+                    save_checkpoint(checkpoint, network, optimisation, history, epoch + 1, terms=terms.state_dict(),
+                                    methods=methods, processes=distributed.current().world_size)
     finally:
         for tap in [student_tap, *(tap for taps in teacher_taps.values() for tap in taps)]:
             if tap is not None:
