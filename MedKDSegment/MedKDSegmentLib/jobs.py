@@ -276,6 +276,8 @@ def check_training_spec(spec: dict) -> None:
     from .engine.methods import parse_methods
 
     config, _ = training_config(spec.get("settings"))
+    if spec.get("processes", 1) != "auto":
+        training_processes(spec)
     if spec.get("job") in ("distill", "distill_unpaired"):
         parse_methods(config.methods)
     if spec.get("job") == "distill":
@@ -341,10 +343,100 @@ def train_model(spec: dict, progress: Progress | None = None, cancel: Cancel | N
         raise InvalidInputError(
             f"An interrupted training run of '{output.name}' exists (in '{runs.checkpoint_dir_for(output)}').",
             "Resume it, discard it, or choose another output name.")
+    processes = training_processes(spec)
     record = {k: v for k, v in spec.items() if k not in ("id", "resume")}
     with runs.recorded_run(output, runs.TRAINING_RUN_FILE, record, resume, chain):
-        bundle, assistant, epochs = _train(job, spec, output, user_folders, resume, progress, cancel)
+        if processes == 1:
+            bundle, assistant, epochs = _train(job, spec, output, user_folders, resume, progress, cancel)
+        else:
+            from .engine.bundle import load_bundle
+
+            _train_in_processes(spec, processes, progress, cancel)
+            bundle = load_bundle(output)
+            assistant = load_bundle(runs.assistant_output(output)) if chain else None
+            epochs = training_config(spec.get("settings"))[0].epochs
     return training_summary(bundle, assistant, epochs)
+
+
+def training_processes(spec: dict) -> int:
+    """How many local processes a training job runs in: ``spec["processes"]``, a number or "auto" (one per GPU
+    when the job may run on CUDA and this machine has several; else one)."""
+    wanted = spec.get("processes", 1)
+    if wanted == "auto":
+        import torch
+
+        device = (spec.get("settings") or {}).get("device", "auto")
+        gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+        return gpus if gpus > 1 else 1
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+        raise InvalidInputError(f"The number of training processes is {wanted!r}.",
+                                'Give a whole number of 1 or more, or "auto" (one per GPU).')
+    return wanted
+
+
+def _train_in_processes(spec: dict, processes: int, progress: Progress | None, cancel: Cancel | None) -> None:
+    """Run a training job under torchrun in ``processes`` local processes (the module training on several GPUs):
+    each runs ``_train`` data-parallel (``python -m MedKDSegmentLib.jobs``), and the main one's progress comes
+    back as JSON lines. ``cancel`` terminates torchrun, which stops its processes; the checkpoint stays."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from .engine.errors import CancelledError, MedKDError
+
+    report = progress or (lambda fraction, stage: None)
+    with tempfile.TemporaryDirectory(prefix="medkd-train-") as folder:
+        spec_file, log = Path(folder) / "spec.json", Path(folder) / "stderr.txt"
+        spec_file.write_text(json.dumps({**spec, "processes": 1}), encoding="utf-8")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "MedKDSegmentLib.jobs", str(spec_file)]
+        library = str(Path(__file__).resolve().parents[1])
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join([library, *filter(None, [os.environ.get(
+            "PYTHONPATH")])])}
+        error = None
+        with log.open("w") as errors, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True,
+                                                       env=environment) as process:
+            for line in process.stdout:
+                event = json.loads(line) if line.startswith("{") else {}
+                if event.get("event") == "progress":
+                    report(event["fraction"], event["stage"])
+                elif event.get("event") == "error":
+                    error = event
+                if cancel is not None and cancel():
+                    process.terminate()  # torchrun forwards it to its processes
+                    process.wait()
+                    raise CancelledError()
+        if error is not None:
+            raise MedKDError(error["problem"], error["fix"])
+        if process.returncode != 0:
+            raise RuntimeError(f"Training in {processes} processes failed (exit {process.returncode}): "
+                               f"{log.read_text(errors='replace')[-2000:]}")
+
+
+def _train_in_this_process(spec_file: str) -> int:
+    """One of ``_train_in_processes``'s processes (started by torchrun): the job data-parallel; the main process
+    prints progress and a bad input's error as JSON lines."""
+    import json
+
+    from .engine.distributed import process_group
+    from .engine.errors import MedKDError
+
+    spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
+    main = os.environ.get("RANK", "0") == "0"
+
+    def send(event: dict) -> None:
+        if main:
+            print(json.dumps(event), flush=True)
+
+    with process_group((spec.get("settings") or {}).get("device", "auto")):
+        try:
+            _train(spec["job"], spec, Path(spec["output"]), spec.get("user_folders") or (), bool(spec.get("resume")),
+                   lambda fraction, stage: send({"event": "progress", "fraction": fraction, "stage": stage}), None)
+        except MedKDError as error:
+            send({"event": "error", "problem": error.problem, "fix": error.fix})
+            return 2
+    return 0
 
 
 def _train(job, spec, output, user_folders, resume, progress, cancel):
@@ -438,3 +530,9 @@ def run_spec(spec: dict, progress: Progress | None = None, cancel: Cancel | None
     known = ", ".join(["segment", "compare", "finetune", *TRAINING_JOBS, "install-teacher", "import-teacher",
                        "devices"])
     raise InvalidInputError(f"Unknown job '{job}'.", f"Use one of: {known}.")
+
+
+if __name__ == "__main__":  # a process of a multi-process training job (``_train_in_processes``)
+    import sys
+
+    sys.exit(_train_in_this_process(sys.argv[1]))

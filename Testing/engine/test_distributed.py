@@ -253,3 +253,49 @@ def test_synchronised_batch_norm_is_made_plain_again_with_its_statistics():
     assert after.keys() == before.keys()
     for key, value in before.items():
         torch.testing.assert_close(after[key], value)
+
+
+def job_processes() -> list[str]:
+    """Command lines of running processes of a multi-process training job."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "MedKDSegmentLib.jobs" in text:
+            found.append(text)
+    return found
+
+
+def training_spec(ct: Path, output: Path) -> dict:
+    settings = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 1, "patch_size": [16, 16, 16], "device": "cpu",
+                "architecture": TINY_TEACHER}
+    return {"job": "train_teacher", "data": str(ct), "modality": "CT", "output": str(output), "processes": 2,
+            "settings": settings}
+
+
+def test_a_training_job_of_the_module_runs_in_several_local_processes(ct, tmp_path):
+    from MedKDSegmentLib import jobs
+
+    stages = []
+    summary = jobs.train_model(training_spec(ct, tmp_path / "teacher"), lambda f, stage: stages.append(stage))
+    assert any(stage.startswith("epoch 2/2 loss") for stage in stages)  # rank 0's progress, relayed
+    assert len(summary["epoch_loss"]) == 2
+    assert load_bundle(tmp_path / "teacher").info["architecture"] == TINY_TEACHER
+    assert not job_processes()
+
+
+def test_cancelling_a_multi_process_training_job_stops_every_process_and_writes_no_model(ct, tmp_path):
+    from MedKDSegmentLib import jobs
+    from MedKDSegmentLib.engine.errors import CancelledError
+
+    stages = []
+    with pytest.raises(CancelledError):
+        jobs.train_model(training_spec(ct, tmp_path / "teacher"), lambda f, stage: stages.append(stage),
+                         cancel=lambda: any(stage.startswith("epoch 1/") for stage in stages))
+    assert not (tmp_path / "teacher").exists()
+    deadline = time.monotonic() + 30
+    while job_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not job_processes()

@@ -827,8 +827,9 @@ class SceneLogic:
         options = {"epochs": epochs, "device": device, "kd_temperature": temperature,
                    "time_budget_s": float(minutes) * 60.0 if minutes else None, **(settings or {})}
         path = training.output_path(self.modelsFolder(), output, defaultName, chain)
+        # "auto": one process per GPU when the machine has several (torchrun, engine.distributed), else one.
         spec = {"job": job, "output": str(path), "settings": {k: v for k, v in options.items() if v is not None},
-                "user_folders": self.modelFolders(), **fields}
+                "user_folders": self.modelFolders(), "processes": "auto", **fields}
         dependencies.ensure_dependencies()
         jobs.check_training_spec(spec)  # unknown settings, method typos, weights: refused now, not in the worker
         return spec
