@@ -134,7 +134,7 @@ def logic(models_dir):
     """The scene logic with the tiny models only (the bundled ones may be training right now)."""
     from MedKDSegmentLib.scene.logic import SceneLogic
 
-    logic = SceneLogic([models_dir], includeBundled=False)
+    logic = SceneLogic([models_dir], includeBundledModels=False)
     yield logic
     logic.shutdownWorker()
 

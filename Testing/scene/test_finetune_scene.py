@@ -59,7 +59,7 @@ def user_pair(phantom, name: str = "patient 7"):
 def private_logic(models_dir, tmp_path):
     folder = tmp_path / "my-models"
     parent_copy(models_dir, folder)
-    logic = SceneLogic([folder], includeBundled=False)
+    logic = SceneLogic([folder], includeBundledModels=False)
     yield logic
     logic.shutdownWorker()
 
@@ -224,7 +224,7 @@ def worker_logic(models_dir, tmp_path_factory):
     """One warm worker for the worker tests (its start-up imports torch and MONAI once)."""
     folder = tmp_path_factory.mktemp("worker-models")
     parent_copy(models_dir, folder)
-    logic = SceneLogic([folder], includeBundled=False)
+    logic = SceneLogic([folder], includeBundledModels=False)
     logic.warmUpWorker()
     yield logic
     logic.shutdownWorker()
@@ -297,7 +297,7 @@ def test_delete_refuses_bundled_models_and_removes_a_users_version(models_dir, t
     monkeypatch.setattr(catalog, "bundled_models_dir", lambda: bundled)
     mine = tmp_path / "mine"
     parent_copy(models_dir, mine)
-    logic = SceneLogic([mine], includeBundled=True)
+    logic = SceneLogic([mine], includeBundledModels=True)
     teacher = next(m for m in logic.listModels() if m.name == "selftest-ct-teacher")
     assert teacher.source == "bundled" and logic.isBundled(teacher)
     for given in (teacher.name, str(teacher.path), teacher):
@@ -311,7 +311,7 @@ def test_delete_refuses_bundled_models_and_removes_a_users_version(models_dir, t
 
 
 def test_without_a_user_folder_new_versions_go_to_the_default_folder(models_dir, default_models_folder):
-    logic = SceneLogic([], includeBundled=False)
+    logic = SceneLogic([], includeBundledModels=False)
     assert scene_logic.default_models_folder() == default_models_folder  # conftest points it at a temporary one
     assert logic.modelsFolder() == default_models_folder
     parent_copy(models_dir, default_models_folder)

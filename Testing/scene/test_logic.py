@@ -94,7 +94,7 @@ def shared_comparison(application, models_dir, ct_volume):
     _, truth = generate_phantom("CT", SEED, size=ct_volume.shape[::-1], spacing=ct_volume.spacing)
     reference = segmentation_from_labels(truth.array, ct_node, "truth", dict(enumerate(STRUCTURES, start=1)))
     before = {n.GetID(): node_content(n) for n in (ct_node, reference)}
-    result = SceneLogic([models_dir], includeBundled=False).compare(ct_node, referenceSegmentationNode=reference,
+    result = SceneLogic([models_dir], includeBundledModels=False).compare(ct_node, referenceSegmentationNode=reference,
                                                                     device="cpu")
     return types.SimpleNamespace(result=result, reference=reference, before=before, scene=scene, ct_node=ct_node)
 

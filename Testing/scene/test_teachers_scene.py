@@ -14,7 +14,7 @@ from MedKDSegmentLib.engine.errors import MedKDError
 def own_logic(tmp_path):
     from MedKDSegmentLib.scene.logic import SceneLogic
 
-    logic = SceneLogic([tmp_path / "my-models"], includeBundled=False)
+    logic = SceneLogic([tmp_path / "my-models"], includeBundledModels=False)
     yield logic
     logic.shutdownWorker()
 

@@ -132,7 +132,7 @@ def test_bad_inputs_give_a_clear_error_and_write_nothing(scene, data, teachers, 
     from MedKDSegmentLib.engine.volume import read_volume, write_volume
 
     mine = tmp_path / "mine"
-    logic = SceneLogic([mine], includeBundled=False)
+    logic = SceneLogic([mine], includeBundledModels=False)
     state = scene_state(scene)
     (tmp_path / "no-images").mkdir()
     (tmp_path / "empty" / "images").mkdir(parents=True)
@@ -177,7 +177,7 @@ def test_bad_inputs_give_a_clear_error_and_write_nothing(scene, data, teachers, 
 
 def test_distil_in_process_records_methods_and_teachers_and_lists_the_model(scene, data, teachers, tmp_path):
     mine = tmp_path / "mine"
-    logic = SceneLogic([mine], includeBundled=False)
+    logic = SceneLogic([mine], includeBundledModels=False)
     stages = []
     report = logic.distillStudent(data["CT"], teachers=[teachers["CT"], teachers["CT2"]], weights=[0.7, 0.3],
                                   methods={"cwd": 1.0, "coteacher": 0.5}, epochs=2, device="cpu", settings=TINY,
@@ -204,7 +204,7 @@ def test_distil_in_process_records_methods_and_teachers_and_lists_the_model(scen
 
 def test_teacher_and_ct_mr_student_in_process(scene, data, teachers, tmp_path):
     mine = tmp_path / "mine"
-    logic = SceneLogic([mine], includeBundled=False)
+    logic = SceneLogic([mine], includeBundledModels=False)
     teacher = logic.trainTeacher(data["MR"], "MR", epochs=1, device="cpu",
                                  settings={**TINY, "architecture": TEACHER, "profile": {**CT_PROFILE, "modality": "MR",
                                                                                         "clip": None,
@@ -226,7 +226,7 @@ def test_teacher_and_ct_mr_student_in_process(scene, data, teachers, tmp_path):
 @pytest.fixture(scope="module")
 def worker_logic(tmp_path_factory):
     """One warm worker for these tests (its start-up imports torch and MONAI once)."""
-    logic = SceneLogic([tmp_path_factory.mktemp("worker-models")], includeBundled=False)
+    logic = SceneLogic([tmp_path_factory.mktemp("worker-models")], includeBundledModels=False)
     logic.warmUpWorker()
     yield logic
     logic.shutdownWorker()
@@ -301,7 +301,7 @@ def test_a_run_interrupted_on_the_command_line_resumes_in_slicer(scene, data, tm
     assert code == EXIT_INTERRUPTED and not output.exists()
     monkeypatch.undo()
 
-    logic = SceneLogic([folder], includeBundled=False)
+    logic = SceneLogic([folder], includeBundledModels=False)
     assert training.interrupted_trainings([folder]) == [output]
     record = training.training_record(output)
     assert record["job"] == "train_teacher" and record["settings"]["epochs"] == 2

@@ -1,4 +1,4 @@
-"""The Widget cannot run here, so check what can be checked statically: the .ui file against the code, and
+"""Check statically what the Widget and the .ui promise each other: the .ui file against the code, and
 every Slicer-facing file against Slicer's real API (../shared/tools/check_slicer_api.py)."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import pytest
 from scene_helpers import REPO
 
 MODULE = REPO / "MedKDSegment" / "MedKDSegment.py"
+WIDGET = REPO / "MedKDSegment" / "MedKDSegmentLib" / "widget.py"
+PARAMETERS = REPO / "MedKDSegment" / "MedKDSegmentLib" / "scene" / "parameters.py"
 UI = REPO / "Resources" / "UI" / "MedKDSegment.ui"
 SCENE_LAYER = sorted((REPO / "MedKDSegment" / "MedKDSegmentLib" / "scene").glob("*.py"))
 # Qt's own widgets need no <customwidget> declaration; every other class does.
@@ -31,7 +33,7 @@ def widget_names(ui) -> dict[str, str]:
 
 
 def ui_attributes_used(source: Path) -> set[str]:
-    """Every ``self.ui.<name>`` in the module."""
+    """Every ``self.ui.<name>`` in the Widget."""
     names = set()
     for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
@@ -41,8 +43,8 @@ def ui_attributes_used(source: Path) -> set[str]:
 
 
 def test_every_widget_the_code_uses_exists_in_the_ui(ui):
-    used = ui_attributes_used(MODULE)
-    assert len(used) > 15  # the check would be empty if the module stopped using self.ui
+    used = ui_attributes_used(WIDGET)
+    assert len(used) > 15  # the check would be empty if the Widget stopped using self.ui
     missing = used - set(widget_names(ui))
     assert not missing, f"self.ui.<name> without a widget in {UI.name}: {sorted(missing)}"
 
@@ -66,7 +68,7 @@ def test_connections_name_existing_widgets(ui):
 
 def test_parameter_names_in_the_ui_are_parameter_node_fields(ui):
     """Widgets bound with the SlicerParameterName dynamic property must name a parameter node field."""
-    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    tree = ast.parse(PARAMETERS.read_text(encoding="utf-8"))
     wrapped = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedKDSegmentParameterNode")
     assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in wrapped.decorator_list)
     fields = {n.target.id for n in wrapped.body if isinstance(n, ast.AnnAssign)}
@@ -103,7 +105,7 @@ def test_fine_tune_section_binds_its_budget_to_the_parameter_node(ui):
     epochs, minutes = widgets["fineTuneEpochsSpinBox"], widgets["fineTuneMinutesSpinBox"]
     assert epochs.findtext("property[@name='value']/number") == "15"
     assert minutes.findtext("property[@name='specialValueText']/string") == "none"  # 0 minutes = no limit
-    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    tree = ast.parse(PARAMETERS.read_text(encoding="utf-8"))
     wrapped = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedKDSegmentParameterNode")
     defaults = {n.target.id: ast.literal_eval(n.value) for n in wrapped.body if isinstance(n, ast.AnnAssign) and n.value
                 is not None and isinstance(n.value, ast.Constant)}
@@ -115,7 +117,7 @@ def test_slicer_api_checker_reports_nothing(shared_dir):
     checker = shared_dir / "tools" / "check_slicer_api.py"
     if not checker.is_file():
         pytest.skip(f"the Slicer API checker is not available ({checker} is absent)")
-    files = [MODULE, *SCENE_LAYER, REPO / "MedKDSegment" / "MedKDSegmentLib" / "catalog.py", UI]
+    files = [MODULE, WIDGET, *SCENE_LAYER, REPO / "MedKDSegment" / "MedKDSegmentLib" / "catalog.py", UI]
     result = subprocess.run([sys.executable, str(checker), *map(str, files)], capture_output=True, text=True,
                             timeout=300, cwd=REPO, check=False)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr

@@ -197,13 +197,17 @@ def _error_event(error: Exception) -> dict:
 class SceneLogic:
     """Segment and compare MRML volume nodes with bundled or user models."""
 
-    def __init__(self, userModelFolders: list | tuple = (), includeBundled: bool = True) -> None:
+    def __init__(self, userModelFolders: list | tuple = (), includeBundledModels: bool = True) -> None:
         self.userModelFolders = [str(f) for f in userModelFolders]
-        self.includeBundled = includeBundled
+        self.includeBundledModels = includeBundledModels
         self._cache: jobs.NetworkCache | None = None
         self._worker: WorkerClient | None = None
 
     # models and devices ------------------------------------------------------------------------------
+
+    def setUserModelFolders(self, folders) -> None:
+        """Where the user's models live (the first one also receives new models); empty: the default folder."""
+        self.userModelFolders = [str(folder) for folder in folders if folder]
 
     def modelFolders(self) -> list[str]:
         """The user model folders, or the default one (``default_models_folder``) when none is set."""
@@ -214,13 +218,17 @@ class SceneLogic:
         return Path(self.modelFolders()[0])
 
     def listModels(self, modality: str | None = None, role: str | None = None) -> list[catalog.ModelInfo]:
-        models = catalog.list_models(self.modelFolders(), self.includeBundled)
+        models = catalog.list_models(self.modelFolders(), self.includeBundledModels)
         if modality:  # a CT+MR model serves both
             return catalog.models_for(normalize_modality(modality), models, role)
         return [m for m in models if role is None or m.role == role]
 
+    def modelsFor(self, modality: str, role: str, models: list[catalog.ModelInfo]) -> list[catalog.ModelInfo]:
+        """The models of ``role`` among ``models`` that segment ``modality`` (a CT+MR model serves both)."""
+        return catalog.models_for(modality, models, role)
+
     def findModel(self, nameOrPath) -> catalog.ModelInfo:
-        return catalog.find_model(nameOrPath, self.modelFolders(), self.includeBundled)
+        return catalog.find_model(nameOrPath, self.modelFolders(), self.includeBundledModels)
 
     def defaultModels(self, modality: str) -> tuple[catalog.ModelInfo | None, catalog.ModelInfo | None]:
         """(student, teacher) offered for a modality: the first student and the teacher it learned from."""
