@@ -289,7 +289,8 @@ class Widget(qt.QWidget, VTKObservationMixin):
 
     def _updateButtons(self) -> None:
         idle = self._job is None or not self._job.running
-        hasInput = bool(self._parameterNode and self._parameterNode.inputVolume)
+        # The selector, not the parameter node: its binding may update the node after this runs.
+        hasInput = self.ui.inputVolumeSelector.currentNode() is not None
         student, teacher = self._selectedModel("student"), self._selectedModel("teacher")
         self.ui.segmentStudentButton.enabled = idle and hasInput and student is not None
         self.ui.segmentTeacherButton.enabled = idle and hasInput and teacher is not None

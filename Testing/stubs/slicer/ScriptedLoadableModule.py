@@ -1,8 +1,8 @@
 """Test-only stand-in for ``slicer.ScriptedLoadableModule`` (needs Qt in Slicer).
 
-Only what the module's Logic and Test classes rely on outside the GUI: the parameter node
-(a real ``vtkMRMLScriptedModuleNode`` in the real scene) and ``delayDisplay``. The Widget
-never runs under pytest. ``slicer`` is imported lazily because the wheel's ``slicer``
+What the module's classes rely on outside Slicer: the parameter node (a real
+``vtkMRMLScriptedModuleNode`` in the real scene), ``delayDisplay``, and a module panel with a layout
+for the Widget host (on the Qt stand-ins). ``slicer`` is imported lazily because the wheel's ``slicer``
 package imports this file while it is itself being imported.
 """
 
@@ -39,8 +39,17 @@ class ScriptedLoadableModule:
 
 
 class ScriptedLoadableModuleWidget:
+    """The module panel: a widget with a vertical layout (the Qt stand-ins of ``Testing/stubs/qt.py``)."""
+
     def __init__(self, parent=None):
-        raise RuntimeError("the Widget needs Slicer's Qt application; it cannot run under pytest")
+        import qt
+
+        self.parent = parent if parent is not None else qt.QWidget()
+        self.layout = qt.QVBoxLayout(self.parent)
+        self.developerMode = False
+
+    def setup(self):
+        pass
 
 
 class ScriptedLoadableModuleLogic:

@@ -2,8 +2,10 @@
 
 It keeps the part that matters outside the GUI: each annotated attribute of the wrapped class
 is stored in the real ``vtkMRMLScriptedModuleNode`` (a parameter for str/int/float/bool, a
-node reference for MRML nodes), so values travel with the scene as in Slicer. Validators and
-``connectGui`` are accepted and ignored.
+node reference for MRML nodes), so values travel with the scene as in Slicer. Validators are accepted
+and ignored. ``connectGui`` binds, both ways, the widgets whose .ui sets the ``SlicerParameterName`` property
+(node selectors, combo boxes, check boxes, spin boxes of the Qt stand-ins in ``Testing/stubs/qt.py``), as
+Slicer's connectors do (a combo box without items gets the ``Choice``'s).
 """
 
 import typing
@@ -64,10 +66,24 @@ def _make_property(name: str, datatype):
     return property(getter, setter)
 
 
+def _connector(widget):
+    """(signal, read, write) binding one widget to its parameter."""
+    if hasattr(widget, "setCurrentNode"):
+        return "currentNodeChanged", widget.currentNode, widget.setCurrentNode
+    if hasattr(widget, "currentText"):
+        return "currentIndexChanged", lambda: widget.currentText, lambda value: setattr(widget, "currentText", value)
+    if hasattr(widget, "checked"):
+        return "toggled", lambda: widget.checked, lambda value: setattr(widget, "checked", value)
+    return "valueChanged", lambda: widget.value, lambda value: setattr(widget, "value", value)
+
+
 def parameterNodeWrapper(cls):
     hints = typing.get_type_hints(cls, include_extras=True)
     datatypes = {name: typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
                  for name, hint in hints.items()}
+
+    choices = {name: next((a.args[0] for a in typing.get_args(hint)[1:] if isinstance(a, Choice)), None)
+               for name, hint in hints.items() if typing.get_origin(hint) is typing.Annotated}
 
     def __init__(self, parameterNode):
         self.parameterNode = parameterNode
@@ -76,10 +92,26 @@ def parameterNodeWrapper(cls):
                 setattr(self, name, cls.__dict__.get(name, datatype()))
 
     def connectGui(self, gui):
-        return None
+        connections = []
+        for widget in vars(gui).values():
+            name = getattr(widget, "SlicerParameterName", None)
+            if name not in datatypes:
+                continue
+            if choices.get(name) and hasattr(widget, "addItem") and not widget.count:
+                widget.addItems([str(choice) for choice in choices[name]])  # the connector fills the combo box
+            signal, read, write = _connector(widget)
+            write(getattr(self, name))  # the GUI shows the parameter node first
+
+            def update(*args, name=name, read=read):
+                setattr(self, name, read())
+
+            widget.connect(signal, update)
+            connections.append((widget, signal, update))
+        return connections
 
     def disconnectGui(self, tag):
-        return None
+        for widget, signal, update in tag or []:
+            widget.disconnect(signal, update)
 
     members = {"__init__": __init__, "connectGui": connectGui, "disconnectGui": disconnectGui,
                "__doc__": cls.__doc__, "allParameters": dict(datatypes)}
