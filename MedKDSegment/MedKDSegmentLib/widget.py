@@ -33,7 +33,6 @@ class Widget(qt.QWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
-        self._timer = None
         self._students = []
         self._teachers = []
         self._models = []
@@ -102,8 +101,7 @@ class Widget(qt.QWidget, VTKObservationMixin):
             self._timer.stop()
         if self._job is not None and self._job.running:
             self._job.cancel()
-        if self.logic:
-            self.logic.shutdownWorker()
+        self.logic.shutdownWorker()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -174,8 +172,6 @@ class Widget(qt.QWidget, VTKObservationMixin):
 
     def refreshModels(self) -> None:
         """Fill the model table (all models) and the student/teacher lists (those for the modality)."""
-        if not self.logic:
-            return
         models = self.logic.listModels()
         self._models = models
         table = self.ui.modelsTableWidget
@@ -317,7 +313,7 @@ class Widget(qt.QWidget, VTKObservationMixin):
                                              _("Delete the selected model version (your own models only)."))
 
     def _updateDeviceLabel(self) -> None:
-        info = self.logic.workerInfo() if self.logic else None
+        info = self.logic.workerInfo()
         if info:
             self.ui.deviceLabel.text = _("found: {devices}").format(devices=", ".join(info.get("devices", [])))
         else:
@@ -549,9 +545,7 @@ class Widget(qt.QWidget, VTKObservationMixin):
     def _rememberMapping(self) -> None:
         table = self.ui.segmentMappingTableWidget
         for row in range(table.rowCount):
-            item, comboBox = table.item(row, 0), table.cellWidget(row, 1)
-            if item is None or comboBox is None:
-                continue
+            item, comboBox = table.item(row, 0), table.cellWidget(row, 1)  # every row has both
             text = comboBox.currentText
             if text == _("(skip)"):
                 self._mappingChoices[item.text()] = ""
@@ -703,7 +697,7 @@ class Widget(qt.QWidget, VTKObservationMixin):
             task != "unpaired" or bool(self.ui.trainMrDataPathLineEdit.currentPath))
         hasTeachers = task != "student" or bool(self._trainTeacherChoices())
         self.ui.startTrainingButton.enabled = idle and hasData and hasTeachers
-        runs = self.logic.interruptedTrainings() if self.logic else []
+        runs = self.logic.interruptedTrainings()
         self.ui.resumeTrainingButton.enabled = idle and bool(runs)
         self.ui.resumeTrainingButton.toolTip = (
             _("Continue the interrupted run that writes {name} (its own data and settings).").format(

@@ -377,6 +377,16 @@ def test_the_train_section_follows_its_task_and_distils_from_the_ticked_teachers
     assert ui.trainStatusLabel.text.endswith("Done in 2 s.")
 
 
+def test_an_interrupted_training_run_resumes_from_the_panel(panel, monkeypatch, user_models):
+    widget, logic = panel
+    assert not widget.ui.resumeTrainingButton.enabled
+    monkeypatch.setattr(logic, "interruptedTrainings", lambda: [user_models / "my-student"])
+    widget._updateTrainButtons()
+    assert "my-student" in widget.ui.resumeTrainingButton.toolTip
+    click(widget.ui.resumeTrainingButton)
+    assert logic.calls[-1][0] == "train_teacher" and widget.ui.trainCancelButton.enabled
+
+
 def test_nothing_ticked_says_so_and_tooltips_come_from_the_engine(panel):
     widget, logic = panel
     for name in METHOD_NAMES:
@@ -417,7 +427,10 @@ def test_getting_and_importing_teachers_ask_first(panel, monkeypatch, tmp_path, 
     qt.QInputDialog.answers = []
     click(widget.ui.getTeachersButton)  # the choice was cancelled
     assert not logic.jobs
-    qt.QInputDialog.answers = ["HD-BET: brain extraction (64 MB)"]
+    qt.QInputDialog.answers, app.confirm = ["HD-BET: brain extraction (64 MB)"], False
+    click(widget.ui.getTeachersButton)  # declined after reading the licence
+    assert not logic.jobs
+    qt.QInputDialog.answers, app.confirm = ["HD-BET: brain extraction (64 MB)"], True
     click(widget.ui.getTeachersButton)
     assert logic.calls[-1][:2] == ("install-teacher", ("hd-bet",)) and "Licence: Apache-2.0" in app.questions[-1]
     logic.jobs[-1].finish(types.SimpleNamespace(name="hd-bet-teacher", parameters=1000, path=str(tmp_path)))
@@ -430,10 +443,13 @@ def test_getting_and_importing_teachers_ask_first(panel, monkeypatch, tmp_path, 
     kind, args, kwargs = logic.calls[-1]
     assert (kind, args[0], kwargs) == ("import-teacher", str(tmp_path / "model.pt"),
                                        {"config": str(tmp_path / "model.json"), "sha256": "ab" * 32})
-    qt.QInputDialog.answers = ["nnU-Net v2 model folder or MONAI bundle folder"]
-    qt.QFileDialog.answers = [""]  # no folder picked
     logic.jobs[-1].cancel()
     poll(widget)
+    for answers, files in ([], []), (["TorchScript file (.pt)", ""], ["model.pt", "model.json"]):
+        qt.QInputDialog.answers, qt.QFileDialog.answers = answers, files
+        click(widget.ui.importTeacherButton)  # no kind chosen; no sha256 given
+    qt.QInputDialog.answers = ["nnU-Net v2 model folder or MONAI bundle folder"]
+    qt.QFileDialog.answers = [""]  # no folder picked
     click(widget.ui.importTeacherButton)
     assert logic.calls[-1][0] == "import-teacher" and len(logic.jobs) == 2
 
@@ -494,3 +510,74 @@ def test_the_module_registers_its_layout_at_start_up_and_hosts_the_widget(scene,
     host.exit()
     host.cleanup()
     assert host.logic.calls[-1][0] == "shutdown"
+
+
+def test_while_a_job_runs_no_other_starts(panel, ct_node, tmp_path, app):
+    widget, logic = panel
+    widget.ui.inputVolumeSelector.setCurrentNode(ct_node)
+    click(widget.ui.segmentStudentButton)
+    qt.QInputDialog.answers, qt.QFileDialog.answers = ["anything"], ["anything"]
+    widget.ui.trainDataPathLineEdit.currentPath = str(tmp_path)
+    for start in (widget.onGetTeachers, widget.onImportTeacher, widget.onSegmentTeacher, widget.onStartFineTune,
+                  widget.onResumeFineTune, widget.onStartTraining, widget.onResumeTraining):
+        start()  # a button disabled while a job runs, reached some other way
+    assert len(logic.jobs) == 1 and qt.QInputDialog.answers == ["anything"]
+
+
+def test_the_panel_picks_the_scene_s_volume_and_resumes_an_interrupted_fine_tuning(scene, app, logic_class, user_models,
+                                                                                   ct_node, monkeypatch):
+    import MedKDSegment
+    from MedKDSegmentLib.widget import Widget
+
+    logic = logic_class(includeBundledModels=False)
+    widget = Widget(logic, MedKDSegment.moduleResourcePath("UI/MedKDSegment.ui"))
+    widget.ui.userModelsPathLineEdit.currentPath = str(user_models)
+    assert logic.getParameterNode().inputVolume is ct_node  # the scene's only volume
+    widget.ui.fineTuneVolumeSelector.setCurrentNode(ct_node)
+    widget.ui.fineTuneSegmentationSelector.setCurrentNode(add_annotation(ct_node))
+    click(widget.ui.addPairButton)
+    assert not widget.ui.resumeFineTuneButton.enabled
+    assert widget.ui.resumeFineTuneButton.toolTip == "No interrupted run of this student."
+    monkeypatch.setattr(logic, "interruptedFineTune", lambda student: user_models / "selftest-ct-student-v2")
+    widget._updateButtons()
+    assert "selftest-ct-student-v2" in widget.ui.resumeFineTuneButton.toolTip
+    click(widget.ui.resumeFineTuneButton)
+    assert logic.calls[-1][0] == "finetune" and logic.calls[-1][2]["resume"]
+
+    def gone(student):
+        raise InvalidInputError("The model is gone.", "")
+
+    monkeypatch.setattr(logic, "interruptedFineTune", gone)
+    logic.jobs[-1].cancel()
+    poll(widget)
+    assert not widget.ui.resumeFineTuneButton.enabled  # nothing to resume from a model that disappeared
+    widget.cleanup()
+
+
+def test_names_that_cannot_be_matched_yet_are_all_unknown_and_say_why(panel, ct_node, monkeypatch):
+    widget, logic = panel
+
+    def missing(names, model):
+        raise InvalidInputError("PyTorch is not installed yet.", "Install it from the module.")
+
+    monkeypatch.setattr(logic, "matchSegmentNames", missing)
+    widget.ui.fineTuneVolumeSelector.setCurrentNode(ct_node)
+    widget.ui.fineTuneSegmentationSelector.setCurrentNode(add_annotation(ct_node))
+    click(widget.ui.addPairButton)
+    mapping = widget.ui.segmentMappingTableWidget
+    assert [mapping.cellWidget(row, 1).currentText for row in range(2)] == ["(unknown: choose or skip)"] * 2
+    assert widget.ui.fineTuneStatusLabel.text == "PyTorch is not installed yet."
+
+
+def test_use_without_a_selection_does_nothing_and_method_tooltips_wait_for_the_engine(panel, monkeypatch):
+    widget, logic = panel
+    widget.onUseModel()
+    assert logic.getParameterNode().studentModel == widget._selectedModel("student")
+
+    def not_installed(install=True):
+        raise InvalidInputError("PyTorch is not installed yet.", "")
+
+    monkeypatch.setattr(logic, "distillationMethods", not_installed)
+    widget.ui.trainAdvancedCollapsibleButton.collapsed = False
+    widget.ui.trainAdvancedCollapsibleButton.collapsed = True  # closing it reads nothing
+    assert widget._methodDescriptions == {}
