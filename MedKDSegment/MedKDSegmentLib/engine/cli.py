@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from .device import DEVICE_CHOICES
 from .errors import InvalidInputError, MedKDError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -610,7 +611,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, data: bool = True) 
     parser.add_argument("--spatial-augmentation", type=float, metavar="P",
                         help="per-patch probability of a rotation (±30°) and of a scaling (0.7–1.4), applied alike "
                              "to labels and teacher outputs (nnU-Net: 0.2)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
 
 
@@ -688,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="bundle name or folder ('medkd info' lists them)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True, help="output file stem, or folder when --input is a folder")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--modality", default="auto", help="auto (DICOM tag or intensities), CT or MR")
     p.add_argument("--format", default="both", choices=list(OUTPUT_SUFFIXES),
                    help="both: .nii.gz and .seg.nrrd; dicom-seg: a .dcm DICOM SEG of a DICOM series input")
@@ -767,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--kd-weight", type=float, help="weight of distillation from the parent/teacher")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--device", choices=DEVICE_CHOICES)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.set_defaults(run=cmd_finetune)
 
@@ -779,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="the main job on the embedded default (sample CT + MR)")
     p.add_argument("--output", default="demo-output")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--head", help="also segment this MR head (skull on) with the bundled real brain student")
     p.set_defaults(run=cmd_demo)
     return parser

@@ -1,15 +1,24 @@
-"""Device choice: the one place that decides where networks run."""
+"""Device choice: the one place that decides where networks run.
+
+torch is imported when a device is looked for, not with this module: the command line's parser and the
+module's GUI state offer ``DEVICE_CHOICES`` without loading it.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 def available_devices() -> list[str]:
+    import torch
+
     devices = []
     if torch.cuda.is_available():
         devices.append("cuda")
@@ -20,6 +29,8 @@ def available_devices() -> list[str]:
 
 def select_device(choice: str = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit choice must be available."""
+    import torch
+
     choice = (choice or "auto").lower()
     if choice not in DEVICE_CHOICES:
         raise InvalidInputError(f"Unknown device '{choice}'.", f"Use one of {', '.join(DEVICE_CHOICES)}.")
@@ -35,6 +46,8 @@ def select_device(choice: str = "auto") -> torch.device:
 
 
 def describe_device(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":

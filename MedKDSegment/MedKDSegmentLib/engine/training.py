@@ -230,15 +230,9 @@ def fit(
     try:
         with distributed.data_parallel(network, terms, device) as model:
             for epoch in range(start_epoch, config.epochs):
-                # The main process's clock decides, so that all processes stop after the same epoch.
-                if distributed.from_main(config.time_budget_s is not None
-                                         and time.monotonic() - started > config.time_budget_s):
-                    history.stopped_by_budget = True
-                    report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
+                rng = epoch_stream(config, epoch, started, history, report)
+                if rng is None:
                     break
-                # Seeding each epoch from (seed, epoch) makes a resumed run identical to an uninterrupted one; each
-                # process draws its own patches (random sampling with replacement, so no DistributedSampler).
-                rng = seed_everything(distributed.process_seed(config.seed * 100_003 + epoch))
                 network.train()
                 terms.train()
                 losses = []
@@ -289,6 +283,20 @@ def fit(
     history.terms = [term.describe() for term in terms]
     network.eval()
     return history
+
+
+def epoch_stream(config: TrainingConfig, epoch: int, started: float, history, report: Progress
+                 ) -> np.random.Generator | None:
+    """The start of an epoch of a training loop: its random stream or, once the time budget is spent (by the main
+    process's clock, so that all processes stop after the same epoch), None with the history marked.
+
+    Seeding each epoch from (seed, epoch) makes a resumed run identical to an uninterrupted one; each process
+    draws its own patches (random sampling with replacement, so no DistributedSampler)."""
+    if distributed.from_main(config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s):
+        history.stopped_by_budget = True
+        report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
+        return None
+    return seed_everything(distributed.process_seed(config.seed * 100_003 + epoch))
 
 
 def feature_taps(

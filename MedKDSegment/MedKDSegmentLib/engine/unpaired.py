@@ -55,6 +55,7 @@ from .training import (
     TrainingConfig,
     cache_teacher_outputs,
     distillation_loss,
+    epoch_stream,
     evaluate,
     mean_dice,
     recalibrate_batch_norm,
@@ -399,12 +400,9 @@ def train_unpaired(
         with distributed.data_parallel(network, terms, device) as model:
             started = time.monotonic()
             for epoch in range(start_epoch, config.epochs):
-                if distributed.from_main(config.time_budget_s is not None
-                                         and time.monotonic() - started > config.time_budget_s):
-                    history.stopped_by_budget = True
-                    report(epoch / config.epochs, f"time budget reached after epoch {epoch}")
+                rng = epoch_stream(config, epoch, started, history, report)
+                if rng is None:
                     break
-                rng = seed_everything(distributed.process_seed(config.seed * 100_003 + epoch))
                 network.train()
                 totals: list[float] = []
                 parts: dict[str, list[float]] = {}

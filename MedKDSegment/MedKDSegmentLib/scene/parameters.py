@@ -7,8 +7,9 @@ from typing import Annotated
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
+from ..engine.device import DEVICE_CHOICES
+
 MODALITY_CHOICES = ["auto", "CT", "MR"]
-DEVICE_CHOICES = ["auto", "cuda", "mps", "cpu"]
 # The Train / distil section's task list (parameter node values) -> the Logic's task.
 TRAIN_TASK_CHOICES = {"distil student": "student", "train teacher": "teacher", "distil CT+MR student": "unpaired"}
 TRAIN_MODALITY_CHOICES = ["CT", "MR"]
@@ -34,7 +35,7 @@ class MedKDSegmentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     referenceSegmentation: vtkMRMLSegmentationNode
     modality: Annotated[str, Choice(MODALITY_CHOICES)] = "auto"
-    device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
+    device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
     studentModel: str = ""
     teacherModel: str = ""
     keepWorkerWarm: bool = True
