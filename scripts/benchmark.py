@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedKDSegment"))
 
-from MedKDSegmentLib.engine import inference, prediction  # noqa: E402
+from MedKDSegmentLib.engine import inference, prediction, windowing  # noqa: E402
 from MedKDSegmentLib.engine.argmax_resample import resample_every_class, resample_to_input  # noqa: E402
 from MedKDSegmentLib.engine.bundle import resolve_bundle  # noqa: E402
 from MedKDSegmentLib.engine.demo import model_name  # noqa: E402
@@ -217,12 +217,12 @@ def exact_postprocessing(volume, bundle, runner, labels) -> dict:
            "seconds": fast, "every_class_seconds": slow, "runtime_vs_torch_differing_voxels": int(
                (labels.array != ours).sum())}
     if prediction.whole_volume_fits(network, padded):
-        budget = inference.WHOLE_VOLUME_BYTES
-        inference.WHOLE_VOLUME_BYTES = 0
+        budget = windowing.WHOLE_VOLUME_BYTES
+        windowing.WHOLE_VOLUME_BYTES = 0
         try:
             windowed, _, _ = prediction.predict_scores(network, image, torch.device("cpu"))
         finally:
-            inference.WHOLE_VOLUME_BYTES = budget
+            windowing.WHOLE_VOLUME_BYTES = budget
         out["whole_volume_vs_windows_differing_voxels"] = int(
             (resample_to_input(windowed, output, volume) != ours).sum())
     return out

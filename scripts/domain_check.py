@@ -26,13 +26,13 @@ sys.path.insert(0, str(ROOT / "MedKDSegment"))
 
 from MedKDSegmentLib.engine.bundle import BUNDLED_MODELS, METADATA, load_bundle  # noqa: E402
 from MedKDSegmentLib.engine.domain import distance, domain_warnings, record  # noqa: E402
-from MedKDSegmentLib.engine.inference import pad_to_multiple_of_8  # noqa: E402
 from MedKDSegmentLib.engine.measure import machine_description  # noqa: E402
 from MedKDSegmentLib.engine.phantom import case_seed, generate_phantom  # noqa: E402
 from MedKDSegmentLib.engine.prediction import scan_statistics  # noqa: E402
 from MedKDSegmentLib.engine.profiles import to_model_grid  # noqa: E402
 from MedKDSegmentLib.engine.report import markdown_table, write_json, write_text  # noqa: E402
 from MedKDSegmentLib.engine.volume import read_volume  # noqa: E402
+from MedKDSegmentLib.engine.windowing import pad_to_multiple_of_8  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 HEADS = ["mr-brain-itk/t1_head.nii.gz", "mr-brain-tumor-pyradiomics/brain1_image.nrrd",

@@ -19,11 +19,11 @@ from tiny import NUM_CLASSES, TINY_STUDENT, TINY_TEACHER
 
 from MedKDSegmentLib.engine.bundle import load_bundle
 from MedKDSegmentLib.engine.data import Case
-from MedKDSegmentLib.engine.distributed import local_batch_norm, process_seed
+from MedKDSegmentLib.engine.distributed import process_seed
 from MedKDSegmentLib.engine.inference import segment
 from MedKDSegmentLib.engine.networks import build_network
 from MedKDSegmentLib.engine.runs import CHECKPOINT_FILE, checkpoint_dir_for
-from MedKDSegmentLib.engine.training import cache_teacher_outputs
+from MedKDSegmentLib.engine.training import cache_teacher_outputs, local_batch_norm
 from MedKDSegmentLib.engine.volume import read_volume
 
 REPO = Path(__file__).resolve().parents[2]
@@ -208,7 +208,7 @@ import json, sys, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
 from test_distributed import CountingTeacher, tiny_cases
 from MedKDSegmentLib.engine.distributed import current, process_group
-from MedKDSegmentLib.engine.training import cache_teacher_outputs
+from MedKDSegmentLib.engine.training import cache_teacher_outputs, local_batch_norm
 with process_group("cpu"):
     teacher, cases = CountingTeacher().eval(), tiny_cases(5)
     cache_teacher_outputs(teacher, cases, torch.device("cpu"), lambda f, m: None)

@@ -15,13 +15,13 @@ from MedKDSegmentLib.engine.bundle import Bundle, load_bundle, resolve_bundle, s
 from MedKDSegmentLib.engine.cli import main
 from MedKDSegmentLib.engine.errors import InvalidInputError
 from MedKDSegmentLib.engine.export import export_bundle
-from MedKDSegmentLib.engine.inference import pad_to_multiple_of_8
 from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES
 from MedKDSegmentLib.engine.modality_norm import make_modality_specific, use_modality
 from MedKDSegmentLib.engine.monai_config import CONFIG
 from MedKDSegmentLib.engine.networks import build_network
 from MedKDSegmentLib.engine.phantom import generate_phantom
 from MedKDSegmentLib.engine.profiles import to_model_grid
+from MedKDSegmentLib.engine.windowing import pad_to_multiple_of_8
 
 
 def prepared(bundle: Bundle, modality: str = "CT", seed: int = 9) -> torch.Tensor:

@@ -82,9 +82,9 @@ def test_flipped_orientation_gives_the_same_physical_answer(phantom_ct, tiny_bun
 @pytest.fixture
 def sliding_window(monkeypatch):
     """No whole-volume pass: the window-by-window path, as for large volumes and window-dependent networks."""
-    from MedKDSegmentLib.engine import inference
+    from MedKDSegmentLib.engine import windowing
 
-    monkeypatch.setattr(inference, "WHOLE_VOLUME_BYTES", 0)
+    monkeypatch.setattr(windowing, "WHOLE_VOLUME_BYTES", 0)
 
 
 def test_progress_is_the_fraction_of_windows_done(tiny_bundle_session, sliding_window):
@@ -182,7 +182,7 @@ def test_a_whole_volume_pass_out_of_gpu_memory_falls_back_to_windows_stitched_on
 def test_whole_volume_pass_agrees_with_the_sliding_window_and_serves_the_domain_check(monkeypatch):
     """The bundled CT student (batch norm) on a held-out phantom: one pass over the whole image instead of
     overlapping windows, the domain evidence read from the same pass."""
-    from MedKDSegmentLib.engine import inference, prediction
+    from MedKDSegmentLib.engine import prediction, windowing
     from MedKDSegmentLib.engine.bundle import resolve_bundle
     from MedKDSegmentLib.engine.demo import model_name
     from MedKDSegmentLib.engine.distillation import FeatureTap
@@ -192,7 +192,7 @@ def test_whole_volume_pass_agrees_with_the_sliding_window_and_serves_the_domain_
     network = bundle.load_network()
     image, truth = generate_phantom("CT", seed=4242, size=(128, 128, 80), spacing=(3.0, 3.0, 3.0))
     prepared, _ = to_model_grid(image, bundle.profile)
-    padded = inference.pad_to_multiple_of_8(prepared)
+    padded = windowing.pad_to_multiple_of_8(prepared)
     assert prediction.whole_volume_fits(network, padded.shape)
     fractions = []
     scores, _, _, windows, (statistics, entropy) = prediction.predict(
@@ -212,7 +212,7 @@ def test_whole_volume_pass_agrees_with_the_sliding_window_and_serves_the_domain_
     np.testing.assert_allclose(scores, torch.softmax(logits, 1)[0].numpy(), atol=1e-6)
 
     whole = segment(image, bundle, "cpu", network=network)
-    monkeypatch.setattr(inference, "WHOLE_VOLUME_BYTES", 0)
+    monkeypatch.setattr(windowing, "WHOLE_VOLUME_BYTES", 0)
     windowed = segment(image, bundle, "cpu", network=network)
     assert (whole.windows, windowed.windows) == (1, count_windows(padded.shape))
     assert (whole.labels.array == windowed.labels.array).mean() > 0.995

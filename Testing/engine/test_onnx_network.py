@@ -12,16 +12,17 @@ import pytest
 import torch
 from tiny import TINY_TEACHER, make_bundle
 
-from MedKDSegmentLib.engine import inference
+from MedKDSegmentLib.engine import windowing
 from MedKDSegmentLib.engine.bundle import resolve_bundle
 from MedKDSegmentLib.engine.demo import model_name
 from MedKDSegmentLib.engine.errors import BundleError
-from MedKDSegmentLib.engine.inference import load_runner, pad_to_multiple_of_8, segment
+from MedKDSegmentLib.engine.inference import load_runner, segment
 from MedKDSegmentLib.engine.onnx_network import ONNX_WEIGHTS, OnnxNetwork
 from MedKDSegmentLib.engine.phantom import generate_phantom
 from MedKDSegmentLib.engine.prediction import predict
 from MedKDSegmentLib.engine.profiles import to_model_grid
 from MedKDSegmentLib.engine.volume import read_volume, write_volume
+from MedKDSegmentLib.engine.windowing import pad_to_multiple_of_8
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,7 +91,7 @@ def test_onnx_copy_gives_the_torch_labels_on_real_cases(shared_data, relative, m
 def test_a_volume_too_large_for_one_pass_goes_to_the_sliding_window(monkeypatch):
     bundle = resolve_bundle(model_name("CT", "student"))
     image, _ = generate_phantom("CT", seed=4244, size=(160, 160, 64), spacing=(3.0, 3.0, 3.0))
-    monkeypatch.setattr(inference, "WHOLE_VOLUME_BYTES", 0)
+    monkeypatch.setattr(windowing, "WHOLE_VOLUME_BYTES", 0)
     result = segment(image, bundle, "cpu", network=bundle.load_onnx())
     assert result.windows > 1 and "ONNX" not in result.device
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from MedKDSegmentLib.engine import prediction
 from MedKDSegmentLib.engine.bundle import resolve_bundle
-from MedKDSegmentLib.engine.inference import pad_to_multiple_of_8
 from MedKDSegmentLib.engine.phantom import generate_phantom
 from MedKDSegmentLib.engine.profiles import to_model_grid
+from MedKDSegmentLib.engine.windowing import pad_to_multiple_of_8
 
 CPU = torch.device("cpu")
 STAND_IN_GPU = torch.device("cpu", 0)  # the CPU under another name: the chain tells its devices apart

@@ -8,6 +8,10 @@ no-op, so single-process code paths are the same code.
 Who does what: every process reads the data and trains on its own random patches (its own random stream,
 below); teacher outputs and folder segmentation are sharded (``shard``); only the main process (rank 0)
 reports progress, writes checkpoints, run records and the model, and the others wait for it (``barrier``).
+How a training step runs across processes (``DistributedDataParallel``) is the trainer's: ``training.data_parallel``.
+
+``torch.distributed`` is imported only under torchrun: in one process nothing here needs torch, so a command that
+runs without it (segmenting with an ONNX student) still does.
 """
 
 from __future__ import annotations
@@ -20,9 +24,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
 
 from .device import select_device
 
@@ -50,6 +51,10 @@ class Processes:
 
 def current() -> Processes:
     """This process's place in the group (one process of one without a group)."""
+    if not launched():
+        return Processes()
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return Processes()
     return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -60,7 +65,7 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def backend_for(device: torch.device) -> str:
+def backend_for(device) -> str:
     """NCCL for processes on CUDA GPUs, gloo for CPU processes (NCCL has no CPU tensors)."""
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -69,9 +74,12 @@ def backend_for(device: torch.device) -> str:
 def process_group(device_choice: str = "auto") -> Iterator[Processes]:
     """Join torchrun's process group for the duration (nothing to join without torchrun). On CUDA each process
     takes the GPU of its ``LOCAL_RANK`` first, so ``select_device`` ("cuda") means that GPU from then on."""
-    if not launched() or (dist.is_available() and dist.is_initialized()):
+    if not launched() or current().parallel:
         yield current()
         return
+    import torch
+    import torch.distributed as dist
+
     device = select_device(device_choice)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -85,6 +93,8 @@ def process_group(device_choice: str = "auto") -> Iterator[Processes]:
 def barrier() -> None:
     """Wait until every process gets here."""
     if current().parallel:
+        import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -99,6 +109,8 @@ def gather(value: T) -> list[T]:
     processes = current()
     if not processes.parallel:
         return [value]
+    import torch.distributed as dist
+
     values: list = [None] * processes.world_size
     dist.all_gather_object(values, value)
     return values
@@ -108,6 +120,8 @@ def from_main(value: T) -> T:
     """The main process's ``value`` in every process (a decision all must share, e.g. to stop)."""
     if not current().parallel:
         return value
+    import torch.distributed as dist
+
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -137,54 +151,6 @@ def process_seed(seed: int) -> int:
     reproduces exactly as before), one derived from (seed, rank) in the others, so each draws other patches."""
     rank = current().rank
     return seed if rank == 0 else int(np.random.SeedSequence((seed, rank)).generate_state(1)[0])
-
-
-class Trainee(nn.Module):
-    """A network together with its distillation terms' learnt parts (hint adapters, CTKD's temperature): one
-    module, so ``DistributedDataParallel`` averages all their gradients. Calling it runs the network."""
-
-    def __init__(self, network: nn.Module, terms: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-        self.terms = terms
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images)
-
-
-@contextmanager
-def data_parallel(network: nn.Module, terms: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """What a training step calls to run ``network``: the network itself in one process; across processes,
-    ``DistributedDataParallel`` over it and ``terms`` (gradients averaged in backward, rank 0's weights
-    broadcast first). On GPUs batch norm is synchronised across processes while training (``SyncBatchNorm``,
-    as nnU-Net's DDP does) and made plain again afterwards, for evaluation in the main process alone; on CPUs
-    each process keeps its own statistics (``SyncBatchNorm`` runs on GPUs only)."""
-    if not current().parallel:
-        yield network
-        return
-    synchronised = device.type == "cuda"
-    if synchronised:
-        nn.SyncBatchNorm.convert_sync_batchnorm(network)  # in place below the top module
-    try:
-        ids = [device.index if device.index is not None else torch.cuda.current_device()] if synchronised else None
-        yield nn.parallel.DistributedDataParallel(Trainee(network, terms), device_ids=ids)
-    finally:
-        if synchronised:
-            local_batch_norm(network)
-
-
-def local_batch_norm(module: nn.Module) -> None:
-    """Replace ``SyncBatchNorm`` layers below ``module`` by plain 3-D batch norm with the same state (torch
-    converts one way only)."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.SyncBatchNorm):
-            plain = nn.BatchNorm3d(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats).to(next(child.buffers(), torch.empty(0)).device)
-            plain.load_state_dict(child.state_dict())
-            plain.train(child.training)
-            setattr(module, name, plain)
-        else:
-            local_batch_norm(child)
 
 
 def scale_message(batch_size: int, learning_rate: float) -> str | None:

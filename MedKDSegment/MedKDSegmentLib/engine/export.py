@@ -26,13 +26,13 @@ import torch
 
 from .bundle import Bundle
 from .errors import InvalidInputError
-from .inference import pad_to_multiple_of_8
 from .modality_norm import use_modality
 from .monai_config import CONFIG, inference_config, write_inference_config
 from .onnx_network import OPSET
 from .phantom import generate_phantom
 from .prediction import as_batch
 from .profiles import to_model_grid
+from .windowing import pad_to_multiple_of_8
 
 FORMATS = ("monai", "onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}

@@ -1,7 +1,7 @@
 """Segmentation of a volume with a bundle: preprocess, run the network, back to the input grid.
 
 A bundle with an ONNX copy runs in ONNX Runtime when the job runs on the CPU and the whole image fits
-``WHOLE_VOLUME_BYTES`` (``load_runner``): then no torch or MONAI module is imported at all. Otherwise torch
+``windowing.WHOLE_VOLUME_BYTES`` (``load_runner``): then no torch or MONAI module is imported at all. Otherwise torch
 runs it (``prediction``: one whole-volume pass or a sliding window, on CUDA with fallbacks). Published
 teachers run their own pipelines (``pipelines``).
 """
@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 import SimpleITK as sitk
 
 from .argmax_resample import resample_to_input
@@ -25,13 +24,12 @@ from .errors import CancelledError, InvalidInputError
 from .onnx_network import OnnxNetwork, onnx_runtime_installed
 from .profiles import to_model_grid, zoomed_grid
 from .volume import Volume, check_image, detect_modality
+from .windowing import fits_one_pass, pad_to_multiple_of_8, padded_shape
 
 if TYPE_CHECKING:
     import torch
 
 Progress = Callable[[float, str], None]
-# Activations one whole-volume pass may hold (``prediction.activation_bytes_per_voxel`` x padded voxels).
-WHOLE_VOLUME_BYTES = 1e9
 
 
 @dataclass
@@ -174,23 +172,3 @@ def _output_grid(grid: sitk.Image, shape: tuple[int, ...], stride: int) -> sitk.
     size = tuple(int(s) for s in shape[::-1])
     return zoomed_grid(grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection(), (0, 0, 0), size,
                        tuple(s // stride for s in size))
-
-
-def fits_one_pass(shape: tuple[int, ...], bytes_per_voxel: float) -> bool:
-    """Whether a whole-volume pass over a (padded) image of ``shape`` stays within ``WHOLE_VOLUME_BYTES``."""
-    return float(np.prod(shape)) * bytes_per_voxel <= WHOLE_VOLUME_BYTES
-
-
-def padded_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """``shape`` rounded up to a multiple of 8 (at least 8) along each axis."""
-    return tuple(int(np.ceil(max(s, 8) / 8) * 8) for s in shape)
-
-
-def pad_to_multiple_of_8(image: np.ndarray) -> np.ndarray:
-    """Pad the spatial axes (the last three) at their far end so every stride-2 stage halves exactly: a
-    (z, y, x) image with its minimum, a (C, z, y, x) one channel by channel with each channel's minimum."""
-    if image.ndim == 4:
-        return np.stack([pad_to_multiple_of_8(channel) for channel in image])
-    padded = np.full(padded_shape(image.shape), float(image.min()), dtype=np.float32)
-    padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
-    return padded

@@ -2,7 +2,7 @@
 
 A network whose output at a voxel depends only on the voxels around it (no instance, group or layer
 normalisation) runs in one pass over the whole image when its activations fit
-``inference.WHOLE_VOLUME_BYTES``: no overlapping windows to compute twice and blend, and the domain
+``windowing.WHOLE_VOLUME_BYTES``: no overlapping windows to compute twice and blend, and the domain
 check reads the same pass (``WholeVolumeOutputs``, which is also what its ONNX copy computes). Otherwise
 MONAI's sliding window runs; progress is the real fraction of windows done and a ``cancel`` callable stops
 between windows. On CUDA the network runs under autocast (float16); if the GPU runs out of memory the
@@ -20,18 +20,20 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from . import inference
+from . import windowing
 from .distillation import FeatureTap
 from .domain import evidence
 from .errors import CancelledError
-from .inference import Progress, pad_to_multiple_of_8
 from .networks import feature_layer, full_resolution
+from .windowing import pad_to_multiple_of_8
 
 ROI_SIZE = (96, 96, 96)
 OVERLAP = 0.25
 # Layers whose statistics span the whole input: a window sees different ones than the whole volume.
 WINDOW_DEPENDENT = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm,
                     nn.LocalResponseNorm)
+
+Progress = Callable[[float, str], None]
 
 
 def count_windows(shape: tuple[int, ...], roi: tuple[int, ...] = ROI_SIZE, overlap: float = OVERLAP) -> int:
@@ -106,8 +108,8 @@ def activation_bytes_per_voxel(network: nn.Module) -> float:
 
 def whole_volume_fits(network: nn.Module, padded_shape: tuple[int, ...]) -> bool:
     """Whether one pass over the whole (padded) image replaces the sliding window: the network is
-    ``window_independent`` and its activations fit ``inference.WHOLE_VOLUME_BYTES``."""
-    return window_independent(network) and inference.fits_one_pass(padded_shape, activation_bytes_per_voxel(network))
+    ``window_independent`` and its activations fit ``windowing.WHOLE_VOLUME_BYTES``."""
+    return window_independent(network) and windowing.fits_one_pass(padded_shape, activation_bytes_per_voxel(network))
 
 
 def device_attempts(device: torch.device) -> list[tuple[torch.device, torch.device]]:

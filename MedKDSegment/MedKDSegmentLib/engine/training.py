@@ -40,7 +40,6 @@ from .distillation import (
 )
 from .domain import record
 from .errors import CancelledError, InvalidInputError
-from .inference import pad_to_multiple_of_8
 from .labels import ABDOMEN_STRUCTURES, label_names
 from .losses import SupervisedLoss
 from .methods import DEFAULT_METHODS, METHODS, format_methods, parse_methods
@@ -60,6 +59,7 @@ from .profiles import DEFAULT_PROFILES, Profile
 from .runs import CHECKPOINT_FILE, TEACHER_CACHE, checkpoint_dir_for, epoch_message
 from .runs import assistant_output as runs_assistant_output
 from .volume import check_output_path, normalize_modality
+from .windowing import pad_to_multiple_of_8
 
 Progress = Callable[[float, str], None]
 # fit's ``teacher``: one network, several, or several with weights.
@@ -228,7 +228,7 @@ def fit(
     student_tap, teacher_taps = feature_taps(network, teachers, terms)
     started = time.monotonic()
     try:
-        with distributed.data_parallel(network, terms, device) as model:
+        with data_parallel(network, terms, device) as model:
             for epoch in range(start_epoch, config.epochs):
                 rng = epoch_stream(config, epoch, started, history, report)
                 if rng is None:
@@ -283,6 +283,54 @@ def fit(
     history.terms = [term.describe() for term in terms]
     network.eval()
     return history
+
+
+class Trainee(nn.Module):
+    """A network together with its distillation terms' learnt parts (hint adapters, CTKD's temperature): one
+    module, so ``DistributedDataParallel`` averages all their gradients. Calling it runs the network."""
+
+    def __init__(self, network: nn.Module, terms: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.terms = terms
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)
+
+
+@contextmanager
+def data_parallel(network: nn.Module, terms: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """What a training step calls to run ``network``: the network itself in one process; across processes,
+    ``DistributedDataParallel`` over it and ``terms`` (gradients averaged in backward, rank 0's weights
+    broadcast first). On GPUs batch norm is synchronised across processes while training (``SyncBatchNorm``,
+    as nnU-Net's DDP does) and made plain again afterwards, for evaluation in the main process alone; on CPUs
+    each process keeps its own statistics (``SyncBatchNorm`` runs on GPUs only)."""
+    if not distributed.current().parallel:
+        yield network
+        return
+    synchronised = device.type == "cuda"
+    if synchronised:
+        nn.SyncBatchNorm.convert_sync_batchnorm(network)  # in place below the top module
+    try:
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] if synchronised else None
+        yield nn.parallel.DistributedDataParallel(Trainee(network, terms), device_ids=ids)
+    finally:
+        if synchronised:
+            local_batch_norm(network)
+
+
+def local_batch_norm(module: nn.Module) -> None:
+    """Replace ``SyncBatchNorm`` layers below ``module`` by plain 3-D batch norm with the same state (torch
+    converts one way only)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.SyncBatchNorm):
+            plain = nn.BatchNorm3d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(next(child.buffers(), torch.empty(0)).device)
+            plain.load_state_dict(child.state_dict())
+            plain.train(child.training)
+            setattr(module, name, plain)
+        else:
+            local_batch_norm(child)
 
 
 def epoch_stream(config: TrainingConfig, epoch: int, started: float, history, report: Progress

@@ -54,6 +54,7 @@ from .training import (
     Optimisation,
     TrainingConfig,
     cache_teacher_outputs,
+    data_parallel,
     distillation_loss,
     epoch_stream,
     evaluate,
@@ -397,7 +398,7 @@ def train_unpaired(
     }
     main = distributed.current().main
     try:
-        with distributed.data_parallel(network, terms, device) as model:
+        with data_parallel(network, terms, device) as model:
             started = time.monotonic()
             for epoch in range(start_epoch, config.epochs):
                 rng = epoch_stream(config, epoch, started, history, report)
