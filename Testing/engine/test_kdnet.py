@@ -101,3 +101,16 @@ def test_missing_or_misplaced_privileged_scans_are_refused_before_training(teach
                         privileged={"CT": shifted})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert load_bundle(teacher.path).privileged == ["CT"]
+
+
+def test_a_network_of_several_input_channels_is_saved_without_a_one_scan_onnx_copy(tmp_path):
+    """The ONNX runner feeds one scan: a two-channel network (saved without a privileged record, as a script
+    may) keeps its torch weights only, instead of failing the export."""
+    from tiny import make_bundle
+
+    from MedKDSegmentLib.engine.training import with_input_channels
+
+    architecture = with_input_channels(TINY_STUDENT, 2)
+    bundle = make_bundle(tmp_path / "two-channel", architecture)
+    assert bundle.onnx is None and input_channels(bundle.load_network()) == 2
+    assert make_bundle(tmp_path / "one-channel", TINY_STUDENT).onnx is not None  # the usual copy is still made

@@ -469,7 +469,7 @@ def save_bundle(
     import torch
 
     from .modality_norm import network_modalities
-    from .networks import count_parameters
+    from .networks import count_parameters, input_channels
     from .prediction import window_independent
 
     folder = Path(folder)
@@ -506,8 +506,8 @@ def save_bundle(
                 k: (v.half() if k in halve else v).detach().cpu().contiguous() for k, v in network.state_dict().items()
             }
             torch.save(state, staging / WEIGHTS)
-            # Not for a teacher taking privileged scans: no single scan is its input.
-            if not modalities and not (extra or {}).get("pipeline") and not (extra or {}).get("privileged") \
+            # Not for a network taking several channels (privileged scans): the ONNX runner feeds one scan.
+            if not modalities and not (extra or {}).get("pipeline") and input_channels(network) == 1 \
                     and window_independent(network) and onnx_exporter_installed():
                 exported = copy.deepcopy(network).cpu()
                 exported.load_state_dict(state)  # as the bundle's weights load: float16-stored ones rounded
