@@ -419,14 +419,13 @@ def _train_in_this_process(spec_file: str) -> int:
     prints progress and a bad input's error as JSON lines."""
     import json
 
-    from .engine.distributed import process_group
+    from .engine.distributed import current, process_group
     from .engine.errors import MedKDError
 
     spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
-    main = os.environ.get("RANK", "0") == "0"
 
     def send(event: dict) -> None:
-        if main:
+        if current().main:
             print(json.dumps(event), flush=True)
 
     with process_group((spec.get("settings") or {}).get("device", "auto")):

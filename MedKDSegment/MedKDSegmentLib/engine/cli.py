@@ -11,6 +11,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .device import DEVICE_CHOICES
+from .distributed import launched
 from .errors import InvalidInputError, MedKDError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -28,7 +29,7 @@ def _main_process() -> bool:
 
 def _processes(args: argparse.Namespace):
     """The torchrun process group around a command that runs data-parallel (nothing without torchrun)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched():
         return nullcontext()
     if args.command not in PARALLEL_COMMANDS:
         raise InvalidInputError(f"'{args.command}' runs in one process, not under torchrun.",
@@ -40,7 +41,7 @@ def _processes(args: argparse.Namespace):
 
 def _print_scale(config) -> None:
     """Under torchrun: the effective batch and learning rate, once."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _main_process():
+    if launched() and _main_process():
         from .distributed import scale_message
 
         print(scale_message(config.batch_size, config.learning_rate), file=sys.stderr)
