@@ -21,7 +21,7 @@ Protocol, fixed before any run (nothing here is chosen on the test volumes):
 - Primary comparison, declared here: ``kdnet`` against ``kd-mr`` (the KD-Net student against the student of
   a mono-modal teacher). Secondary, Holm-corrected with it: ``kdnet`` against ``scratch`` and ``kd-ct+mr``
   against ``kd-mr``. Intervals: section 1's 95 % hierarchical bootstrap (seeds, then volumes).
-Writes docs/benchmark_privileged.{md,json}, with the machine.
+Writes docs/benchmark_privileged.{md,json}, with the machine; resumable per run (finished runs are kept under build/).
 """
 
 from __future__ import annotations
@@ -119,7 +119,14 @@ def dice_per_case(network: torch.nn.Module, cases: list[Case]) -> list[float]:
 
 
 def student(row: str, seed: int, labelled: int, setting: tuple, evaluation: str) -> tuple:
-    """One MR student: (row, seed, labelled, setting, evaluation, Dice per volume, seconds)."""
+    """One MR student: (row, seed, labelled, setting, evaluation, Dice per volume, seconds).
+
+    Each finished run is kept in WORK, so an interrupted benchmark resumes where it stopped.
+    """
+    record = WORK / "privileged-runs" / f"{row}-{seed}-{labelled}-{setting[0]}-{setting[1]}-{evaluation}.json"
+    if record.exists():
+        dice, seconds = json.loads(record.read_text())
+        return row, seed, labelled, setting, evaluation, dice, seconds
     torch.set_num_threads(1)
     started = time.perf_counter()
     pool = paired(POOL_CASES, POOL_SEED)
@@ -136,8 +143,11 @@ def student(row: str, seed: int, labelled: int, setting: tuple, evaluation: str)
     with tempfile.TemporaryDirectory() as folder:
         fit(network, CLASSES, pool, config, Path(folder) / "checkpoint", teacher=model)
     cases = paired(TEST_CASES, TEST_SEED) if evaluation == "test" else paired(VALIDATION_CASES, VALIDATION_SEED)
-    dice = dice_per_case(network.eval(), cases)
-    return row, seed, labelled, setting, evaluation, dice, time.perf_counter() - started
+    dice, seconds = dice_per_case(network.eval(), cases), time.perf_counter() - started
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.with_suffix(".part").write_text(json.dumps([dice, seconds]))
+    record.with_suffix(".part").replace(record)
+    return row, seed, labelled, setting, evaluation, dice, seconds
 
 
 def run(jobs: list[tuple], processes: int) -> list[tuple]:
