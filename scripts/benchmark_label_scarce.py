@@ -20,8 +20,11 @@ Protocol, fixed before any run (nothing here is chosen on the test volumes):
 - Primary comparison, declared here: ``kd`` against ``scratch``. ``pseudo`` against ``scratch`` is secondary
   (Holm-corrected with the primary). Intervals: 95 % hierarchical bootstrap (seeds, then test volumes within
   each seed), 10,000 resamples, of the paired difference.
-- Gap closed = (row − scratch) / (all-labels − scratch): the share of what labelling every volume would give.
-Writes docs/benchmark_label_scarce.{md,json}, with the machine.
+- Gap closed = (row − scratch) / (ceiling − scratch), against three ceilings: ``all-labels`` (the share of what
+  labelling every volume would give), the teacher, and the teacher seen through the student's output stride
+  (its logits averaged over 2³ voxels, then interpolated as the student's are: what a stride-2 student could copy).
+Writes docs/benchmark_label_scarce.{md,json,png}, with the machine. ``--render`` re-writes them from the JSON
+(recomputing only the teacher's two scores), e.g. after a change of the report.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedKDSegment"))
@@ -102,6 +106,26 @@ def student(row: str, seed: int, labelled: int, setting: tuple, evaluation: str)
     return row, seed, labelled, setting, evaluation, dice, time.perf_counter() - started
 
 
+class SeenThroughStride(torch.nn.Module):
+    """A network whose logits are averaged over ``stride``³ voxels: what a student predicting at that stride
+    (``FastStudent.output_stride``) could at best copy of it."""
+
+    def __init__(self, network: torch.nn.Module, stride: int) -> None:
+        super().__init__()
+        self.network, self.output_stride = network, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool3d(self.network(x), self.output_stride)
+
+
+def teacher_scores() -> dict:
+    """The teacher's mean test Dice, as it is and seen through the student's output stride."""
+    network, test = teacher_network().eval(), prepared(TEST_CASES, TEST_SEED)
+    stride = build_network(STUDENT_CONFIG, 2).output_stride
+    return {"teacher": dice_per_case(network, test, LABELS),
+            "teacher_strided": dice_per_case(SeenThroughStride(network, stride), test, LABELS)}
+
+
 def teacher_network():
     cases = prepared(TEACHER_CASES, TEACHER_SEED)
     return teacher_for("label-rich-ct", cases, grid_profile("CT"), ABDOMEN_STRUCTURES, CONFIG, TEACHER_STEPS,
@@ -121,13 +145,12 @@ def hierarchical_bootstrap(differences: np.ndarray, resamples: int = 10_000, see
     return float(low), float(high), float((means <= 0).mean())
 
 
-def summarise(runs: dict, teacher_dice: list[float], labelled: int, seeds: int, chosen: dict,
-              validation: dict) -> dict:
+def summarise(runs: dict, teacher: dict, labelled: int, seeds: int, chosen: dict, validation: dict) -> dict:
     matrix = {row: np.array([runs[(row, s)] for s in range(seeds)]) for row in ROWS}  # seeds x volumes
     scratch, ceiling = matrix["scratch"], matrix["all-labels"]
     gap = float(ceiling.mean() - scratch.mean())
     result = {"labelled": labelled, "seeds": seeds, "test_volumes": TEST_CASES,
-              "teacher": float(np.mean(teacher_dice)), "chosen": {row: list(chosen[row]) for row in chosen},
+              "chosen": {row: list(chosen[row]) for row in chosen},
               "validation": {row: {f"T={t}, w={w:g}" if t else f"w={w:g}": d for (t, w), d in table.items()}
                              for row, table in validation.items()},
               "rows": {}}
@@ -141,6 +164,7 @@ def summarise(runs: dict, teacher_dice: list[float], labelled: int, seeds: int, 
             if row in ("kd", "pseudo"):
                 p_values[row] = p
         result["rows"][row] = entry
+    add_teacher(result, teacher)
     # Holm over the two teacher rows (one-sided: gain over scratch), kd being the declared primary.
     ordered = sorted(p_values.items(), key=lambda item: item[1])
     for rank, (row, p) in enumerate(ordered):
@@ -150,7 +174,49 @@ def summarise(runs: dict, teacher_dice: list[float], labelled: int, seeds: int, 
     return result
 
 
-def write(results: list[dict], machine: dict, seconds: dict) -> None:
+def add_teacher(result: dict, teacher: dict) -> None:
+    """The teacher's two scores and each row's gap closed against them (means over seeds and volumes)."""
+    result |= {key: float(np.mean(teacher[key])) for key in ("teacher", "teacher_strided")}
+    scratch = result["rows"]["scratch"]["mean"]
+    for entry in result["rows"].values():
+        for key, ceiling in (("gap_closed_teacher", result["teacher"]),
+                             ("gap_closed_strided", result["teacher_strided"])):
+            entry[key] = (entry["mean"] - scratch) / (ceiling - scratch) if ceiling - scratch > 1e-6 else math.nan
+
+
+def chart(results: list[dict], path: Path) -> None:
+    """Test Dice of each row against k, with the three ceilings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    ks = [r["labelled"] for r in results]
+    for row, colour in zip(ROWS[:3], ("tab:grey", "tab:blue", "tab:orange")):
+        means = [r["rows"][row]["mean"] for r in results]
+        low = [r["rows"][row]["mean"] - (r["rows"][row]["vs_scratch"] - r["rows"][row]["ci95"][0])
+               if "ci95" in r["rows"][row] else r["rows"][row]["mean"] for r in results]
+        high = [r["rows"][row]["mean"] + (r["rows"][row]["ci95"][1] - r["rows"][row]["vs_scratch"])
+                if "ci95" in r["rows"][row] else r["rows"][row]["mean"] for r in results]
+        axis.plot(ks, means, "-o", color=colour, label=row)
+        axis.fill_between(ks, low, high, color=colour, alpha=0.15)
+    for key, style, name in (("all-labels", "--", "all-labels student"), ("teacher_strided", ":",
+                             "teacher at the student's stride"), ("teacher", "-.", "teacher")):
+        level = results[0]["rows"]["all-labels"]["mean"] if key == "all-labels" else results[0][key]
+        axis.axhline(level, color="black", linestyle=style, linewidth=1, label=f"{name} ({level:.3f})")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(ks, [str(k) for k in ks])
+    axis.set_xlabel("labelled phantoms k (of 40)")
+    axis.set_ylabel("test Dice (mean over 20 volumes and seeds)")
+    axis.set_title("Label-rich teacher, label-scarce student (shaded: 95 % CI of the gain)", fontsize=10)
+    axis.legend(fontsize=7, loc="center right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def write(results: list[dict], machine: dict, seconds: dict, teacher_machine: dict | None = None) -> None:
+    """The Markdown, JSON and chart; ``teacher_machine``: where ``--render`` re-scored the teacher."""
     lines = [
         "# Label-rich teacher, label-scarce student (issue 16, section 1)", "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, one thread per run. "
@@ -158,9 +224,14 @@ def write(results: list[dict], machine: dict, seconds: dict) -> None:
         f"{' '.join(str(r['labelled']) for r in results)} --seeds {results[0]['seeds']}`. The protocol is the "
         "script's docstring, fixed before the run.", "",
         f"Phantom CT, 6 mm grid. Teacher (MONAI UNet, 20 labelled phantoms) on the {TEST_CASES} test phantoms: "
-        f"{results[0]['teacher']:.3f} mean Dice. Students: FastStudent (46 k parameters), {STEPS} steps, k labelled "
+        f"{results[0]['teacher']:.3f} mean Dice, {results[0]['teacher_strided']:.3f} seen through the students' "
+        "output stride (logits averaged over 2³ voxels). "
+        f"Students: FastStudent (46 k parameters), {STEPS} steps, k labelled "
         f"+ {POOL_CASES} − k unlabelled phantoms (`all-labels`: all {POOL_CASES} labelled), {results[0]['seeds']} "
-        "seeds; each teacher row's temperature and weight chosen on 10 validation phantoms (seed 0).", ""]
+        "seeds; each teacher row's temperature and weight chosen on 10 validation phantoms (seed 0)."
+        + ("" if teacher_machine is None else f" The teacher's two scores were computed again (`--render`) on "
+           f"{teacher_machine['cpu']}, {teacher_machine['cores']} cores, the teacher retrained there from the same "
+           "seed; the students' rows are the stored run's."), ""]
     for result in results:
         rows = []
         for row in ROWS:
@@ -173,24 +244,31 @@ def write(results: list[dict], machine: dict, seconds: dict) -> None:
                          "dice": f"{entry['mean']:.3f} ± {entry['sd_seeds']:.3f}",
                          "gain": f"{entry['vs_scratch']:+.4f}" if "vs_scratch" in entry else "",
                          "ci": f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "",
-                         "gap": f"{100 * entry['gap_closed']:.0f} %" if "gap_closed" in entry else "",
+                         "gap": " / ".join(f"{100 * entry[key]:.0f} %" for key in (
+                             "gap_closed", "gap_closed_strided", "gap_closed_teacher")) if row != "scratch" else "",
                          "seconds": f"{seconds.get(row, math.nan):.0f}"})
         validation = "; ".join(f"`{row}` " + ", ".join(f"{name}: {dice:.3f}" for name, dice in table.items())
                                for row, table in result["validation"].items())
         lines += [f"## k = {result['labelled']} labelled", "",
                   markdown_table(rows, {"row": "row (chosen setting)", "dice": "test Dice (mean ± sd over seeds)",
                                         "gain": "vs scratch", "ci": "95 % CI (hierarchical bootstrap)",
-                                        "gap": "gap closed", "seconds": "s per run"}), "",
+                                        "gap": "gap closed: all-labels / teacher at stride / teacher",
+                                        "seconds": "s per run"}), "",
                   "Primary comparison: `kd` vs `scratch`; `pseudo` is Holm-corrected with it. "
                   + "; ".join(f"`{row}`: one-sided bootstrap p = {result['rows'][row]['p_one_sided']:.4f}, "
                               f"{'significant' if result['rows'][row]['holm_significant_5pc'] else 'not significant'}"
                               " at 5 % after Holm" for row in ("kd", "pseudo")) + ".", "",
                   f"Validation Dice of each setting (seed 0): {validation}.", ""]
-    lines += ["Gap closed: the share of the difference between `scratch` and `all-labels` (every volume labelled) "
-              "that the row recovers without those labels.", ""]
+    lines += ["Gap closed: the share of the difference between `scratch` and a ceiling that the row recovers "
+              "without labels; ceilings: `all-labels` (the same student with every volume labelled), the teacher "
+              "seen through the student's output stride, and the teacher.", "",
+              f"![test Dice against k]({OUTPUT.name}.png)", ""]
+    chart(results, OUTPUT.with_suffix(".png"))
     OUTPUT.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
-    OUTPUT.with_suffix(".json").write_text(json.dumps({"machine": machine, "results": results, "seconds": seconds},
-                                                      indent=2), encoding="utf-8")
+    stored = {"machine": machine, "results": results, "seconds": seconds}
+    if teacher_machine is not None:
+        stored["teacher_machine"] = teacher_machine
+    OUTPUT.with_suffix(".json").write_text(json.dumps(stored, indent=2), encoding="utf-8")
 
 
 def run(jobs: list[tuple], processes: int) -> list[tuple]:
@@ -208,15 +286,26 @@ def main() -> int:
     parser.add_argument("--labelled", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--render", action="store_true",
+                        help="re-write the results from the JSON (the teacher's two scores recomputed, no students)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        stored = json.loads(OUTPUT.with_suffix(".json").read_text(encoding="utf-8"))
+        teacher = teacher_scores()
+        log(f"teacher {np.mean(teacher['teacher']):.4f} (stored run: {stored['results'][0]['teacher']:.4f}), "
+            f"at the students' stride {np.mean(teacher['teacher_strided']):.4f}")
+        for result in stored["results"]:
+            add_teacher(result, teacher)
+        write(stored["results"], stored["machine"], stored["seconds"], machine_description())
+        return 0
     for count, seed in ((TEACHER_CASES, TEACHER_SEED), (POOL_CASES, POOL_SEED), (VALIDATION_CASES, VALIDATION_SEED),
                         (TEST_CASES, TEST_SEED)):
         prepared(count, seed)  # once, before the processes start
     log("teacher")
-    teacher_dice = dice_per_case(teacher_network().eval(), prepared(TEST_CASES, TEST_SEED), LABELS)
-    log(f"teacher {np.mean(teacher_dice):.3f}")
+    teacher = teacher_scores()
+    log(f"teacher {np.mean(teacher['teacher']):.3f}, at the students' stride {np.mean(teacher['teacher_strided']):.3f}")
     # 1. Each teacher row's setting, per k, on the validation phantoms (seed 0).
     selection = run([(row, 0, k, setting, "validation") for k in args.labelled for row, settings in GRID.items()
                      for setting in settings], args.processes)
@@ -237,7 +326,7 @@ def main() -> int:
     for k in args.labelled:
         runs = {(row, seed): dice for row, seed, labelled, _, _, dice, _ in tested
                 if labelled == k or row == "all-labels"}
-        results.append(summarise(runs, teacher_dice, k, args.seeds, chosen[k], validation[k]))
+        results.append(summarise(runs, teacher, k, args.seeds, chosen[k], validation[k]))
     write(results, machine_description(), {row: float(np.mean(v)) for row, v in seconds.items()})
     return 0
 
