@@ -110,9 +110,10 @@ def chart(rows: list[dict], teacher_parameters: int, path: Path) -> None:
         mine = [r for r in rows if r["method"] == method]
         gaps = [teacher_parameters / r["parameters"] for r in mine]
         axis.scatter(gaps, [r["dice_to_teacher"] for r in mine], color=colour, alpha=0.4, s=16)
-        means = {size: np.mean([r["dice_to_teacher"] for r in mine if r["size"] == size]) for size in SIZES}
+        sizes = [s for s in SIZES if any(r["size"] == s for r in mine)]
+        means = {size: np.mean([r["dice_to_teacher"] for r in mine if r["size"] == size]) for size in sizes}
         parameters = {r["size"]: r["parameters"] for r in mine}
-        axis.plot([teacher_parameters / parameters[s] for s in SIZES], [means[s] for s in SIZES], "-o",
+        axis.plot([teacher_parameters / parameters[s] for s in sizes], [means[s] for s in sizes], "-o",
                   color=colour, label=f"{method} (mean of 3 held-out heads)")
     axis.axhline(TARGET, color="tab:red", linestyle=":", label=f"target {TARGET}")
     axis.set_xscale("log")
@@ -127,44 +128,53 @@ def chart(rows: list[dict], teacher_parameters: int, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="rows to run now (the report shows every row finished so far, complete over the heads)")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     args = parser.parse_args()
     missing = [str(p) for p in HEADS.values() if not p.exists()]
     if missing:
         sys.exit(f"the real heads are missing ({', '.join(missing)}): this needs ../shared/data")
     teacher = resolve_bundle(TEACHER)  # fails with the fix ('medkd teachers get deepbet') when not installed
-    started = time.perf_counter()
-    jobs = [(size, method, head) for size in reversed(SIZES) for method in METHODS for head in HEADS]
-    with ProcessPoolExecutor(args.processes) as pool:  # the largest students first: the pool ends evenly
-        rows = list(pool.map(student, *zip(*jobs)))
-    for row in rows:
-        print(row, flush=True)
+    jobs = [(size, method, head) for method in args.methods for size in reversed(args.sizes) for head in HEADS]
+    with ProcessPoolExecutor(args.processes) as pool:  # per method, the largest students first
+        for row in pool.map(student, *zip(*jobs)):
+            print(row, flush=True)
+    finished = [json.loads(path.read_text()) for path in sorted(WORK.glob("*.json"))]
+    complete = {(r["size"], r["method"]) for r in finished
+                if sum(o["size"] == r["size"] and o["method"] == r["method"] for o in finished) == len(HEADS)}
+    order = {head: i for i, head in enumerate(HEADS)}
+    rows = sorted((r for r in finished if (r["size"], r["method"]) in complete), key=lambda r: (
+        list(SIZES).index(r["size"]), list(METHODS).index(r["method"]), order[r["held_out"]]))
 
     summary = []
-    for size in SIZES:
+    for size in [s for s in SIZES if any(r["size"] == s for r in rows)]:
         entry = {"size": size, "parameters": next(r["parameters"] for r in rows if r["size"] == size)}
         entry["capacity_gap"] = teacher.parameters / entry["parameters"]
-        for method in METHODS:
+        for method in [m for m in METHODS if (size, m) in complete]:
             scores = [r["dice_to_teacher"] for r in rows if r["size"] == size and r["method"] == method]
             entry[method] = {"mean": float(np.mean(scores)), "lowest": float(np.min(scores)), "per_head": scores}
-        for kd in ("kd", "kd-t1"):
+        for kd in [m for m in ("kd", "kd-t1") if m in entry and "pseudo" in entry]:
             gains = np.subtract(entry[kd]["per_head"], entry["pseudo"]["per_head"])
             entry[f"{kd}_gain"] = {"mean": float(gains.mean()), "per_head": gains.tolist(),
                                    "heads_improved": int((gains > 0).sum())}
         summary.append(entry)
-    reaching = [(e["parameters"], m, e["size"]) for e in summary for m in METHODS if e[m]["lowest"] >= TARGET]
+    reaching = [(e["parameters"], m, e["size"]) for e in summary for m in METHODS
+                if m in e and e[m]["lowest"] >= TARGET]
+    not_run = [f"{size} {method}" for size in SIZES for method in METHODS if (size, method) not in complete]
     smallest = min(reaching) if reaching else None
     machine = machine_description()
     result = {"machine": machine, "teacher": TEACHER, "teacher_parameters": teacher.parameters,
               "settings": asdict(SETTINGS), "heads": list(HEADS), "rows": rows, "summary": summary,
               "smallest_reaching_target": None if smallest is None else {"size": smallest[2], "method": smallest[1]},
-              "minutes": (time.perf_counter() - started) / 60}
+              "not_run": not_run, "training_core_minutes": sum(r["train_seconds"] for r in rows) / 60}
     write_json(result, OUTPUT.with_suffix(".json"))
     chart(rows, teacher.parameters, OUTPUT.with_suffix(".png"))
 
     heads = list(HEADS)
     table = []
     for e in summary:
-        for m in METHODS:
+        for m in [m for m in METHODS if m in e]:
             gain = e.get(f"{m}_gain")
             table.append({
                 "student": f"{e['size']} ({e['parameters']:,} parameters, gap ×{e['capacity_gap']:.0f})",
@@ -183,7 +193,10 @@ def main() -> int:
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, one thread per run, "
         f"{args.processes} runs at a time, CPU only. Reproduce: `scripts/medkd teachers get deepbet`, then "
         f"`scripts/medkd-python scripts/benchmark_capacity.py`. The protocol is the script's docstring, fixed "
-        f"before the run ({result['minutes']:.0f} min here; finished runs are reused).",
+        f"before the run; finished runs are kept and reused ({result['training_core_minutes']:.0f} core-minutes of "
+        "training in all).",
+        "" if not not_run else f"\nNot run (out of this session's time; `--methods`/`--sizes` run them): "
+        f"{', '.join(not_run)}.",
         "",
         f"Teacher: deepbet ({teacher.parameters:,} parameters). Each student learns from two of the three real "
         "heads with no labels and is scored on the third against the teacher's mask (Dice). Budget: "
