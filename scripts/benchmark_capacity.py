@@ -195,8 +195,8 @@ def main() -> int:
         f"`scripts/medkd-python scripts/benchmark_capacity.py`. The protocol is the script's docstring, fixed "
         f"before the run; finished runs are kept and reused ({result['training_core_minutes']:.0f} core-minutes of "
         "training in all).",
-        "" if not not_run else f"\nNot run (out of this session's time; `--methods`/`--sizes` run them): "
-        f"{', '.join(not_run)}.",
+        *([] if not not_run else ["", f"Not run (out of this session's time; `--methods`/`--sizes` run them): "
+                                      f"{', '.join(not_run)}."]),
         "",
         f"Teacher: deepbet ({teacher.parameters:,} parameters). Each student learns from two of the three real "
         "heads with no labels and is scored on the third against the teacher's mask (Dice). Budget: "

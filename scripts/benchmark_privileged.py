@@ -2,6 +2,7 @@
 an MR-only student (issue 16, section 2 of the redesigned benchmark).
 
     scripts/medkd-python scripts/benchmark_privileged.py [--labelled 2] [--seeds 6] [--processes 2]
+    scripts/medkd-python scripts/benchmark_privileged.py --brats [--seeds 3]
 
 Protocol, fixed before any run (nothing here is chosen on the test volumes):
 - Phantom abdominal MR on section 1's coarse 6 mm grid (patches 24x48x48), each with the CT of the same phantom
@@ -22,6 +23,15 @@ Protocol, fixed before any run (nothing here is chosen on the test volumes):
   a mono-modal teacher). Secondary, Holm-corrected with it: ``kdnet`` against ``scratch`` and ``kd-ct+mr``
   against ``kd-mr``. Intervals: section 1's 95 % hierarchical bootstrap (seeds, then volumes).
 Writes docs/benchmark_privileged.{md,json}, with the machine; resumable per run (finished runs are kept under build/).
+
+``--brats``, the real smoke test, also fixed before any run: BRATS 2013 FLAIR with the same subjects' T1c as the
+privileged channel, on the methods benchmark's 4 mm grid (patches 24x48x48); teachers ``FLAIR`` and
+``FLAIR+T1c`` (MONAI UNet, 1500 steps) and FLAIR-only students (FastStudent, 600 steps) on the 4 labelled
+``train/`` + ``validation/`` subjects: ``scratch``, ``kd-flair`` (kd:1 to the FLAIR teacher) and ``kdnet``
+(kd:1+hint to the FLAIR+T1c teacher), all at T = 1, the CLI's default (no validation subjects are left for a
+grid). Scored on the 2 ``test/`` subjects in the BraTS regions: whole tumour (labels 1-4), tumour core (1, 3, 4)
+and enhancing tumour (4). Two test volumes: a smoke test of the method on real multi-modal MRI, not an
+estimate; no interval is given. Writes docs/benchmark_privileged_brats.{md,json}.
 """
 
 from __future__ import annotations
@@ -43,20 +53,21 @@ sys.path.insert(0, str(ROOT / "MedKDSegment"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark_label_scarce import CONFIG, STEPS, TEACHER_STEPS, hierarchical_bootstrap, log  # noqa: E402
-from benchmark_methods import WORK, grid_profile, train  # noqa: E402
+from benchmark_methods import BRATS, BRATS_PATCH, BRATS_SPACING, WORK, grid_profile, train  # noqa: E402
 
 from MedKDSegmentLib.engine.bundle import BundleError, load_bundle, save_bundle  # noqa: E402
 from MedKDSegmentLib.engine.data import Case  # noqa: E402
 from MedKDSegmentLib.engine.device import select_device  # noqa: E402
-from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES  # noqa: E402
+from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, BRATS_STRUCTURES  # noqa: E402
 from MedKDSegmentLib.engine.measure import machine_description  # noqa: E402
 from MedKDSegmentLib.engine.metrics import dice_per_label  # noqa: E402
 from MedKDSegmentLib.engine.networks import STUDENT_CONFIG, TEACHER_CONFIG, build_network, input_channels  # noqa: E402
 from MedKDSegmentLib.engine.phantom import case_seed, generate_phantom  # noqa: E402
 from MedKDSegmentLib.engine.prediction import predict_labels  # noqa: E402
-from MedKDSegmentLib.engine.profiles import labels_to_model_grid, to_model_grid  # noqa: E402
+from MedKDSegmentLib.engine.profiles import BRATS_FLAIR_PROFILE, labels_to_model_grid, to_model_grid  # noqa: E402
 from MedKDSegmentLib.engine.report import markdown_table  # noqa: E402
 from MedKDSegmentLib.engine.training import fit, with_input_channels  # noqa: E402
+from MedKDSegmentLib.engine.volume import read_volume  # noqa: E402
 
 TEACHER_CASES, POOL_CASES, VALIDATION_CASES, TEST_CASES = 20, 40, 10, 20
 TEACHER_SEED, POOL_SEED, VALIDATION_SEED, TEST_SEED = 0, 6161, 8181, 7171  # disjoint sets of phantom subjects
@@ -67,6 +78,10 @@ COMPARISONS = [("kdnet", "kd-mr"), ("kdnet", "scratch"), ("kd-ct+mr", "kd-mr")] 
 LABELS = [s.value for s in ABDOMEN_STRUCTURES]
 CLASSES = len(ABDOMEN_STRUCTURES) + 1
 OUTPUT = ROOT / "docs" / "benchmark_privileged"
+BRATS_ROWS = {"scratch": None, "kd-flair": "FLAIR", "kdnet": "FLAIR+T1c"}  # row: its teacher
+BRATS_METHOD = {"scratch": "none", "kd-flair": "kd:1", "kdnet": "kd:1+hint"}
+BRATS_REGIONS = {"whole tumour": (1, 2, 3, 4), "tumour core": (1, 3, 4), "enhancing tumour": (4,)}
+BRATS_CLASSES = len(BRATS_STRUCTURES) + 1
 
 
 def paired(count: int, seed: int) -> list[Case]:
@@ -164,12 +179,141 @@ def holm(p_values: list[float], alpha: float = 0.05) -> list[bool]:
     return significant
 
 
+def brats_cases(split: str) -> list[Case]:
+    """BRATS FLAIR with the subject's T1c as the privileged channel, on the 4 mm model grid."""
+    profile = replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3)
+    cases = []
+    for folder in sorted((BRATS / split).iterdir()):
+        image, grid = to_model_grid(read_volume(folder / "Flair_subtrMeanDivStd.nii.gz", "MR"), profile)
+        t1c, _ = to_model_grid(read_volume(folder / "T1c_subtrMeanDivStd.nii.gz", "MR"), profile)
+        labels = labels_to_model_grid(read_volume(folder / "OTMultiClass.nii.gz"), grid)
+        cases.append(Case(folder.name, image, labels, privileged=t1c[None]))
+    return cases
+
+
+def brats_teacher(kind: str) -> torch.nn.Module:
+    """The ``FLAIR`` or ``FLAIR+T1c`` teacher, trained once on the 4 training subjects and kept in WORK."""
+    folder = WORK / f"teacher-privileged-brats-{kind.lower().replace('+', '-')}-{TEACHER_STEPS}"
+    if not folder.exists():
+        log(f"training the BRATS {kind} teacher ({TEACHER_STEPS} steps)")
+        architecture = with_input_channels(TEACHER_CONFIG, 2 if "+" in kind else 1)
+        config = replace(CONFIG, methods="none", epochs=TEACHER_STEPS // CONFIG.steps_per_epoch, learning_rate=5e-3,
+                         patch_size=BRATS_PATCH)
+        network = train(architecture, BRATS_CLASSES, brats_cases("train") + brats_cases("validation"), config)
+        try:
+            save_bundle(folder, network, name=folder.name, role="teacher", architecture=architecture,
+                        profile=replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3),
+                        structures=BRATS_STRUCTURES, method={"name": "supervised"},
+                        description=f"privileged-information benchmark BRATS teacher ({kind})")
+        except BundleError:
+            pass  # the other process saved the same teacher first
+    return load_bundle(folder).load_network()
+
+
+def region_dice(network: torch.nn.Module, cases: list[Case]) -> dict[str, list[float]]:
+    """Dice of each BraTS region on each case (NaN where neither prediction nor truth has the region)."""
+    scores: dict[str, list[float]] = {region: [] for region in BRATS_REGIONS}
+    for case in cases:
+        predicted = predict_labels(network, case.inputs(input_channels(network)), select_device("cpu"))
+        for region, labels in BRATS_REGIONS.items():
+            scores[region].append(dice_per_label(np.isin(predicted, labels), np.isin(case.labels, labels), [1])[1])
+    return scores
+
+
+def brats_student(row: str, seed: int) -> tuple[str, int, dict, float]:
+    """One FLAIR-only student: (row, seed, Dice of each region on each test subject, seconds); resumable."""
+    record = WORK / "privileged-brats-runs" / f"{row}-{seed}.json"
+    if record.exists():
+        scores, seconds = json.loads(record.read_text())
+        return row, seed, scores, seconds
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    kind = BRATS_ROWS[row]
+    config = replace(CONFIG, seed=seed, methods=BRATS_METHOD[row], kd_temperature=1.0, patch_size=BRATS_PATCH)
+    torch.manual_seed(seed)
+    network = build_network(STUDENT_CONFIG, BRATS_CLASSES)
+    with tempfile.TemporaryDirectory() as folder:
+        fit(network, BRATS_CLASSES, brats_cases("train") + brats_cases("validation"), config,
+            Path(folder) / "checkpoint", teacher=brats_teacher(kind) if kind else None)
+    scores, seconds = region_dice(network.eval(), brats_cases("test")), time.perf_counter() - started
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.with_suffix(".part").write_text(json.dumps([scores, seconds]))
+    record.with_suffix(".part").replace(record)
+    return row, seed, scores, seconds
+
+
+def brats_main(seeds: int, processes: int) -> int:
+    if not BRATS.is_dir():
+        raise SystemExit(f"{BRATS} is absent: the BRATS smoke test needs ../shared/data")
+    started = time.perf_counter()
+    test = brats_cases("test")
+    teachers = {kind: region_dice(brats_teacher(kind), test) for kind in ("FLAIR", "FLAIR+T1c")}
+    log("teachers on test: " + str(teachers))
+    jobs = [(row, seed) for row in BRATS_ROWS for seed in range(seeds)]
+    with ProcessPoolExecutor(processes) as pool:
+        results = list(pool.map(brats_student, *zip(*jobs)))
+    subjects = [case.name for case in test]
+    rows = {f"teacher {kind}": {"seeds": {"-": scores}} for kind, scores in teachers.items()}
+    for row, seed, scores, seconds in results:
+        rows.setdefault(row, {"seeds": {}, "seconds": []})
+        rows[row]["seeds"][str(seed)] = scores
+        rows[row]["seconds"].append(seconds)
+    for row in rows.values():  # mean over seeds, per region and subject
+        row["mean"] = {region: [float(np.mean([s[region][i] for s in row["seeds"].values()]))
+                                for i in range(len(subjects))] for region in BRATS_REGIONS}
+    differences = {f"{a} - {b}": {region: [float(np.mean(rows[a]["seeds"][str(k)][region]) -
+                                                np.mean(rows[b]["seeds"][str(k)][region])) for k in range(seeds)]
+                                      for region in BRATS_REGIONS}
+                   for a, b in (("kdnet", "kd-flair"), ("kdnet", "scratch"), ("kd-flair", "scratch"))}
+    machine = machine_description()
+    result = {"machine": machine, "seeds": seeds, "test_subjects": subjects, "rows": rows,
+              "differences_per_seed": differences, "minutes": (time.perf_counter() - started) / 60}
+    output = OUTPUT.with_name(OUTPUT.name + "_brats")
+    output.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    table = []
+    for name, row in rows.items():
+        entry = {"row": name}
+        for region in BRATS_REGIONS:
+            per_subject = row["mean"][region]
+            entry[region] = f"{np.mean(per_subject):.3f} ({', '.join(f'{v:.3f}' for v in per_subject)})"
+        entry["s per run"] = f"{np.mean(row['seconds']):.0f}" if "seconds" in row else ""
+        table.append(entry)
+    lines = [
+        "# Privileged information on real MRI: a FLAIR+T1c teacher, a FLAIR-only student (issue 16, section 2)",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, one thread per run. "
+        f"Reproduce: `scripts/medkd-python scripts/benchmark_privileged.py --brats --seeds {seeds}`. The protocol "
+        f"is the script's docstring, fixed before the run ({result['minutes']:.0f} min).",
+        "",
+        f"BRATS 2013, 4 training subjects (all labelled), {len(subjects)} test subjects ({', '.join(subjects)}), "
+        f"{BRATS_SPACING:g} mm grid; students FastStudent, {STEPS} steps, {seeds} seeds, T = 1, weight 1. "
+        "Dice per BraTS region: mean over test subjects (each subject's Dice, averaged over seeds). Two test "
+        "volumes: a smoke test, not an estimate.",
+        "",
+        markdown_table(table, {key: key for key in table[0]}),
+        "",
+        "| difference (per seed, mean over subjects) | " + " | ".join(BRATS_REGIONS) + " |",
+        "|---|" + "---|" * len(BRATS_REGIONS),
+    ]
+    for name, by_region in differences.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{np.mean(v):+.3f} ({', '.join(f'{x:+.3f}' for x in v)})" for v in by_region.values()) + " |")
+    lines.append("")
+    output.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labelled", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--seeds", type=int, default=None, help="6 for the phantoms, 3 for --brats")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--brats", action="store_true", help="the real FLAIR+T1c -> FLAIR smoke test")
     args = parser.parse_args()
+    if args.brats:
+        return brats_main(args.seeds or 3, args.processes)
+    args.seeds = args.seeds or 6
     started = time.perf_counter()
     for kind in ("MR", "CT+MR"):  # trained before the pool starts: one process each time
         teacher(kind)

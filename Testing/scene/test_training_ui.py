@@ -188,7 +188,7 @@ def test_distil_in_process_records_methods_and_teachers_and_lists_the_model(scen
     assert [(term["name"], term["weight"]) for term in method["methods"]] == [("cwd", 1.0), ("coteacher", 0.5)]
     assert [(t["name"], round(t["weight"], 6)) for t in method["teachers"]] == [("selftest-ct-teacher", 0.7),
                                                                                 ("second-ct-teacher", 0.3)]
-    assert method["training"]["kd_temperature"] == 4.0
+    assert method["training"]["kd_temperature"] == 1.0
     assert [t["name"] for t in report.teachers] == ["selftest-ct-teacher", "second-ct-teacher"]
     listed = {m.name: m for m in logic.listModels()}
     assert listed["ct-student"].role == "student" and listed["ct-student"].source == "user"

@@ -17,7 +17,7 @@ class PixelKD(nn.Module):
     ``mask`` (N, 1, D, H, W), optional, restricts the mean to selected voxels.
     """
 
-    def __init__(self, temperature: float = 4.0) -> None:
+    def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         self.temperature = temperature
 

@@ -74,7 +74,7 @@ class TrainingConfig:
     patch_size: tuple[int, int, int] = (64, 64, 64)
     learning_rate: float = 2e-3
     seed: int = 0
-    kd_temperature: float = 4.0
+    kd_temperature: float = 1.0
     kd_weight: float = 1.0
     validation_fraction: float = 0.2
     validate_every: int = 0  # epochs between validation passes (0: only at the end)

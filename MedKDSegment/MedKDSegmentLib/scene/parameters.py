@@ -47,5 +47,5 @@ class MedKDSegmentParameterNode:
     trainModality: Annotated[str, Choice(TRAIN_MODALITY_CHOICES)] = "CT"
     trainEpochs: Annotated[int, WithinRange(1, 10000)] = 20
     trainMinutes: Annotated[int, WithinRange(0, 10080)] = 0
-    trainTemperature: Annotated[float, WithinRange(0.1, 50.0)] = 4.0
+    trainTemperature: Annotated[float, WithinRange(0.1, 50.0)] = 1.0
     trainAssistantChain: bool = False
