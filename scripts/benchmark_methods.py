@@ -119,13 +119,15 @@ def phantom_cases(modality: str, count: int, seed: int) -> list[Case]:
     return cases
 
 
-def brats_cases(split: str) -> list[Case]:
+def brats_cases(split: str, with_t1c: bool = False) -> list[Case]:
+    """BRATS FLAIR on the benchmark grid; ``with_t1c`` adds the subject's T1c as a privileged channel (KD-Net)."""
+    profile = replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3)
     cases = []
     for folder in sorted((BRATS / split).iterdir()):
-        image = read_volume(folder / "Flair_subtrMeanDivStd.nii.gz", "MR")
-        labels = read_volume(folder / "OTMultiClass.nii.gz")
-        array, grid = to_model_grid(image, replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3))
-        cases.append(Case(folder.name, array, labels_to_model_grid(labels, grid)))
+        array, grid = to_model_grid(read_volume(folder / "Flair_subtrMeanDivStd.nii.gz", "MR"), profile)
+        labels = labels_to_model_grid(read_volume(folder / "OTMultiClass.nii.gz"), grid)
+        t1c = to_model_grid(read_volume(folder / "T1c_subtrMeanDivStd.nii.gz", "MR"), profile)[0] if with_t1c else None
+        cases.append(Case(folder.name, array, labels, privileged=None if t1c is None else t1c[None]))
     return cases
 
 

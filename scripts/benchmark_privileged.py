@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "MedKDSegment"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark_label_scarce import CONFIG, STEPS, TEACHER_STEPS, hierarchical_bootstrap, log  # noqa: E402
-from benchmark_methods import BRATS, BRATS_PATCH, BRATS_SPACING, WORK, grid_profile, train  # noqa: E402
+from benchmark_methods import BRATS, BRATS_PATCH, BRATS_SPACING, WORK, brats_cases, grid_profile, train  # noqa: E402
 
 from MedKDSegmentLib.engine.bundle import BundleError, load_bundle, save_bundle  # noqa: E402
 from MedKDSegmentLib.engine.data import Case  # noqa: E402
@@ -67,7 +67,6 @@ from MedKDSegmentLib.engine.prediction import predict_labels  # noqa: E402
 from MedKDSegmentLib.engine.profiles import BRATS_FLAIR_PROFILE, labels_to_model_grid, to_model_grid  # noqa: E402
 from MedKDSegmentLib.engine.report import markdown_table  # noqa: E402
 from MedKDSegmentLib.engine.training import fit, with_input_channels  # noqa: E402
-from MedKDSegmentLib.engine.volume import read_volume  # noqa: E402
 
 TEACHER_CASES, POOL_CASES, VALIDATION_CASES, TEST_CASES = 20, 40, 10, 20
 TEACHER_SEED, POOL_SEED, VALIDATION_SEED, TEST_SEED = 0, 6161, 8181, 7171  # disjoint sets of phantom subjects
@@ -179,16 +178,9 @@ def holm(p_values: list[float], alpha: float = 0.05) -> list[bool]:
     return significant
 
 
-def brats_cases(split: str) -> list[Case]:
-    """BRATS FLAIR with the subject's T1c as the privileged channel, on the 4 mm model grid."""
-    profile = replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3)
-    cases = []
-    for folder in sorted((BRATS / split).iterdir()):
-        image, grid = to_model_grid(read_volume(folder / "Flair_subtrMeanDivStd.nii.gz", "MR"), profile)
-        t1c, _ = to_model_grid(read_volume(folder / "T1c_subtrMeanDivStd.nii.gz", "MR"), profile)
-        labels = labels_to_model_grid(read_volume(folder / "OTMultiClass.nii.gz"), grid)
-        cases.append(Case(folder.name, image, labels, privileged=t1c[None]))
-    return cases
+def brats_training() -> list[Case]:
+    """The 4 labelled training subjects (``train/`` and ``validation/``): FLAIR, with T1c as privileged channel."""
+    return brats_cases("train", True) + brats_cases("validation", True)
 
 
 def brats_teacher(kind: str) -> torch.nn.Module:
@@ -199,7 +191,7 @@ def brats_teacher(kind: str) -> torch.nn.Module:
         architecture = with_input_channels(TEACHER_CONFIG, 2 if "+" in kind else 1)
         config = replace(CONFIG, methods="none", epochs=TEACHER_STEPS // CONFIG.steps_per_epoch, learning_rate=5e-3,
                          patch_size=BRATS_PATCH)
-        network = train(architecture, BRATS_CLASSES, brats_cases("train") + brats_cases("validation"), config)
+        network = train(architecture, BRATS_CLASSES, brats_training(), config)
         try:
             save_bundle(folder, network, name=folder.name, role="teacher", architecture=architecture,
                         profile=replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3),
@@ -233,9 +225,9 @@ def brats_student(row: str, seed: int) -> tuple[str, int, dict, float]:
     torch.manual_seed(seed)
     network = build_network(STUDENT_CONFIG, BRATS_CLASSES)
     with tempfile.TemporaryDirectory() as folder:
-        fit(network, BRATS_CLASSES, brats_cases("train") + brats_cases("validation"), config,
+        fit(network, BRATS_CLASSES, brats_training(), config,
             Path(folder) / "checkpoint", teacher=brats_teacher(kind) if kind else None)
-    scores, seconds = region_dice(network.eval(), brats_cases("test")), time.perf_counter() - started
+    scores, seconds = region_dice(network.eval(), brats_cases("test", True)), time.perf_counter() - started
     record.parent.mkdir(parents=True, exist_ok=True)
     record.with_suffix(".part").write_text(json.dumps([scores, seconds]))
     record.with_suffix(".part").replace(record)
@@ -246,7 +238,7 @@ def brats_main(seeds: int, processes: int) -> int:
     if not BRATS.is_dir():
         raise SystemExit(f"{BRATS} is absent: the BRATS smoke test needs ../shared/data")
     started = time.perf_counter()
-    test = brats_cases("test")
+    test = brats_cases("test", True)
     teachers = {kind: region_dice(brats_teacher(kind), test) for kind in ("FLAIR", "FLAIR+T1c")}
     log("teachers on test: " + str(teachers))
     jobs = [(row, seed) for row in BRATS_ROWS for seed in range(seeds)]
