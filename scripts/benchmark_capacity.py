@@ -15,8 +15,9 @@ Protocol, fixed before any run (nothing here is chosen on a held-out head):
 - Students: 46 k (FastStudent 8-16-20, the bundled students' size), 180 k (FastStudent 16-32-40), 0.3 M (the
   teacher assistant, a MONAI UNet 8-16-32-64) and 1.2 M parameters (the same UNet, 16-32-64-128).
 - Methods, without labels: ``pseudo`` (Dice + CE against the teacher's arg-max, the trivial baseline), ``kd``
-  (T²·KL to the teacher's distribution at T = 4, the CLI default) and ``kd-t1`` (the same at T = 1, what section
-  1 advises with scarce labels). KD gain = kd - pseudo on the same head.
+  (T²·KL to the teacher's distribution at T = 4, the CLI default when this protocol was fixed) and ``kd-t1`` (the
+  same at T = 1, what section 1 advises with scarce labels, now the default). KD gain = kd - pseudo on the same
+  head.
 - Budget, set by this 2-core machine (36 runs must fit in about an hour), not tuned: 400 steps of batch 2,
   64³ patches, the CLI's other defaults, seed 0, one thread per run.
 Each finished run is kept under build/, so an interrupted benchmark resumes where it stopped.
