@@ -453,7 +453,7 @@ def test_teacher_mixture_is_the_weighted_mixture_of_softened_probabilities():
     assert torch.allclose(mixture, expected, atol=1e-6)
     assert torch.allclose(mixture.sum(dim=1), torch.ones_like(mixture[:, 0]))
     # The KD term distils towards that mixture; two copies of one teacher give the single-teacher loss.
-    (term,) = build_terms("kd", setup(teachers=[nn.Identity(), nn.Identity()]))
+    (term,) = build_terms("kd", setup(TrainingConfig(kd_temperature=4.0), teachers=[nn.Identity(), nn.Identity()]))
     s = random_logits(0)
     assert torch.allclose(term(context(s, z1, z2, weights=weights)), kd_to_target(s, expected, 4.0), atol=1e-6)
     assert torch.allclose(term(context(s, z1, z1, weights=weights)), PixelKD(4.0)(s, z1), atol=1e-5)
