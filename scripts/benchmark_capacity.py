@@ -3,6 +3,7 @@
 
     scripts/medkd teachers get deepbet        # once (network)
     scripts/medkd-python scripts/benchmark_capacity.py [--processes 2]
+    scripts/medkd-python scripts/benchmark_capacity.py --seeds 1 2 --sizes 46k 180k --methods pseudo kd-t1
 
 Protocol, fixed before any run (nothing here is chosen on a held-out head):
 - Teacher: deepbet 1.0.2 (4.25 M parameters), MedKDSegment's rebuild, which gives the original package's masks
@@ -20,6 +21,9 @@ Protocol, fixed before any run (nothing here is chosen on a held-out head):
   head.
 - Budget, set by this 2-core machine (36 runs must fit in about an hour), not tuned: 400 steps of batch 2,
   64³ patches, the CLI's other defaults, seed 0, one thread per run.
+- Added after the seed-0 table was seen, with nothing else changed: further seeds (``--seeds``) of some rows. The
+  table stays seed 0's; rows run with several seeds get a second table, mean ± sd over seeds per head and the
+  difference to ``pseudo`` with a 95 % hierarchical bootstrap interval (seeds, then heads).
 Each finished run is kept under build/, so an interrupted benchmark resumes where it stopped.
 Writes docs/benchmark_capacity.{md,json,png}, with the machine.
 """
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedKDSegment"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchmark_label_scarce import hierarchical_bootstrap  # noqa: E402
 from real_students import HEADS, dice  # noqa: E402
 
 from MedKDSegmentLib.engine.bundle import resolve_bundle  # noqa: E402
@@ -67,11 +72,11 @@ WORK = ROOT / "build" / "benchmark_capacity"
 OUTPUT = ROOT / "docs" / "benchmark_capacity"
 
 
-def student(size: str, method: str, held_out: str) -> dict:
+def student(size: str, method: str, held_out: str, seed: int = 0) -> dict:
     """Distil one student without ``held_out`` and score it there against the teacher (kept in WORK)."""
-    record = WORK / f"{size}-{method}-{held_out}.json"
+    record = WORK / f"{size}-{method}-{held_out}{f'-seed{seed}' if seed else ''}.json"
     if record.exists():
-        return json.loads(record.read_text())
+        return {"seed": 0} | json.loads(record.read_text())
     import torch
 
     torch.set_num_threads(1)
@@ -85,13 +90,13 @@ def student(size: str, method: str, held_out: str) -> dict:
         cases = load_cases(images.parent, teacher.student_profile, teacher.labels)
         started = time.perf_counter()
         name, temperature = METHODS[method]
-        config = replace(SETTINGS, methods=name, kd_temperature=temperature)
+        config = replace(SETTINGS, methods=name, kd_temperature=temperature, seed=seed)
         model = distill_student(cases, teacher, Path(scratch) / "student", config, architecture=SIZES[size])
         seconds = time.perf_counter() - started
         volume = read_volume(HEADS[held_out])
         taught = segment(volume, teacher, "cpu").labels.array
         learned = segment(volume, model, "cpu").labels.array
-        row = {"size": size, "method": method, "held_out": held_out, "parameters": model.parameters,
+        row = {"size": size, "method": method, "held_out": held_out, "seed": seed, "parameters": model.parameters,
                "dice_to_teacher": dice(learned, taught), "train_seconds": round(seconds, 1)}
     WORK.mkdir(parents=True, exist_ok=True)
     record.with_suffix(".part").write_text(json.dumps(row))
@@ -126,22 +131,68 @@ def chart(rows: list[dict], teacher_parameters: int, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def over_seeds(runs: list[dict]) -> list[dict]:
+    """Rows run with two seeds or more on every head: each head's mean and sd over seeds, and the difference
+    to ``pseudo`` over the seeds both have, with its hierarchical bootstrap interval."""
+    heads = list(HEADS)
+    scores = {}
+    for r in runs:
+        scores.setdefault((r["size"], r["method"]), {}).setdefault(r["seed"], {})[r["held_out"]] = r["dice_to_teacher"]
+    complete = {key: {seed: [by_head[h] for h in heads] for seed, by_head in seeds.items()
+                      if len(by_head) == len(heads)} for key, seeds in scores.items()}
+    entries = []
+    for (size, method), seeds in sorted(complete.items(), key=lambda kv: (list(SIZES).index(kv[0][0]),
+                                                                          list(METHODS).index(kv[0][1]))):
+        if len(seeds) < 2:
+            continue
+        matrix = np.array([seeds[s] for s in sorted(seeds)])  # seeds x heads
+        entry = {"size": size, "method": method, "seeds": sorted(seeds), "mean": float(matrix.mean()),
+                 "per_head_mean": matrix.mean(axis=0).tolist(), "per_head_sd": matrix.std(axis=0).tolist()}
+        shared = sorted(set(seeds) & set(complete.get((size, "pseudo"), {})))
+        if method != "pseudo" and len(shared) >= 2:
+            differences = np.array([np.subtract(seeds[s], complete[(size, "pseudo")][s]) for s in shared])
+            low, high, _ = hierarchical_bootstrap(differences)
+            entry["minus_pseudo"] = {"seeds": shared, "mean": float(differences.mean()), "ci95": [low, high]}
+        entries.append(entry)
+    return entries
+
+
+def seeds_table(entries: list[dict]) -> list[str]:
+    """The Markdown lines of the over-seeds table (none when no row has two seeds)."""
+    if not entries:
+        return []
+    table = [{"student": e["size"], "method": e["method"], "seeds": ", ".join(map(str, e["seeds"])),
+              **{h: f"{m:.3f} ± {sd:.3f}" for h, m, sd in zip(HEADS, e["per_head_mean"], e["per_head_sd"])},
+              "mean": f"{e['mean']:.3f}",
+              "− pseudo [95 % CI]": "" if "minus_pseudo" not in e else
+              f"{e['minus_pseudo']['mean']:+.4f} [{e['minus_pseudo']['ci95'][0]:+.4f}, "
+              f"{e['minus_pseudo']['ci95'][1]:+.4f}]"} for e in entries]
+    return ["Over seeds (rows run with more than seed 0; mean ± sd over seeds per head; the difference to `pseudo` "
+            "is paired by seed and head, its interval a hierarchical bootstrap over seeds, then heads; with three "
+            "heads the interval speaks for these heads only):", "",
+            markdown_table(table, {key: key for key in table[0]}), ""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="rows to run now (the report shows every row finished so far, complete over the heads)")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="training seeds to run (the table is seed 0's)")
     args = parser.parse_args()
     missing = [str(p) for p in HEADS.values() if not p.exists()]
     if missing:
         sys.exit(f"the real heads are missing ({', '.join(missing)}): this needs ../shared/data")
     teacher = resolve_bundle(TEACHER)  # fails with the fix ('medkd teachers get deepbet') when not installed
-    jobs = [(size, method, head) for method in args.methods for size in reversed(args.sizes) for head in HEADS]
+    jobs = [(size, method, head, seed) for seed in args.seeds for method in args.methods
+            for size in reversed(args.sizes) for head in HEADS]
     with ProcessPoolExecutor(args.processes) as pool:  # per method, the largest students first
         for row in pool.map(student, *zip(*jobs)):
             print(row, flush=True)
-    finished = [json.loads(path.read_text()) for path in sorted(WORK.glob("*.json"))]
+    every_seed = [{"seed": 0} | json.loads(path.read_text()) for path in sorted(WORK.glob("*.json"))]
+    finished = [r for r in every_seed if r["seed"] == 0]
     complete = {(r["size"], r["method"]) for r in finished
                 if sum(o["size"] == r["size"] and o["method"] == r["method"] for o in finished) == len(HEADS)}
     order = {head: i for i, head in enumerate(HEADS)}
@@ -169,6 +220,7 @@ def main() -> int:
               "settings": asdict(SETTINGS), "heads": list(HEADS), "rows": rows, "summary": summary,
               "smallest_reaching_target": None if smallest is None else {"size": smallest[2], "method": smallest[1]},
               "not_run": not_run, "training_core_minutes": sum(r["train_seconds"] for r in rows) / 60}
+    result["over_seeds"] = over_seeds(every_seed)
     write_json(result, OUTPUT.with_suffix(".json"))
     chart(rows, teacher.parameters, OUTPUT.with_suffix(".png"))
 
@@ -209,6 +261,7 @@ def main() -> int:
         "",
         f"Target, Dice ≥ {TARGET} to the teacher on every held-out head: {verdict}.",
         "",
+        *seeds_table(result["over_seeds"]),
         "Mean seconds of training per run: " + "; ".join(
             f"{size} {method} {np.mean(s):.0f}" for (size, method), s in seconds.items()) + ".",
         "",
