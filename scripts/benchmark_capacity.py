@@ -72,11 +72,16 @@ WORK = ROOT / "build" / "benchmark_capacity"
 OUTPUT = ROOT / "docs" / "benchmark_capacity"
 
 
+def read_run(record: Path) -> dict:
+    """A finished run's record; those written before ``--seeds`` existed are seed 0's."""
+    return {"seed": 0} | json.loads(record.read_text())
+
+
 def student(size: str, method: str, held_out: str, seed: int = 0) -> dict:
     """Distil one student without ``held_out`` and score it there against the teacher (kept in WORK)."""
     record = WORK / f"{size}-{method}-{held_out}{f'-seed{seed}' if seed else ''}.json"
     if record.exists():
-        return {"seed": 0} | json.loads(record.read_text())
+        return read_run(record)
     import torch
 
     torch.set_num_threads(1)
@@ -191,7 +196,7 @@ def main() -> int:
     with ProcessPoolExecutor(args.processes) as pool:  # per method, the largest students first
         for row in pool.map(student, *zip(*jobs)):
             print(row, flush=True)
-    every_seed = [{"seed": 0} | json.loads(path.read_text()) for path in sorted(WORK.glob("*.json"))]
+    every_seed = [read_run(path) for path in sorted(WORK.glob("*.json"))]
     finished = [r for r in every_seed if r["seed"] == 0]
     complete = {(r["size"], r["method"]) for r in finished
                 if sum(o["size"] == r["size"] and o["method"] == r["method"] for o in finished) == len(HEADS)}

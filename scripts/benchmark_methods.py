@@ -86,6 +86,7 @@ MODELS = ROOT / "Resources" / "Models"
 BRATS = ROOT.parent / "shared" / "data" / "mr-brain-tumor-brats"
 BRATS_SPACING = 4.0
 BRATS_PATCH = (24, 48, 48)
+BRATS_PROFILE = replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3)
 WORK = ROOT / "build" / "benchmark_methods"  # teachers trained here, shared by sections and processes
 # Every phantom section runs these; "scratch" is supervised only (no teacher), the lower bound;
 # "teacher-half-res" is no student but the teacher seen through the student's half-resolution output.
@@ -121,13 +122,14 @@ def phantom_cases(modality: str, count: int, seed: int) -> list[Case]:
 
 def brats_cases(split: str, with_t1c: bool = False) -> list[Case]:
     """BRATS FLAIR on the benchmark grid; ``with_t1c`` adds the subject's T1c as a privileged channel (KD-Net)."""
-    profile = replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3)
     cases = []
     for folder in sorted((BRATS / split).iterdir()):
-        array, grid = to_model_grid(read_volume(folder / "Flair_subtrMeanDivStd.nii.gz", "MR"), profile)
+        array, grid = to_model_grid(read_volume(folder / "Flair_subtrMeanDivStd.nii.gz", "MR"), BRATS_PROFILE)
         labels = labels_to_model_grid(read_volume(folder / "OTMultiClass.nii.gz"), grid)
-        t1c = to_model_grid(read_volume(folder / "T1c_subtrMeanDivStd.nii.gz", "MR"), profile)[0] if with_t1c else None
-        cases.append(Case(folder.name, array, labels, privileged=None if t1c is None else t1c[None]))
+        privileged = None
+        if with_t1c:
+            privileged = to_model_grid(read_volume(folder / "T1c_subtrMeanDivStd.nii.gz", "MR"), BRATS_PROFILE)[0][None]
+        cases.append(Case(folder.name, array, labels, privileged=privileged))
     return cases
 
 
@@ -407,8 +409,7 @@ def brats_section(config: TrainingConfig, teacher_steps: int, seeds: range) -> d
     train_cases = brats_cases("train") + brats_cases("validation")
     test_cases = brats_cases("test")
     config = replace(config, patch_size=BRATS_PATCH)
-    profile = replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3)
-    teacher = teacher_for("brats", train_cases, profile, BRATS_STRUCTURES, config, teacher_steps)
+    teacher = teacher_for("brats", train_cases, BRATS_PROFILE, BRATS_STRUCTURES, config, teacher_steps)
     results = run_methods("brats", BRATS_METHODS, train_cases, test_cases, teacher.load_network(), len(labels) + 1,
                           config, labels, seeds)
     results["train_volumes"], results["test_volumes"] = len(train_cases), len(test_cases)

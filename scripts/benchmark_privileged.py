@@ -41,6 +41,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -53,18 +54,18 @@ sys.path.insert(0, str(ROOT / "MedKDSegment"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark_label_scarce import CONFIG, STEPS, TEACHER_STEPS, hierarchical_bootstrap, log  # noqa: E402
-from benchmark_methods import BRATS, BRATS_PATCH, BRATS_SPACING, WORK, brats_cases, grid_profile, train  # noqa: E402
+from benchmark_methods import BRATS, BRATS_PATCH, BRATS_PROFILE, BRATS_SPACING, WORK, brats_cases, grid_profile, train  # noqa: E402, E501
 
 from MedKDSegmentLib.engine.bundle import BundleError, load_bundle, save_bundle  # noqa: E402
 from MedKDSegmentLib.engine.data import Case  # noqa: E402
 from MedKDSegmentLib.engine.device import select_device  # noqa: E402
-from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, BRATS_STRUCTURES  # noqa: E402
+from MedKDSegmentLib.engine.labels import ABDOMEN_STRUCTURES, BRATS_STRUCTURES, Structure  # noqa: E402
 from MedKDSegmentLib.engine.measure import machine_description  # noqa: E402
 from MedKDSegmentLib.engine.metrics import dice_per_label  # noqa: E402
 from MedKDSegmentLib.engine.networks import STUDENT_CONFIG, TEACHER_CONFIG, build_network, input_channels  # noqa: E402
 from MedKDSegmentLib.engine.phantom import case_seed, generate_phantom  # noqa: E402
 from MedKDSegmentLib.engine.prediction import predict_labels  # noqa: E402
-from MedKDSegmentLib.engine.profiles import BRATS_FLAIR_PROFILE, labels_to_model_grid, to_model_grid  # noqa: E402
+from MedKDSegmentLib.engine.profiles import Profile, labels_to_model_grid, to_model_grid  # noqa: E402
 from MedKDSegmentLib.engine.report import markdown_table  # noqa: E402
 from MedKDSegmentLib.engine.training import fit, with_input_channels  # noqa: E402
 
@@ -104,22 +105,30 @@ def paired(count: int, seed: int) -> list[Case]:
             for i in range(count)]
 
 
-def teacher(kind: str) -> torch.nn.Module:
-    """The ``MR`` or ``CT+MR`` teacher, trained once (Dice + CE on the 20 labelled subjects) and kept in WORK."""
-    folder = WORK / f"teacher-privileged-{kind.lower().replace('+', '-')}-{TEACHER_STEPS}"
-    channels = 2 if kind == "CT+MR" else 1
+def trained_teacher(name: str, kind: str, cases: Callable[[], list[Case]], profile: Profile,
+                    structures: tuple[Structure, ...], patch: tuple[int, int, int] = CONFIG.patch_size
+                    ) -> torch.nn.Module:
+    """A teacher of ``kind`` ("A+B": two input channels), trained once (Dice + CE on ``cases()``) and kept in WORK."""
+    folder = WORK / f"teacher-{name}-{kind.lower().replace('+', '-')}-{TEACHER_STEPS}"
     if not folder.exists():
-        log(f"training the {kind} teacher ({TEACHER_STEPS} steps)")
-        architecture = with_input_channels(TEACHER_CONFIG, channels)
-        config = replace(CONFIG, methods="none", epochs=TEACHER_STEPS // CONFIG.steps_per_epoch, learning_rate=5e-3)
-        network = train(architecture, CLASSES, paired(TEACHER_CASES, TEACHER_SEED), config)
+        log(f"training the {name} {kind} teacher ({TEACHER_STEPS} steps)")
+        architecture = with_input_channels(TEACHER_CONFIG, 2 if "+" in kind else 1)
+        config = replace(CONFIG, methods="none", epochs=TEACHER_STEPS // CONFIG.steps_per_epoch, learning_rate=5e-3,
+                         patch_size=patch)
+        network = train(architecture, len(structures) + 1, cases(), config)
         try:
             save_bundle(folder, network, name=folder.name, role="teacher", architecture=architecture,
-                        profile=grid_profile("MR"), structures=ABDOMEN_STRUCTURES, method={"name": "supervised"},
-                        description=f"privileged-information benchmark teacher ({kind})")
+                        profile=profile, structures=structures, method={"name": "supervised"},
+                        description=f"{name} benchmark teacher ({kind})")
         except BundleError:
             pass  # the other process saved the same teacher first
     return load_bundle(folder).load_network()
+
+
+def teacher(kind: str) -> torch.nn.Module:
+    """The phantom ``MR`` or ``CT+MR`` teacher, on the 20 labelled subjects."""
+    return trained_teacher("privileged", kind, lambda: paired(TEACHER_CASES, TEACHER_SEED), grid_profile("MR"),
+                           ABDOMEN_STRUCTURES)
 
 
 def dice_per_case(network: torch.nn.Module, cases: list[Case]) -> list[float]:
@@ -184,22 +193,8 @@ def brats_training() -> list[Case]:
 
 
 def brats_teacher(kind: str) -> torch.nn.Module:
-    """The ``FLAIR`` or ``FLAIR+T1c`` teacher, trained once on the 4 training subjects and kept in WORK."""
-    folder = WORK / f"teacher-privileged-brats-{kind.lower().replace('+', '-')}-{TEACHER_STEPS}"
-    if not folder.exists():
-        log(f"training the BRATS {kind} teacher ({TEACHER_STEPS} steps)")
-        architecture = with_input_channels(TEACHER_CONFIG, 2 if "+" in kind else 1)
-        config = replace(CONFIG, methods="none", epochs=TEACHER_STEPS // CONFIG.steps_per_epoch, learning_rate=5e-3,
-                         patch_size=BRATS_PATCH)
-        network = train(architecture, BRATS_CLASSES, brats_training(), config)
-        try:
-            save_bundle(folder, network, name=folder.name, role="teacher", architecture=architecture,
-                        profile=replace(BRATS_FLAIR_PROFILE, spacing=(BRATS_SPACING,) * 3),
-                        structures=BRATS_STRUCTURES, method={"name": "supervised"},
-                        description=f"privileged-information benchmark BRATS teacher ({kind})")
-        except BundleError:
-            pass  # the other process saved the same teacher first
-    return load_bundle(folder).load_network()
+    """The BRATS ``FLAIR`` or ``FLAIR+T1c`` teacher, on the 4 training subjects."""
+    return trained_teacher("privileged-brats", kind, brats_training, BRATS_PROFILE, BRATS_STRUCTURES, BRATS_PATCH)
 
 
 def region_dice(network: torch.nn.Module, cases: list[Case]) -> dict[str, list[float]]:

@@ -75,7 +75,7 @@ def section(name: str, config: TrainingConfig, teacher_steps: int) -> tuple[dict
     if name == "brats":
         if not bench.BRATS.is_dir():
             return {"section": name, "skipped": f"{bench.BRATS} is absent"}, []
-        structures, profile = BRATS_STRUCTURES, replace(bench.BRATS_FLAIR_PROFILE, spacing=(bench.BRATS_SPACING,) * 3)
+        structures, profile = BRATS_STRUCTURES, bench.BRATS_PROFILE
         train_cases = bench.brats_cases("train") + bench.brats_cases("validation")
         test_cases = bench.brats_cases("test")
         config = replace(config, patch_size=bench.BRATS_PATCH)
